@@ -1,0 +1,256 @@
+"""Hugging Face GPT-2 checkpoints in and out: find them (local directory or hub), read them safely, check them
+strictly, and map their tensors onto ``model.gpt2.GPT2``.
+
+Hugging Face stores GPT-2's four projections as ``Conv1D`` with ``(in, out)`` weights; ours are ``nn.Linear``
+``(out, in)``. They are transposed here, once at load and once at save, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.gpt2 import ConfigError, GPT2Config, preset_name
+
+if TYPE_CHECKING:
+    from model.gpt2 import GPT2
+
+CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Non-parameter buffers older checkpoints carry (the causal mask); recomputed, so skipped.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_PREFIX = "transformer."
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or mapped onto GPT-2; the message names the file and every problem."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding a checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def hub_repo_id(name: str) -> str:
+    """``gpt2-large`` -> ``openai-community/gpt2-large``; other ids pass through unchanged."""
+    key = preset_name(name)
+    return f"openai-community/{key}" if key is not None else name
+
+
+def _download(name: str) -> Path:
+    """Fetch config + weights of a hub id into the standard Hugging Face cache and return the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    repo_id = hub_repo_id(name)
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors*"]))
+        if not any((folder / f).exists() for f in _WEIGHT_FILES[:2]):  # an older repo with only PyTorch pickles
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model.bin*"]))
+    except Exception as err:  # offline, unknown repo, HTTP errors: all end the same way for the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"could not get GPT-2 checkpoint {name!r} (hub repo {repo_id!r}): {type(err).__name__}: {reason}\n"
+            "If this machine is offline, pass a local directory in Hugging Face format instead "
+            "(config.json + model.safetensors or pytorch_model.bin), e.g. GPT2.from_pretrained('/path/to/gpt2'); "
+            f"on a machine with network, `huggingface-cli download {repo_id}` fills the cache it is read from."
+        ) from None
+    return folder
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local directory as it is, otherwise a hub id downloaded (or found in the cache)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a directory with config.json and model weights, found a file")
+    if isinstance(name_or_path, Path) or str(name_or_path).startswith((".", "/", "~")):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    return _download(str(name_or_path))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading tensors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_config(directory: Path) -> GPT2Config:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a Hugging Face GPT-2 checkpoint needs config.json")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return GPT2Config.from_hf_dict(data, source=str(path))
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Read ``pytorch_model.bin`` with ``weights_only=True``: tensors and plain containers only, code never runs."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused: not a plain state dict of tensors (safe loading rejected it: {first[:300]}). "
+            "It was not executed. Convert it to model.safetensors in a trusted environment."
+        ) from None
+    except Exception as err:  # truncated zip, not a torch file at all...
+        raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({type(err).__name__}: {str(err)[:300]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise CheckpointError(f"{path}: not a plain state dict; entries that are not tensors: {', '.join(bad[:10])}")
+    return obj
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+def _load_sharded(index_path: Path, loader: Any) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path}: not a shard index with a 'weight_map' ({err})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(loader(index_path.parent / shard))
+    return tensors
+
+
+def read_state_dict(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The checkpoint's tensors as stored (Hugging Face names and layout), and the file they came from."""
+    for name, loader in (
+        ("model.safetensors", _load_safetensors),
+        ("model.safetensors.index.json", lambda p: _load_sharded(p, _load_safetensors)),
+        ("pytorch_model.bin", _load_torch_pickle),
+        ("pytorch_model.bin.index.json", lambda p: _load_sharded(p, _load_torch_pickle)),
+    ):
+        path = directory / name
+        if path.is_file():
+            return loader(path), path
+    raise CheckpointError(f"{directory}: no weights found; expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Mapping onto our model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_conv1d(key: str) -> bool:
+    return key.endswith(CONV1D_SUFFIXES)
+
+
+def hf_to_state_dict(
+    tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str
+) -> dict[str, torch.Tensor]:
+    """Rename, transpose and check Hugging Face tensors against our parameter shapes.
+
+    Missing, unexpected and wrongly shaped tensors are collected and reported together, in the file's own names
+    and layout, so one error shows everything that is wrong with a checkpoint.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    wrong_shape: list[str] = []
+    lm_head = None
+    for stored_key, tensor in tensors.items():
+        key = stored_key.removeprefix(_PREFIX)
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if key == "lm_head.weight":
+            lm_head = (stored_key, tensor)
+            continue
+        if key not in expected:
+            unexpected.append(stored_key)
+            continue
+        if key in out:
+            unexpected.append(f"{stored_key} (duplicate of {key})")
+            continue
+        want = expected[key]
+        want_stored = torch.Size(reversed(want)) if _is_conv1d(key) else want
+        if tensor.shape != want_stored:
+            wrong_shape.append(f"{stored_key}: {tuple(tensor.shape)} in file, expected {tuple(want_stored)}")
+            continue
+        out[key] = tensor.t() if _is_conv1d(key) else tensor
+    missing = [k for k in expected if k not in out]
+    if lm_head is not None and "wte.weight" in out:
+        stored_key, tensor = lm_head
+        if tensor.shape != out["wte.weight"].shape or not torch.equal(tensor, out["wte.weight"]):
+            wrong_shape.append(
+                f"{stored_key}: differs from wte.weight, but GPT-2 ties the LM head to the token embedding"
+            )
+    problems = []
+    if missing:
+        problems.append(f"missing ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shape ({len(wrong_shape)}):\n      " + "\n      ".join(wrong_shape))
+    if problems:
+        raise CheckpointError(f"{source}: does not match the GPT-2 configuration:\n  - " + "\n  - ".join(problems))
+    return out
+
+
+def load_pretrained(
+    cls: type[GPT2],
+    name_or_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **config_overrides: Any,
+) -> GPT2:
+    """Build ``cls`` from a checkpoint. The model is created on the meta device, so no memory or time is spent on a
+    random initialisation that the checkpoint would overwrite."""
+    directory = resolve_checkpoint(name_or_path)
+    config = read_config(directory)
+    if config_overrides:
+        try:
+            config = GPT2Config(**{**config.__dict__, **config_overrides})
+        except TypeError as err:
+            raise CheckpointError(f"from_pretrained({name_or_path!r}): {err}") from None
+    tensors, source = read_state_dict(directory)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = hf_to_state_dict(tensors, expected, str(source))
+    state = {k: v.to(dtype=dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device)
+
+
+def save_pretrained(model: GPT2, path: str | Path) -> Path:
+    """Write the Hugging Face format exactly as ``GPT2LMHeadModel.save_pretrained`` would (``transformer.`` names,
+    Conv1D layout, the tied LM head left out). Files are written to temporaries and renamed, so an interrupted save
+    never leaves a half-written checkpoint under the final names."""
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        _PREFIX + k: (v.t() if _is_conv1d(k) else v).detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+    }
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:
+        tmp_dir = Path(tmp)
+        save_file(tensors, tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        (tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in ("model.safetensors", "config.json"):
+            os.replace(tmp_dir / name, out_dir / name)
+    return out_dir

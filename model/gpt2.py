@@ -1,0 +1,495 @@
+"""GPT-2 from scratch, read top to bottom: config, attention, MLP, block, model, generation.
+
+Parameter names are GPT-2's own (``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj ln_2 mlp.c_fc mlp.c_proj ln_f``),
+so ``GPT2().state_dict()`` has exactly the keys of OpenAI's checkpoints on the Hugging Face hub. The only layout
+difference is that projections are ``nn.Linear`` (``(out, in)`` weights) where Hugging Face uses ``Conv1D``
+(``(in, out)``); ``model/checkpoint.py`` transposes them once, at load and at save.
+
+The LM head is the token embedding itself (``F.linear(x, wte.weight)``): one tensor, so freezing or training it is
+one decision, never two that can disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # 124M
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},  # 355M
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},  # 774M
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
+}
+
+# Activation names Hugging Face uses for GPT-2's tanh-approximated GELU; anything else is a different model.
+_TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working GPT-2; the message lists every problem at once."""
+
+
+def preset_name(name: str) -> str | None:
+    """Map ``gpt2-medium`` or ``openai-community/gpt2-medium`` to the preset key; None when it is no preset."""
+    short = name.removeprefix("openai-community/")
+    return short if short in PRESETS else None
+
+
+@dataclass
+class GPT2Config:
+    """Architecture and dropout of a GPT-2. Field names are Hugging Face's, so ``config.json`` maps one to one."""
+
+    vocab_size: int = 50257
+    """Rows of the token embedding (and columns of the tied LM head)."""
+    n_positions: int = 1024
+    """Longest sequence the learned position embedding covers."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide ``n_embd``."""
+    n_inner: int | None = None
+    """Hidden width of the MLP; None means ``4 * n_embd`` as in every released GPT-2."""
+    embd_pdrop: float = 0.0
+    """Dropout after token + position embedding. Released checkpoints were pretrained with 0.1; 0.0 is the usual
+    fine-tuning choice, and the trial config decides."""
+    attn_pdrop: float = 0.0
+    """Dropout on attention probabilities."""
+    resid_pdrop: float = 0.0
+    """Dropout on each block's attention and MLP outputs before they join the residual stream."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon (GPT-2 uses 1e-5)."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Fields of a loaded ``config.json`` this model does not use (``bos_token_id``, ``task_specific_params``...),
+    kept so ``save_pretrained`` writes them back."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            problems.append(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
+        if (
+            isinstance(self.n_embd, int)
+            and isinstance(self.n_head, int)
+            and self.n_head > 0
+            and self.n_embd % self.n_head
+        ):
+            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.layer_norm_epsilon, int | float) or not self.layer_norm_epsilon > 0:
+            problems.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        if problems:
+            raise ConfigError("invalid GPT2Config:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
+        """One of the four released sizes (``gpt2`` ... ``gpt2-xl``, ``openai-community/`` names too)."""
+        key = preset_name(name)
+        if key is None:
+            raise ConfigError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def with_dropout(self, p: float) -> GPT2Config:
+        """The same architecture with all three dropouts set to ``p``."""
+        return replace(self, embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
+
+    # Hugging Face config.json ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str = "config.json") -> GPT2Config:
+        """Read a Hugging Face GPT-2 ``config.json``; settings this implementation does not compute are refused."""
+        problems: list[str] = []
+        model_type = data.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            problems.append(f"model_type is {model_type!r}, expected 'gpt2'")
+        activation = data.get("activation_function", "gelu_new")
+        if activation not in _TANH_GELU_NAMES:
+            problems.append(f"activation_function {activation!r} is not GPT-2's tanh GELU ({_TANH_GELU_NAMES})")
+        for flag, expected in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+            ("tie_word_embeddings", True),
+        ):
+            if data.get(flag, expected) != expected:
+                problems.append(f"{flag}={data[flag]!r} is not supported (GPT-2 uses {expected!r})")
+        if problems:
+            raise ConfigError(f"{source}: unsupported GPT-2 configuration:\n  - " + "\n  - ".join(problems))
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        handled = {"model_type", "activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                   "reorder_and_upcast_attn", "tie_word_embeddings"}
+        extra = {k: v for k, v in data.items() if k not in known and k not in handled}
+        try:
+            return cls(**kwargs, extra=extra)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content ``transformers.GPT2LMHeadModel`` expects."""
+        data = {k: v for k, v in self.extra.items() if k not in ("architectures", "model_type")}
+        core = asdict(self)
+        core.pop("extra")
+        data.update(core)
+        data.update(
+            architectures=["GPT2LMHeadModel"],
+            model_type="gpt2",
+            activation_function="gelu_new",
+            scale_attn_weights=True,
+            scale_attn_by_inverse_layer_idx=False,
+            reorder_and_upcast_attn=False,
+            tie_word_embeddings=True,
+        )
+        data.setdefault("bos_token_id", 50256)
+        data.setdefault("eos_token_id", 50256)
+        return data
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right during generation.
+
+    ``key_mask`` remembers which cached positions are real tokens (False = padding) so that left-padded batches
+    generate exactly what each prompt would alone.
+    """
+
+    def __init__(
+        self, config: GPT2Config, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        if max_len > config.n_positions:
+            raise ValueError(f"KV cache of {max_len} positions exceeds n_positions={config.n_positions}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
+        self.has_padding = False
+        self.pos = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values ``(B, H, T, D)`` for ``layer``; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one projection
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_head, past + T, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+        )  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros (or all ones): causal attention alone then keeps pads out of real
+    positions, so the fast ``is_causal`` kernel (flash attention on GPU) gives exact results."""
+    m = attention_mask.to(torch.int8)
+    return bool((m[:, 0] == 1).all() and (m[:, :-1] >= m[:, 1:]).all())
+
+
+def _build_attn_mask(key_mask: torch.Tensor, past: int, q_len: int) -> torch.Tensor:
+    """Boolean mask (B, 1, q_len, past + q_len): causal, no attention to padded keys, and every query may see itself
+    (a padded query would otherwise attend to nothing, which makes softmax NaN)."""
+    k_len = past + q_len
+    q_pos = torch.arange(past, k_len, device=key_mask.device)[:, None]  # (q_len, 1)
+    k_pos = torch.arange(k_len, device=key_mask.device)[None, :]  # (1, k_len)
+    allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :k_len]  # (B, q_len, k_len)
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]  # (B, 1, q_len, k_len), broadcast over heads
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model. ``model(input_ids, attention_mask)`` returns logits ``(batch, time, vocab)``."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the stream's variance does not grow.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # forward ----------------------------------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states after ``ln_f``, ``(batch, time, n_embd)``: what the LM head and task heads read.
+
+        ``attention_mask`` (1 = token, 0 = padding) may pad on either side. Positions count real tokens only, so a
+        padded row computes what the same tokens compute unpadded.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds n_positions={self.config.n_positions}")
+
+        mask = attention_mask.bool() if attention_mask is not None else None
+        if mask is not None and kv_cache is None and _is_right_padded(mask):
+            mask = None  # trailing pads cannot influence real positions under causal attention
+        if kv_cache is not None:
+            if mask is not None:
+                kv_cache.key_mask[:, past : past + T] = mask
+                kv_cache.has_padding = kv_cache.has_padding or not bool(mask.all())
+            mask = kv_cache.key_mask[:, : past + T] if kv_cache.has_padding else None
+
+        if mask is None:
+            pos = torch.arange(past, past + T, device=input_ids.device).expand(B, T)  # (B, T)
+            attn_mask = None
+            is_causal = past == 0 and T > 1  # a single new query may see every cached key
+        else:
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past : past + T]  # (B, T), real tokens counted
+            attn_mask = _build_attn_mask(mask, past, T)
+            is_causal = False
+
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, n_embd)
+        for block in self.h:
+            x = block(x, attn_mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.ln_f(x)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from hidden states through the tied token embedding."""
+        return F.linear(hidden, self.wte.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))
+
+    # checkpoints (implemented in model/checkpoint.py) ---------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        **config_overrides: Any,
+    ) -> GPT2:
+        """Load a Hugging Face GPT-2 checkpoint: a local directory or a hub id (``gpt2`` ... ``gpt2-xl``).
+
+        ``config_overrides`` replace fields of the checkpoint's config (e.g. ``embd_pdrop=0.1``); a field that changes
+        a tensor's shape makes the strict load fail with the list of mismatches.
+        """
+        from model.checkpoint import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **config_overrides)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` that ``transformers.GPT2LMHeadModel`` loads unchanged."""
+        from model.checkpoint import save_pretrained
+
+        return save_pretrained(self, path)
+
+    # generation -------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue ``input_ids`` by up to ``max_new_tokens``; greedy when ``temperature`` is 0.
+
+        Batched prompts of different lengths are left-padded with ``attention_mask`` marking real tokens. A row that
+        emits ``eos_token_id`` is filled with it afterwards; generation ends early once every row has. Returns
+        ``(batch, prompt + generated)``.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        B, T = input_ids.shape
+        total = T + max_new_tokens
+        if total > self.config.n_positions:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds n_positions="
+                             f"{self.config.n_positions}")
+        was_training = self.training
+        self.eval()
+        device = input_ids.device
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, total, device, next(self.parameters()).dtype)
+        tokens = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        step_input, step_mask = input_ids, mask
+        for _ in range(max_new_tokens):
+            if cache is None:
+                step_input, step_mask = tokens, mask
+            logits = self(step_input, step_mask, cache)[:, -1, :].float()  # (B, vocab)
+            next_token = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            step_input, step_mask = next_token[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        self.train(was_training)
+        return tokens
+
+
+def _pick(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a sample from the top-k / top-p filtered distribution."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The hidden state of each row's last real token, ``(batch, n_embd)``; where a classification head reads.
+
+    Works for right padding (index = number of tokens - 1) and left padding (the last column).
+    """
+    if attention_mask is None:
+        return hidden[:, -1]
+    mask = attention_mask.long()
+    positions = torch.arange(mask.size(1), device=mask.device)[None, :]
+    last = (positions * mask).max(dim=1).values  # (B,), index of the rightmost real token
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
