@@ -168,6 +168,7 @@ def hf_to_state_dict(
     and layout, so one error shows everything that is wrong with a checkpoint.
     """
     out: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     unexpected: list[str] = []
     wrong_shape: list[str] = []
     lm_head = None
@@ -181,16 +182,17 @@ def hf_to_state_dict(
         if key not in expected:
             unexpected.append(stored_key)
             continue
-        if key in out:
+        if key in seen:
             unexpected.append(f"{stored_key} (duplicate of {key})")
             continue
+        seen.add(key)
         want = expected[key]
         want_stored = torch.Size(reversed(want)) if _is_conv1d(key) else want
         if tensor.shape != want_stored:
             wrong_shape.append(f"{stored_key}: {tuple(tensor.shape)} in file, expected {tuple(want_stored)}")
             continue
         out[key] = tensor.t() if _is_conv1d(key) else tensor
-    missing = [k for k in expected if k not in out]
+    missing = [k for k in expected if k not in seen]
     if lm_head is not None and "wte.weight" in out:
         stored_key, tensor = lm_head
         if tensor.shape != out["wte.weight"].shape or not torch.equal(tensor, out["wte.weight"]):

@@ -1,0 +1,32 @@
+"""Shared test setup: offline, deterministic, tiny models; checkpoints are made here with `transformers`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the hub; the download path is tested against a fake
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data directory: $FINETUNE_DATA_DIR, else ../shared/data beside the checkout.
+
+    Outside CI a machine without it skips the tests that read real data; in CI its absence is a failure.
+    """
+    value = os.environ.get("FINETUNE_DATA_DIR")
+    path = Path(value) if value else REPO_ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"data directory {path} missing in CI (set FINETUNE_DATA_DIR)")
+        pytest.skip(f"no data directory at {path}; set FINETUNE_DATA_DIR to run tests on real data")
+    return path
