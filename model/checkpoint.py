@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.gpt2 import ConfigError, GPT2Config, preset_name
+from model.config import ConfigError
+from model.gpt2 import GPT2Config, preset_name
 
 if TYPE_CHECKING:
     from model.gpt2 import GPT2
@@ -237,15 +238,29 @@ def load_pretrained(
     return model.to(device=device)
 
 
-def save_pretrained(model: GPT2, path: str | Path) -> Path:
+def save_pretrained(model: GPT2, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the Hugging Face format exactly as ``GPT2LMHeadModel.save_pretrained`` would (``transformer.`` names,
     Conv1D layout, the tied LM head left out). Files are written to temporaries and renamed, so an interrupted save
-    never leaves a half-written checkpoint under the final names."""
+    never leaves a half-written checkpoint under the final names.
+
+    Tensors that are not GPT-2's (adapters, task heads) are refused rather than dropped: ``model.lora.save_merged``
+    folds adapters in, ``model.lora.save_peft_adapter`` saves them alone.
+    """
+    state = model.state_dict() if state_dict is None else state_dict
+    with torch.device("meta"):
+        base_keys = set(type(model)(model.config).state_dict())
+    extra = sorted(set(state) - base_keys)
+    if extra:
+        raise CheckpointError(
+            f"cannot save {path} as a plain GPT-2: the model has tensors GPT-2 does not ({', '.join(extra[:6])}"
+            f"{', ...' if len(extra) > 6 else ''}). Fold LoRA adapters in with model.lora.save_merged(model, path) "
+            "or save them alone with save_peft_adapter."
+        )
     out_dir = Path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
         _PREFIX + k: (v.t() if _is_conv1d(k) else v).detach().to("cpu").contiguous()
-        for k, v in model.state_dict().items()
+        for k, v in state.items()
     }
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")

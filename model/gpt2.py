@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import ConfigError, Problems, is_int, is_number
+
 # --------------------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------------------
@@ -33,10 +35,6 @@ PRESETS: dict[str, dict[str, int]] = {
 
 # Activation names Hugging Face uses for GPT-2's tanh-approximated GELU; anything else is a different model.
 _TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a working GPT-2; the message lists every problem at once."""
 
 
 def preset_name(name: str) -> str | None:
@@ -75,28 +73,22 @@ class GPT2Config:
     kept so ``save_pretrained`` writes them back."""
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
+        problems = Problems()
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
-            problems.append(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
-        if (
-            isinstance(self.n_embd, int)
-            and isinstance(self.n_head, int)
-            and self.n_head > 0
-            and self.n_embd % self.n_head
-        ):
-            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            if not is_int(value) or value < 1:
+                problems.add(name, f"must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not is_int(self.n_inner) or self.n_inner < 1):
+            problems.add("n_inner", f"must be a positive integer or None, got {self.n_inner!r}")
+        if is_int(self.n_embd) and is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
+            problems.add("n_head", f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.layer_norm_epsilon, int | float) or not self.layer_norm_epsilon > 0:
-            problems.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        if problems:
-            raise ConfigError("invalid GPT2Config:\n  - " + "\n  - ".join(problems))
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                problems.add(name, f"must be in [0, 1), got {value!r}")
+        if not is_number(self.layer_norm_epsilon) or not self.layer_norm_epsilon > 0:
+            problems.add("layer_norm_epsilon", f"must be > 0, got {self.layer_norm_epsilon!r}")
+        problems.raise_if_any("invalid GPT2Config")
 
     @property
     def head_dim(self) -> int:
@@ -111,7 +103,7 @@ class GPT2Config:
         """One of the four released sizes (``gpt2`` ... ``gpt2-xl``, ``openai-community/`` names too)."""
         key = preset_name(name)
         if key is None:
-            raise ConfigError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError([("model", f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")])
         return cls(**{**PRESETS[key], **overrides})
 
     def with_dropout(self, p: float) -> GPT2Config:
@@ -122,13 +114,13 @@ class GPT2Config:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str = "config.json") -> GPT2Config:
         """Read a Hugging Face GPT-2 ``config.json``; settings this implementation does not compute are refused."""
-        problems: list[str] = []
+        problems = Problems()
         model_type = data.get("model_type", "gpt2")
         if model_type != "gpt2":
-            problems.append(f"model_type is {model_type!r}, expected 'gpt2'")
+            problems.add("model_type", f"is {model_type!r}, expected 'gpt2'")
         activation = data.get("activation_function", "gelu_new")
         if activation not in _TANH_GELU_NAMES:
-            problems.append(f"activation_function {activation!r} is not GPT-2's tanh GELU ({_TANH_GELU_NAMES})")
+            problems.add("activation_function", f"{activation!r} is not GPT-2's tanh GELU ({_TANH_GELU_NAMES})")
         for flag, expected in (
             ("scale_attn_weights", True),
             ("scale_attn_by_inverse_layer_idx", False),
@@ -136,9 +128,8 @@ class GPT2Config:
             ("tie_word_embeddings", True),
         ):
             if data.get(flag, expected) != expected:
-                problems.append(f"{flag}={data[flag]!r} is not supported (GPT-2 uses {expected!r})")
-        if problems:
-            raise ConfigError(f"{source}: unsupported GPT-2 configuration:\n  - " + "\n  - ".join(problems))
+                problems.add(flag, f"{data[flag]!r} is not supported (GPT-2 uses {expected!r})")
+        problems.raise_if_any(f"{source}: unsupported GPT-2 configuration")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         handled = {"model_type", "activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
@@ -147,7 +138,7 @@ class GPT2Config:
         try:
             return cls(**kwargs, extra=extra)
         except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+            raise ConfigError(err.problems, f"{source}: invalid GPT-2 configuration") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` content ``transformers.GPT2LMHeadModel`` expects."""

@@ -161,9 +161,9 @@ def test_pickle_of_plain_objects_that_is_not_a_state_dict_is_refused(tiny_checkp
     ("config", "expected"),
     [
         ("{not json", r"config\.json:1: not valid JSON"),
-        ('{"model_type": "llama"}', "model_type is 'llama'"),
+        ('{"model_type": "llama"}', "model_type: is 'llama'"),
         ('{"n_embd": 64, "n_head": 5}', "divisible by n_head"),
-        ('{"activation_function": "relu"}', "activation_function 'relu'"),
+        ('{"activation_function": "relu"}', "activation_function: 'relu'"),
     ],
 )
 def test_bad_config_json_names_the_file(tiny_checkpoint, config: str, expected: str) -> None:

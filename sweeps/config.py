@@ -1,0 +1,176 @@
+"""A trial's configuration: small section dataclasses, addressed by flat dotted keys (``lora.rank``, ``optim.lr``).
+
+Ray Tune's param space, study files and ``--set key=value`` all speak flat keys; ``TrialConfig.from_flat`` maps them
+onto the sections, reads strings by each field's type, and reports every problem of every section in one
+``ConfigError`` that names each bad key.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
+
+from model.config import ConfigError, Problems, is_int, is_number
+from model.gpt2 import PRESETS, preset_name
+from model.lora import LoRAConfig
+from model.methods import MethodConfig
+from sweeps.optim import OptimConfig
+
+
+@dataclass
+class ModelConfig:
+    """Which GPT-2 a trial starts from."""
+
+    name: str = "gpt2"
+    """A preset (``gpt2`` ... ``gpt2-xl``), a hub id, or a local Hugging Face checkpoint directory."""
+    pretrained: bool = True
+    """False: a randomly initialised model of the preset's shape (offline smoke runs); results are labelled so."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual outputs during training."""
+    n_layer: int | None = None
+    """Random init only: override the preset's number of blocks (tiny test models)."""
+    n_head: int | None = None
+    """Random init only: override the preset's number of heads."""
+    n_embd: int | None = None
+    """Random init only: override the preset's width."""
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        if not isinstance(self.name, str) or not self.name:
+            problems.add("name", f"must be a preset, hub id or directory, got {self.name!r}")
+        if not isinstance(self.pretrained, bool):
+            problems.add("pretrained", f"must be true or false, got {self.pretrained!r}")
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            problems.add("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        for key in ("n_layer", "n_head", "n_embd"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not is_int(value) or value < 1:
+                problems.add(key, f"must be a positive integer, got {value!r}")
+            elif self.pretrained is True:
+                problems.add(key, "shape overrides apply to random init only (set model.pretrained=false)")
+        if self.pretrained is False and isinstance(self.name, str) and preset_name(self.name) is None:
+            problems.add("name", f"random init needs a preset ({', '.join(PRESETS)}), got {self.name!r}")
+        problems.raise_if_any("invalid model configuration")
+
+    @property
+    def n_layer_known(self) -> int | None:
+        """Block count when it is known before loading (presets and overrides); None for other checkpoints."""
+        if self.n_layer is not None:
+            return self.n_layer
+        key = preset_name(self.name) if isinstance(self.name, str) else None
+        return PRESETS[key]["n_layer"] if key is not None else None
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "lora": LoRAConfig,
+    "optim": OptimConfig,
+}
+
+
+@dataclass
+class TrialConfig:
+    """Everything one trial needs to know about model, method and optimisation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
+        """Build from ``{"section.field": value}``; string values are read by the field's type."""
+        problems = Problems()
+        grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name:
+                problems.add(key, f"unknown key; sections are {', '.join(SECTIONS)} (e.g. lora.rank)")
+                continue
+            section_cls = SECTIONS[section]
+            hints = get_type_hints(section_cls)
+            if name not in hints or name.startswith("_"):
+                known = ", ".join(f"{section}.{f.name}" for f in fields(section_cls))
+                problems.add(key, f"unknown key; {section} has {known}")
+                continue
+            if isinstance(value, str):
+                try:
+                    value = parse_value(value, hints[name])
+                except ValueError as err:
+                    problems.add(key, str(err))
+                    continue
+            grouped[section][name] = value
+        built: dict[str, Any] = {}
+        for section, section_cls in SECTIONS.items():
+            try:
+                built[section] = section_cls(**grouped[section])
+            except ConfigError as err:
+                problems.extend(err, prefix=section)
+        problems.items.extend(_cross_checks(built))
+        problems.raise_if_any("invalid trial configuration")
+        return cls(**built)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The inverse of ``from_flat``: JSON-friendly values under dotted keys."""
+        flat = {}
+        for section in SECTIONS:
+            for key, value in asdict(getattr(self, section)).items():
+                flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+
+_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
+
+
+def parse_value(text: str, hint: Any) -> Any:
+    """Read ``text`` (from ``--set`` or a YAML string) as the field type ``hint``: bool, int, float, str, None, lists."""
+    options = get_args(hint) if get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    low = text.strip().lower()
+    if type(None) in options and low in _NONE:
+        return None
+    if bool in options:
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    for kind in (int, float):
+        if kind in options:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    if any(get_origin(o) in (Sequence, list, tuple) for o in options) and low.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot read {text!r} as a list ({err.msg})") from None
+    if str in options:
+        return text
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"cannot read {text!r} as {names}")
+
+
+def _cross_checks(built: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems between sections that show before any model is loaded (sections that failed are skipped)."""
+    model = built.get("model")
+    n_layer = model.n_layer_known if model is not None else None
+    if n_layer is None:
+        return []
+    found: list[tuple[str, str]] = []
+    method = built.get("method")
+    if method is not None:
+        found.extend((f"method.{k}", m) for k, m in method.check_against(n_layer))
+    lora = built.get("lora")
+    if lora is not None and (method is None or method.name == "lora"):
+        try:
+            lora.resolve_layers(n_layer)
+        except ConfigError as err:
+            found.extend(err.prefixed("lora").problems)
+    return found

@@ -1,0 +1,133 @@
+"""Optimizers and learning-rate schedules, chosen by plain config values so a sweep can vary them.
+
+Optimizers are ``torch.optim``'s; schedules are ``transformers.get_scheduler``'s. Nothing here computes a learning
+rate by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
+
+from model.config import Problems, is_int, is_number
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "inverse_sqrt")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, its hyperparameters, and the learning-rate schedule."""
+
+    name: str = "adamw"
+    """``adamw`` (fused kernel on CUDA), ``adam``, ``sgd`` or ``adafactor``."""
+    lr: float = 5e-5
+    """Peak learning rate (after warmup); > 0."""
+    weight_decay: float = 0.0
+    """Decoupled for adamw/adafactor, L2 for adam/sgd. Applies to matrices only: never to biases, LayerNorm or
+    embeddings."""
+    beta1: float = 0.9
+    """First-moment decay (adam, adamw)."""
+    beta2: float = 0.999
+    """Second-moment decay (adam, adamw)."""
+    eps: float = 1e-8
+    """Denominator epsilon (adam, adamw)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD with Nesterov momentum (needs momentum > 0)."""
+    schedule: str = "linear"
+    """``constant``, ``linear`` (decay to 0), ``cosine`` (to 0), ``cosine_with_restarts``, ``inverse_sqrt``."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps; exclusive with ``warmup_ratio``."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all training steps; exclusive with ``warmup_steps``."""
+    num_cycles: int = 2
+    """``cosine_with_restarts``: number of hard restarts over the run."""
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        if self.name not in OPTIMIZERS:
+            problems.add("name", f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            problems.add("schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not is_number(self.lr) or not self.lr > 0 or not math.isfinite(self.lr):
+            problems.add("lr", f"must be a finite number > 0, got {self.lr!r}")
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
+            problems.add("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        for key in ("beta1", "beta2", "momentum"):
+            value = getattr(self, key)
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                problems.add(key, f"must be in [0, 1), got {value!r}")
+        if not is_number(self.eps) or not self.eps > 0:
+            problems.add("eps", f"must be > 0, got {self.eps!r}")
+        if not isinstance(self.nesterov, bool):
+            problems.add("nesterov", f"must be true or false, got {self.nesterov!r}")
+        elif self.nesterov and self.name == "sgd" and is_number(self.momentum) and self.momentum == 0:
+            problems.add("nesterov", "Nesterov momentum needs momentum > 0")
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            problems.add("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
+        if not is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
+            problems.add("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
+        elif self.warmup_ratio > 0 and is_int(self.warmup_steps) and self.warmup_steps > 0:
+            problems.add("warmup_ratio", "set warmup_steps or warmup_ratio, not both")
+        if not is_int(self.num_cycles) or self.num_cycles < 1:
+            problems.add("num_cycles", f"must be an integer >= 1, got {self.num_cycles!r}")
+        problems.raise_if_any("invalid optimizer configuration")
+
+    def warmup_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps else math.ceil(self.warmup_ratio * total_steps)
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed matrices and everything else (biases, LayerNorm, embeddings).
+
+    Parameters shared between modules (the tied embedding) appear once.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in modules:
+        for sub in module.modules():
+            for name, param in sub.named_parameters(recurse=False):
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                is_matrix = param.ndim >= 2 and not isinstance(sub, nn.Embedding | nn.LayerNorm)
+                (decay if is_matrix and name != "bias" else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig) -> Optimizer:
+    """The configured ``torch.optim`` optimizer over the trainable parameters of ``modules``."""
+    modules = list(modules)
+    groups = param_groups(modules, config.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: the method froze everything")
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                                 fused=on_cuda or None)
+    if config.name == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.Adafactor(groups, lr=config.lr)
+
+
+def build_scheduler(optimizer: Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
+    """The configured schedule over ``total_steps`` optimizer steps, warmup included, via ``transformers``."""
+    warmup = config.warmup_for(total_steps)
+    if config.schedule == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
+    if config.schedule == "inverse_sqrt":
+        return get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup)
+    kwargs = {"num_cycles": config.num_cycles} if config.schedule == "cosine_with_restarts" else None
+    return get_scheduler(config.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs)

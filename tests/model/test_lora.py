@@ -1,0 +1,226 @@
+"""LoRA against PEFT (counts, outputs, files both ways), merge/unmerge with a non-zero B, disabling, validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+
+from model import GPT2, CheckpointError, ConfigError
+from model.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    disable_lora,
+    load_peft_adapter,
+    lora_parameters,
+    merge_lora,
+    save_merged,
+    save_peft_adapter,
+    unmerge_lora,
+)
+from model.methods import MethodConfig, apply_method
+from tests.model.conftest import hf_gpt2
+
+SHAPE = {"n_layer": 3, "n_head": 2, "n_embd": 16, "vocab_size": 60, "n_positions": 32}
+IN_OUT = {"attn.c_attn": (16, 48), "attn.c_proj": (16, 16), "mlp.c_fc": (16, 64), "mlp.c_proj": (64, 16)}
+
+# (our config, the same thing written independently as PEFT's LoraConfig kwargs, wrapped blocks)
+CASES = {
+    "c_attn-all-r4": (LoRAConfig(rank=4, alpha=8), dict(r=4, lora_alpha=8, target_modules=["c_attn"]), [0, 1, 2]),
+    "all-last2-r8": (LoRAConfig(rank=8, alpha=16, targets="all", layers="last:2"),
+                     dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], layers_to_transform=[1, 2],
+                          layers_pattern="h"), [1, 2]),
+    "proj-fc-layers02-r2-rslora": (LoRAConfig(rank=2, alpha=3, targets=["attn.c_proj", "mlp.c_fc"], layers=[0, 2],
+                                              rslora=True),
+                                   dict(r=2, lora_alpha=3, target_modules=["attn.c_proj", "mlp.c_fc"],
+                                        layers_to_transform=[0, 2], layers_pattern="h", use_rslora=True), [0, 2]),
+    "mlp-first1-r16": (LoRAConfig(rank=16, alpha=7, targets="mlp", layers="first:1"),
+                       dict(r=16, lora_alpha=7, target_modules=["mlp.c_fc", "mlp.c_proj"], layers_to_transform=[0],
+                            layers_pattern="h"), [0]),
+}
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> tuple[transformers.GPT2LMHeadModel, Path]:
+    hf = hf_gpt2(**SHAPE)
+    hf.save_pretrained(tmp_path / "base")
+    return hf, tmp_path / "base"
+
+
+def _peft_model(path: Path, kwargs: dict) -> peft.PeftModel:
+    model = transformers.GPT2LMHeadModel.from_pretrained(path)
+    return peft.get_peft_model(model, peft.LoraConfig(fan_in_fan_out=True, **kwargs)).eval()
+
+
+def _nonzero_b(model: torch.nn.Module) -> None:
+    """B starts at zero; a zero B would make every output comparison unable to fail."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_trainable_count_and_outputs_match_peft(case: str, base) -> None:
+    ours_cfg, peft_kwargs, blocks = CASES[case]
+    _, path = base
+    reference = _peft_model(path, peft_kwargs)
+    _nonzero_b(reference)
+    ours = GPT2.from_pretrained(path).eval()
+    summary = apply_method(ours, MethodConfig(name="lora"), ours_cfg)
+
+    formula = sum(ours_cfg.rank * sum(IN_OUT[t]) for t in ours_cfg.targets) * len(blocks)
+    assert summary.trainable_params == reference.get_nb_trainable_parameters()[0] == formula
+
+    peft_state = reference.state_dict()
+    with torch.no_grad():
+        for name, param in lora_parameters(ours):
+            param.copy_(peft_state[f"base_model.model.transformer.{name}.default.weight"])
+    ids = torch.randint(0, 60, (2, 11))
+    with torch.no_grad():
+        delta = (ours(ids) - reference(ids).logits).abs().max().item()
+        with reference.disable_adapter():
+            moved = (ours(ids) - reference(ids).logits).abs().max().item()
+    assert delta <= 1e-5
+    assert moved > 1e-3, "adapters had no effect: the comparison could not fail"
+
+
+def test_merge_unmerge_with_nonzero_b(base) -> None:
+    _, path = base
+    model = GPT2.from_pretrained(path).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all"))
+    _nonzero_b(model)
+    ids = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        unmerged = model(ids)
+        merge_lora(model)
+        merged = model(ids)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    assert (model.h[0].attn.c_attn.weight - original["h.0.attn.c_attn.weight"]).abs().max() > 1e-3
+    unmerge_lora(model)
+    for key, tensor in original.items():
+        torch.testing.assert_close(model.state_dict()[key], tensor, atol=1e-6, rtol=0)
+
+
+def test_merge_refuses_non_finite_and_changes_nothing(base) -> None:
+    _, path = base
+    model = GPT2.from_pretrained(path)
+    apply_lora(model, LoRAConfig(rank=2, targets="all"))
+    _nonzero_b(model)
+    with torch.no_grad():
+        model.h[2].mlp.c_proj.lora_B.fill_(float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"h\.2\.mlp\.c_proj"):
+        merge_lora(model)
+    assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoRALinear))
+    for key, tensor in before.items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_peft_export_loads_in_peft_with_equal_logits(base, tmp_path: Path) -> None:
+    _, path = base
+    model = GPT2.from_pretrained(path).eval()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all", layers="last:2"))
+    _nonzero_b(model)
+    save_peft_adapter(model, tmp_path / "adapter", base_model=str(path))
+    loaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(path), tmp_path / "adapter")
+    ids = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        assert (loaded.eval()(ids).logits - model(ids)).abs().max().item() <= 1e-5
+
+
+def test_peft_trained_adapter_loads_into_ours(base, tmp_path: Path) -> None:
+    _, path = base
+    reference = _peft_model(path, CASES["all-last2-r8"][1])
+    _nonzero_b(reference)
+    reference.save_pretrained(tmp_path / "from-peft")
+    ours = load_peft_adapter(GPT2.from_pretrained(path).eval(), tmp_path / "from-peft")
+    expected = CASES["all-last2-r8"][0]
+    assert (ours.lora_config.rank, ours.lora_config.alpha, ours.lora_config.targets) == (8, 16, expected.targets)
+    assert ours.lora_config.resolve_layers(3) == expected.resolve_layers(3) == [1, 2]
+    ids = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_merged_export_loads_in_transformers_with_equal_logits(base, tmp_path: Path) -> None:
+    _, path = base
+    model = GPT2.from_pretrained(path).eval()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all"))
+    _nonzero_b(model)
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_merged(model, tmp_path / "merged")
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        assert (exported(ids).logits - model(ids)).abs().max().item() <= 1e-5
+    for key, tensor in weights_before.items():  # exporting leaves the model untouched
+        assert torch.equal(model.state_dict()[key], tensor), key
+    with pytest.raises(CheckpointError, match="lora_A"):
+        model.save_pretrained(tmp_path / "plain")  # adapters would be silently lost
+    assert not (tmp_path / "plain").exists()
+
+
+def test_base_checkpoint_loads_into_lora_model_with_only_adapters_missing(base) -> None:
+    _, path = base
+    model = GPT2.from_pretrained(path)
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoRAConfig(rank=2, targets="all"))
+    result = model.load_state_dict(plain_state, strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(name for name, _ in lora_parameters(model))
+
+
+def test_disable_lora_gives_the_base_model(base) -> None:
+    _, path = base
+    plain = GPT2.from_pretrained(path).eval()
+    model = GPT2.from_pretrained(path).eval()
+    apply_lora(model, LoRAConfig(rank=4, targets="all"))
+    _nonzero_b(model)
+    ids = torch.randint(0, 60, (1, 7))
+    with torch.no_grad():
+        with disable_lora(model):
+            assert torch.equal(model(ids), plain(ids))
+        assert not torch.equal(model(ids), plain(ids))
+        merge_lora(model)
+        with pytest.raises(RuntimeError, match="merged"), disable_lora(model):
+            pass
+
+
+def test_scaling_and_adapter_only_dropout() -> None:
+    assert LoRAConfig(rank=16, alpha=32).scaling == 2.0
+    assert LoRAConfig(rank=16, alpha=32, rslora=True).scaling == 32 / math.sqrt(16)
+    layer = LoRALinear(torch.nn.Linear(8, 8), rank=2, alpha=2, dropout=0.5).train()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # B = 0 at init
+        layer.lora_B.fill_(1.0)
+        assert not torch.equal(layer(x), layer(x))  # dropout acts on the adapter path
+        layer.eval()
+        assert torch.equal(layer(x), layer(x))
+
+
+def test_lora_config_reports_every_problem() -> None:
+    with pytest.raises(ConfigError) as err:
+        LoRAConfig(rank=0, alpha=-1, dropout=1.0, targets=["attn.c_attn", "attn.q_proj"], layers="middle:2")
+    assert err.value.keys() == ["rank", "alpha", "dropout", "targets", "layers"]
+    assert LoRAConfig(targets="mlp.c_fc, attn.c_attn").targets == ("attn.c_attn", "mlp.c_fc")
+    with pytest.raises(ConfigError, match="asks for 5 blocks; the model has 3"):
+        LoRAConfig(layers="last:5").resolve_layers(3)
+    with pytest.raises(ConfigError, match=r"\[3\] out of range"):
+        LoRAConfig(layers=[0, 3]).resolve_layers(3)
+
+
+def test_unsupported_peft_settings_are_refused(base, tmp_path: Path) -> None:
+    _, path = base
+    reference = _peft_model(path, dict(r=2, lora_alpha=4, target_modules=["c_attn"], use_dora=True))
+    reference.save_pretrained(tmp_path / "dora")
+    with pytest.raises(CheckpointError, match="use_dora"):
+        load_peft_adapter(GPT2.from_pretrained(path), tmp_path / "dora")
