@@ -1,0 +1,72 @@
+"""Flat dotted keys map onto the trial config; every bad key of every section comes back in one error."""
+
+from __future__ import annotations
+
+import pytest
+
+from model import ConfigError
+from sweeps.config import TrialConfig, parse_value
+
+
+def test_issue_list_of_bad_values_is_one_error_naming_every_key() -> None:
+    bad = {
+        "lora.rank": 0,
+        "lora.alpha": 0,
+        "lora.targets": "attn.q_proj",
+        "method.name": "last_k",
+        "method.k": 13,  # gpt2 has 12 blocks
+        "optim.lr": -1e-4,
+        "optim.name": "lion",
+        "optim.lrr": 1e-3,
+        "trainer.epochs": 3,
+    }
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat(bad)
+    assert set(err.value.keys()) == set(bad) - {"method.name"}  # last_k itself is fine; k is what is wrong
+    message = str(err.value)
+    assert "method.k: last_k with k=13 but the model has only 12 blocks" in message
+    assert "optim.lrr: unknown key" in message
+
+
+def test_strings_are_read_by_field_type() -> None:
+    config = TrialConfig.from_flat({
+        "model.pretrained": "false", "model.n_layer": "2", "model.dropout": "0.1",
+        "method.name": "lora", "method.train_embeddings": "null",
+        "lora.rank": "16", "lora.alpha": "32", "lora.layers": "[0, 1]", "lora.targets": "attention", "lora.rslora": "yes",
+        "optim.lr": "3e-4", "optim.nesterov": "false",
+    })
+    assert config.model.pretrained is False and config.model.n_layer == 2 and config.model.dropout == 0.1
+    assert config.method.train_embeddings is None
+    assert (config.lora.rank, config.lora.alpha, config.lora.layers) == (16, 32, (0, 1))
+    assert config.lora.targets == ("attn.c_attn", "attn.c_proj") and config.lora.rslora is True
+    assert config.optim.lr == 3e-4
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"lora.rank": "four", "optim.lr": "fast", "lora.layers": "[0,"})
+    assert set(err.value.keys()) == {"lora.rank", "optim.lr", "lora.layers"}
+
+
+def test_lora_layers_checked_against_the_model_before_loading() -> None:
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"method.name": "lora", "lora.layers": "last:30", "model.name": "gpt2-medium"})
+    assert err.value.keys() == ["lora.layers"]
+    assert TrialConfig.from_flat({"method.name": "lora", "lora.layers": "last:24", "model.name": "gpt2-medium"})
+
+
+def test_model_section_rules() -> None:
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"model.n_layer": 2, "model.name": "/ckpt", "model.pretrained": False})
+    assert set(err.value.keys()) == {"model.name"}
+    with pytest.raises(ConfigError, match="random init only"):
+        TrialConfig.from_flat({"model.n_layer": 2})
+
+
+def test_flat_round_trip() -> None:
+    config = TrialConfig.from_flat({"method.name": "lora", "lora.targets": "all", "lora.layers": [3, 1], "optim.lr": 1e-3})
+    assert TrialConfig.from_flat(config.to_flat()) == config
+
+
+def test_parse_value_refuses_what_it_cannot_read() -> None:
+    assert parse_value("1e-3", float) == 1e-3
+    assert parse_value("7", int | None) == 7
+    with pytest.raises(ValueError, match=r"cannot read '2\.5' as int"):
+        parse_value("2.5", int)

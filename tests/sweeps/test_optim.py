@@ -1,0 +1,108 @@
+"""Every optimizer × schedule builds from plain config values and steps; LR curves follow their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from model import GPT2, ConfigError, GPT2Config
+from sweeps.optim import OPTIMIZERS, SCHEDULES, OptimConfig, build_optimizer, build_scheduler, param_groups
+
+TOTAL, WARMUP = 110, 10
+
+
+def _tiny() -> tuple[GPT2, nn.Linear]:
+    return GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=8)), nn.Linear(8, 2)
+
+
+def _definition(schedule: str, step: int) -> float:
+    """Learning-rate multiplier at ``step`` as each schedule is defined (written here independently)."""
+    if step < WARMUP:
+        return step / WARMUP
+    progress = (step - WARMUP) / (TOTAL - WARMUP)
+    return {
+        "constant": 1.0,
+        "linear": 1.0 - progress,
+        "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+        "cosine_with_restarts": 0.5 * (1 + math.cos(math.pi * ((2 * progress) % 1.0))),  # 2 cycles
+        "inverse_sqrt": math.sqrt(WARMUP / step),
+    }[schedule]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_combination_builds_and_steps(optimizer: str, schedule: str) -> None:
+    model, head = _tiny()
+    config = OptimConfig(name=optimizer, lr=1e-2, schedule=schedule, warmup_steps=2, weight_decay=0.1)
+    opt = build_optimizer([model, head], config)
+    sched = build_scheduler(opt, config, total_steps=5)
+    before = model.h[0].mlp.c_fc.weight.detach().clone()
+    for _ in range(3):
+        loss = head(model.hidden_states(torch.randint(0, 20, (2, 6)))[:, -1]).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert not torch.equal(model.h[0].mlp.c_fc.weight, before)
+    expected_type = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+                     "adafactor": torch.optim.Adafactor}[optimizer]
+    assert type(opt) is expected_type
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_lr_curve_matches_the_definition(schedule: str) -> None:
+    model, _ = _tiny()
+    config = OptimConfig(lr=2.0, schedule=schedule, warmup_steps=WARMUP)
+    opt = build_optimizer([model], config)
+    sched = build_scheduler(opt, config, total_steps=TOTAL)
+    checkpoints = {0, 5, 10, 35, 60, 85, 109}
+    seen = {}
+    for step in range(TOTAL):
+        if step in checkpoints:
+            seen[step] = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+    for step, lr in seen.items():
+        assert lr == pytest.approx(2.0 * _definition(schedule, step), abs=1e-9), f"{schedule} at step {step}"
+
+
+def test_warmup_ratio_counts_from_total_steps() -> None:
+    assert OptimConfig(warmup_ratio=0.1).warmup_for(110) == 11
+    assert OptimConfig(warmup_steps=7).warmup_for(110) == 7
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    model, head = _tiny()
+    decay, no_decay = param_groups([model, head], weight_decay=0.1)
+    named = {id(p): n for n, p in [*model.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {named[id(p)] for p in decay["params"]} == {
+        "h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight", "h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight",
+        "head.weight",
+    }
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.weight", "head.bias"} <= {
+        named[id(p)] for p in no_decay["params"]
+    }
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer() -> None:
+    model, head = _tiny()
+    model.requires_grad_(False)
+    opt = build_optimizer([model, head], OptimConfig())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 8 * 2 + 2
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer([model], OptimConfig())
+
+
+def test_invalid_values_are_all_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        OptimConfig(name="lion", lr=-1e-3, schedule="step", warmup_steps=-1, beta2=1.0, nesterov=True, momentum=0.0,
+                    weight_decay=-0.1)
+    assert set(err.value.keys()) == {"name", "lr", "schedule", "warmup_steps", "beta2", "weight_decay"}
+    with pytest.raises(ConfigError, match="warmup_steps or warmup_ratio"):
+        OptimConfig(warmup_steps=5, warmup_ratio=0.1)
+    with pytest.raises(ConfigError, match="Nesterov"):
+        OptimConfig(name="sgd", nesterov=True, momentum=0.0)
