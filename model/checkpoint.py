@@ -256,18 +256,27 @@ def save_pretrained(model: GPT2, path: str | Path, state_dict: dict[str, torch.T
             f"{', ...' if len(extra) > 6 else ''}). Fold LoRA adapters in with model.lora.save_merged(model, path) "
             "or save them alone with save_peft_adapter."
         )
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
         _PREFIX + k: (v.t() if _is_conv1d(k) else v).detach().to("cpu").contiguous()
         for k, v in state.items()
     }
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return write_checkpoint_files(path, tensors, "model.safetensors", {"config.json": config})
+
+
+def write_checkpoint_files(
+    path: str | Path, tensors: dict[str, torch.Tensor], tensor_file: str, json_files: dict[str, Any]
+) -> Path:
+    """Write a safetensors file and JSON files into ``path`` through temporaries renamed at the end, so an
+    interrupted save never leaves a half-written file under a final name."""
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:
         tmp_dir = Path(tmp)
-        save_file(tensors, tmp_dir / "model.safetensors", metadata={"format": "pt"})
-        (tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in ("model.safetensors", "config.json"):
+        save_file(tensors, tmp_dir / tensor_file, metadata={"format": "pt"})
+        for name, content in json_files.items():
+            (tmp_dir / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        for name in (tensor_file, *json_files):
             os.replace(tmp_dir / name, out_dir / name)
     return out_dir

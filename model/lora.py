@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from model.checkpoint import CheckpointError, save_pretrained
+from model.checkpoint import CheckpointError, save_pretrained, write_checkpoint_files
 from model.config import ConfigError, Problems, is_int, is_number
 from model.gpt2 import GPT2
 
@@ -287,16 +285,8 @@ def save_peft_adapter(model: GPT2, path: str | Path, base_model: str | None = No
     if any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("adapters are merged into the weights; unmerge_lora(model) before saving them alone")
     tensors = {f"{PEFT_PREFIX}{name}.weight": p.detach().to("cpu").contiguous() for name, p in lora_parameters(model)}
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:
-        tmp_dir = Path(tmp)
-        save_file(tensors, tmp_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-        peft_config = _peft_config(config, model.config.n_layer, base_model)
-        (tmp_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            os.replace(tmp_dir / name, out_dir / name)
-    return out_dir
+    peft_config = _peft_config(config, model.config.n_layer, base_model)
+    return write_checkpoint_files(path, tensors, "adapter_model.safetensors", {"adapter_config.json": peft_config})
 
 
 # PEFT matches a target by exact name or by suffix after a dot; GPT-2's short names map to ours like this.
