@@ -18,7 +18,9 @@ from model.config import ConfigError, Problems, is_int, is_number
 from model.gpt2 import PRESETS, preset_name
 from model.lora import LoRAConfig
 from model.methods import MethodConfig
-from sweeps.optim import OptimConfig
+from sweeps.optim import OptimConfig, ScheduleConfig
+
+INITS = ("pretrained", "random")
 
 
 @dataclass
@@ -27,8 +29,9 @@ class ModelConfig:
 
     name: str = "gpt2"
     """A preset (``gpt2`` ... ``gpt2-xl``), a hub id, or a local Hugging Face checkpoint directory."""
-    pretrained: bool = True
-    """False: a randomly initialised model of the preset's shape (offline smoke runs); results are labelled so."""
+    init: str = "pretrained"
+    """``pretrained`` (load the checkpoint) or ``random`` (a fresh model of the preset's shape, for offline smoke
+    runs; every result is labelled random-init)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual outputs during training."""
     n_layer: int | None = None
@@ -42,8 +45,8 @@ class ModelConfig:
         problems = Problems()
         if not isinstance(self.name, str) or not self.name:
             problems.add("name", f"must be a preset, hub id or directory, got {self.name!r}")
-        if not isinstance(self.pretrained, bool):
-            problems.add("pretrained", f"must be true or false, got {self.pretrained!r}")
+        if self.init not in INITS:
+            problems.add("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             problems.add("dropout", f"must be in [0, 1), got {self.dropout!r}")
         for key in ("n_layer", "n_head", "n_embd"):
@@ -52,9 +55,9 @@ class ModelConfig:
                 continue
             if not is_int(value) or value < 1:
                 problems.add(key, f"must be a positive integer, got {value!r}")
-            elif self.pretrained is True:
-                problems.add(key, "shape overrides apply to random init only (set model.pretrained=false)")
-        if self.pretrained is False and isinstance(self.name, str) and preset_name(self.name) is None:
+            elif self.init == "pretrained":
+                problems.add(key, "shape overrides apply to random init only (set model.init=random)")
+        if self.init == "random" and isinstance(self.name, str) and preset_name(self.name) is None:
             problems.add("name", f"random init needs a preset ({', '.join(PRESETS)}), got {self.name!r}")
         problems.raise_if_any("invalid model configuration")
 
@@ -72,6 +75,7 @@ SECTIONS: dict[str, type] = {
     "method": MethodConfig,
     "lora": LoRAConfig,
     "optim": OptimConfig,
+    "schedule": ScheduleConfig,
 }
 
 
@@ -83,6 +87,7 @@ class TrialConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
@@ -113,7 +118,7 @@ class TrialConfig:
                 built[section] = section_cls(**grouped[section])
             except ConfigError as err:
                 problems.extend(err, prefix=section)
-        problems.items.extend(_cross_checks(built))
+        problems.items.extend(_cross_checks(built, grouped["model"]))
         problems.raise_if_any("invalid trial configuration")
         return cls(**built)
 
@@ -157,10 +162,17 @@ def parse_value(text: str, hint: Any) -> Any:
     raise ValueError(f"cannot read {text!r} as {names}")
 
 
-def _cross_checks(built: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Problems between sections that show before any model is loaded (sections that failed are skipped)."""
+def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems between sections that show before any model is loaded. When the model section itself is invalid,
+    its raw values still tell the block count, so a bad ``model.init`` does not hide a bad ``method.k``."""
     model = built.get("model")
-    n_layer = model.n_layer_known if model is not None else None
+    if model is not None:
+        n_layer = model.n_layer_known
+    else:
+        n_layer = raw_model.get("n_layer")
+        if not is_int(n_layer):
+            key = preset_name(str(raw_model.get("name", "gpt2")))
+            n_layer = PRESETS[key]["n_layer"] if key is not None else None
     if n_layer is None:
         return []
     found: list[tuple[str, str]] = []

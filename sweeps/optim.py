@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "inverse_sq
 
 @dataclass
 class OptimConfig:
-    """Optimizer, its hyperparameters, and the learning-rate schedule."""
+    """Optimizer and its hyperparameters (the schedule is ``ScheduleConfig``)."""
 
     name: str = "adamw"
     """``adamw`` (fused kernel on CUDA), ``adam``, ``sgd`` or ``adafactor``."""
@@ -43,21 +43,10 @@ class OptimConfig:
     """SGD momentum."""
     nesterov: bool = False
     """SGD with Nesterov momentum (needs momentum > 0)."""
-    schedule: str = "linear"
-    """``constant``, ``linear`` (decay to 0), ``cosine`` (to 0), ``cosine_with_restarts``, ``inverse_sqrt``."""
-    warmup_steps: int = 0
-    """Linear warmup from 0 over this many steps; exclusive with ``warmup_ratio``."""
-    warmup_ratio: float = 0.0
-    """Warmup as a fraction of all training steps; exclusive with ``warmup_steps``."""
-    num_cycles: int = 2
-    """``cosine_with_restarts``: number of hard restarts over the run."""
-
     def __post_init__(self) -> None:
         problems = Problems()
         if self.name not in OPTIMIZERS:
             problems.add("name", f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            problems.add("schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not is_number(self.lr) or not self.lr > 0 or not math.isfinite(self.lr):
             problems.add("lr", f"must be a finite number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -72,6 +61,26 @@ class OptimConfig:
             problems.add("nesterov", f"must be true or false, got {self.nesterov!r}")
         elif self.nesterov and self.name == "sgd" and is_number(self.momentum) and self.momentum == 0:
             problems.add("nesterov", "Nesterov momentum needs momentum > 0")
+        problems.raise_if_any("invalid optimizer configuration")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule over the run's optimizer steps."""
+
+    name: str = "linear"
+    """``constant``, ``linear`` (decay to 0), ``cosine`` (to 0), ``cosine_with_restarts``, ``inverse_sqrt``."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps; exclusive with ``warmup_ratio``."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all training steps; exclusive with ``warmup_steps``."""
+    num_cycles: int = 2
+    """``cosine_with_restarts``: number of hard restarts over the run."""
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        if self.name not in SCHEDULES:
+            problems.add("name", f"unknown schedule {self.name!r}; choose one of {', '.join(SCHEDULES)}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             problems.add("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
         if not is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
@@ -80,7 +89,7 @@ class OptimConfig:
             problems.add("warmup_ratio", "set warmup_steps or warmup_ratio, not both")
         if not is_int(self.num_cycles) or self.num_cycles < 1:
             problems.add("num_cycles", f"must be an integer >= 1, got {self.num_cycles!r}")
-        problems.raise_if_any("invalid optimizer configuration")
+        problems.raise_if_any("invalid schedule configuration")
 
     def warmup_for(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps else math.ceil(self.warmup_ratio * total_steps)
@@ -121,13 +130,13 @@ def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig) -> Optimi
     return torch.optim.Adafactor(groups, lr=config.lr)
 
 
-def build_scheduler(optimizer: Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: Optimizer, config: ScheduleConfig, total_steps: int) -> LambdaLR:
     """The configured schedule over ``total_steps`` optimizer steps, warmup included, via ``transformers``."""
     warmup = config.warmup_for(total_steps)
-    if config.schedule == "constant":
+    if config.name == "constant":
         return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
-    if config.schedule == "inverse_sqrt":
+    if config.name == "inverse_sqrt":
         return get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup)
-    kwargs = {"num_cycles": config.num_cycles} if config.schedule == "cosine_with_restarts" else None
-    return get_scheduler(config.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+    kwargs = {"num_cycles": config.num_cycles} if config.name == "cosine_with_restarts" else None
+    return get_scheduler(config.name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=kwargs)

@@ -18,6 +18,8 @@ def test_issue_list_of_bad_values_is_one_error_naming_every_key() -> None:
         "optim.lr": -1e-4,
         "optim.name": "lion",
         "optim.lrr": 1e-3,
+        "schedule.name": "step",
+        "model.init": "scratch",
         "trainer.epochs": 3,
     }
     with pytest.raises(ConfigError) as err:
@@ -30,16 +32,17 @@ def test_issue_list_of_bad_values_is_one_error_naming_every_key() -> None:
 
 def test_strings_are_read_by_field_type() -> None:
     config = TrialConfig.from_flat({
-        "model.pretrained": "false", "model.n_layer": "2", "model.dropout": "0.1",
+        "model.init": "random", "model.n_layer": "2", "model.dropout": "0.1",
         "method.name": "lora", "method.train_embeddings": "null",
         "lora.rank": "16", "lora.alpha": "32", "lora.layers": "[0, 1]", "lora.targets": "attention", "lora.rslora": "yes",
-        "optim.lr": "3e-4", "optim.nesterov": "false",
+        "optim.lr": "3e-4", "optim.nesterov": "false", "schedule.name": "cosine", "schedule.warmup_ratio": "0.1",
     })
-    assert config.model.pretrained is False and config.model.n_layer == 2 and config.model.dropout == 0.1
+    assert config.model.init == "random" and config.model.n_layer == 2 and config.model.dropout == 0.1
     assert config.method.train_embeddings is None
     assert (config.lora.rank, config.lora.alpha, config.lora.layers) == (16, 32, (0, 1))
     assert config.lora.targets == ("attn.c_attn", "attn.c_proj") and config.lora.rslora is True
     assert config.optim.lr == 3e-4
+    assert (config.schedule.name, config.schedule.warmup_ratio) == ("cosine", 0.1)
     with pytest.raises(ConfigError) as err:
         TrialConfig.from_flat({"lora.rank": "four", "optim.lr": "fast", "lora.layers": "[0,"})
     assert set(err.value.keys()) == {"lora.rank", "optim.lr", "lora.layers"}
@@ -54,7 +57,7 @@ def test_lora_layers_checked_against_the_model_before_loading() -> None:
 
 def test_model_section_rules() -> None:
     with pytest.raises(ConfigError) as err:
-        TrialConfig.from_flat({"model.n_layer": 2, "model.name": "/ckpt", "model.pretrained": False})
+        TrialConfig.from_flat({"model.n_layer": 2, "model.name": "/ckpt", "model.init": "random"})
     assert set(err.value.keys()) == {"model.name"}
     with pytest.raises(ConfigError, match="random init only"):
         TrialConfig.from_flat({"model.n_layer": 2})

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from model import GPT2, ConfigError, GPT2Config
-from sweeps.optim import OPTIMIZERS, SCHEDULES, OptimConfig, build_optimizer, build_scheduler, param_groups
+from sweeps.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimConfig,
+    ScheduleConfig,
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+)
 
 TOTAL, WARMUP = 110, 10
 
@@ -36,9 +44,8 @@ def _definition(schedule: str, step: int) -> float:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_every_combination_builds_and_steps(optimizer: str, schedule: str) -> None:
     model, head = _tiny()
-    config = OptimConfig(name=optimizer, lr=1e-2, schedule=schedule, warmup_steps=2, weight_decay=0.1)
-    opt = build_optimizer([model, head], config)
-    sched = build_scheduler(opt, config, total_steps=5)
+    opt = build_optimizer([model, head], OptimConfig(name=optimizer, lr=1e-2, weight_decay=0.1))
+    sched = build_scheduler(opt, ScheduleConfig(name=schedule, warmup_steps=2), total_steps=5)
     before = model.h[0].mlp.c_fc.weight.detach().clone()
     for _ in range(3):
         loss = head(model.hidden_states(torch.randint(0, 20, (2, 6)))[:, -1]).pow(2).sum()
@@ -55,9 +62,8 @@ def test_every_combination_builds_and_steps(optimizer: str, schedule: str) -> No
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_lr_curve_matches_the_definition(schedule: str) -> None:
     model, _ = _tiny()
-    config = OptimConfig(lr=2.0, schedule=schedule, warmup_steps=WARMUP)
-    opt = build_optimizer([model], config)
-    sched = build_scheduler(opt, config, total_steps=TOTAL)
+    opt = build_optimizer([model], OptimConfig(lr=2.0))
+    sched = build_scheduler(opt, ScheduleConfig(name=schedule, warmup_steps=WARMUP), total_steps=TOTAL)
     checkpoints = {0, 5, 10, 35, 60, 85, 109}
     seen = {}
     for step in range(TOTAL):
@@ -70,8 +76,8 @@ def test_lr_curve_matches_the_definition(schedule: str) -> None:
 
 
 def test_warmup_ratio_counts_from_total_steps() -> None:
-    assert OptimConfig(warmup_ratio=0.1).warmup_for(110) == 11
-    assert OptimConfig(warmup_steps=7).warmup_for(110) == 7
+    assert ScheduleConfig(warmup_ratio=0.1).warmup_for(110) == 11
+    assert ScheduleConfig(warmup_steps=7).warmup_for(110) == 7
 
 
 def test_weight_decay_only_on_matrices() -> None:
@@ -99,10 +105,12 @@ def test_frozen_parameters_stay_out_of_the_optimizer() -> None:
 
 def test_invalid_values_are_all_named() -> None:
     with pytest.raises(ConfigError) as err:
-        OptimConfig(name="lion", lr=-1e-3, schedule="step", warmup_steps=-1, beta2=1.0, nesterov=True, momentum=0.0,
-                    weight_decay=-0.1)
-    assert set(err.value.keys()) == {"name", "lr", "schedule", "warmup_steps", "beta2", "weight_decay"}
+        OptimConfig(name="lion", lr=-1e-3, beta2=1.0, nesterov=True, momentum=0.0, weight_decay=-0.1)
+    assert set(err.value.keys()) == {"name", "lr", "beta2", "weight_decay"}
+    with pytest.raises(ConfigError) as err:
+        ScheduleConfig(name="step", warmup_steps=-1, num_cycles=0)
+    assert set(err.value.keys()) == {"name", "warmup_steps", "num_cycles"}
     with pytest.raises(ConfigError, match="warmup_steps or warmup_ratio"):
-        OptimConfig(warmup_steps=5, warmup_ratio=0.1)
+        ScheduleConfig(warmup_steps=5, warmup_ratio=0.1)
     with pytest.raises(ConfigError, match="Nesterov"):
         OptimConfig(name="sgd", nesterov=True, momentum=0.0)
