@@ -1,0 +1,115 @@
+"""Where task data comes from: ``$FINETUNE_DATA_DIR`` first, else the canonical source, downloaded once and checked.
+
+The data directory's layout is the layout of ``shared/data`` (``sms_spam/SMSSpamCollection``, ``imdb/...``). A download
+ends in that same layout, so a directory filled by downloads and one copied from elsewhere are interchangeable. Each
+download is checked against a sha256 recorded here; content-derived files (a CSV built from a tarball) are checked
+on the content, so the check does not depend on how an archive was packed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.tokenizer import DATA_DIR_ENV
+
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "data"
+
+
+class DataError(ValueError):
+    """A data problem that stops a trial before training: missing file, bad row (file and line), unknown label,
+    empty split, failed download or checksum."""
+
+
+def data_dir() -> Path:
+    """``$FINETUNE_DATA_DIR``, else ``~/.cache/gpt2-finetune-guide/data`` (where downloads land)."""
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value) if value else DEFAULT_DATA_DIR
+
+
+def sha256_file(path: Path, decompress: bool = False) -> str:
+    """sha256 of a file's bytes (of the uncompressed bytes with ``decompress`` for .gz)."""
+    digest = hashlib.sha256()
+    opener = gzip.open if decompress else open
+    with opener(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data file: its place in the data directory and how to obtain it when it is missing."""
+
+    relpath: str
+    """Path inside the data directory, e.g. ``sms_spam/SMSSpamCollection``."""
+    url: str
+    """Canonical download location."""
+    sha256: str
+    """sha256 of the file's content (uncompressed content for ``.gz`` files) once it is in place."""
+    build: Callable[[Path, Path], None] | None = None
+    """Turns the downloaded file into the stored one (unpack, convert); None stores the download as it is
+    (gzip-compressed when ``relpath`` ends in ``.gz`` and the download is not)."""
+
+
+def _download(url: str, dest: Path) -> None:
+    """Fetch ``url`` to ``dest`` with a progress line on stderr."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            with dest.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    shown = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                    print(f"\r  downloading {url}: {shown}", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+    except OSError as err:
+        raise DataError(f"could not download {url}: {err}") from None
+
+
+def ensure(source: Source, root: Path | None = None) -> Path:
+    """The local path of ``source``, downloading and checking it first when it is missing."""
+    root = root if root is not None else data_dir()
+    path = root / source.relpath
+    if path.is_file():
+        return path
+    print(f"{path} is missing; fetching it from {source.url}", file=sys.stderr)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{path} is missing and cannot be created ({err}); set {DATA_DIR_ENV} to a writable "
+                        "directory or put the file there") from None
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
+        raw = Path(tmp) / "download"
+        _download(source.url, raw)
+        built = Path(tmp) / path.name
+        if source.build is not None:
+            source.build(raw, built)
+        elif path.suffix == ".gz" and raw.read_bytes()[:2] != b"\x1f\x8b":
+            with raw.open("rb") as src, gzip.open(built, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            raw.rename(built)
+        actual = sha256_file(built, decompress=path.suffix == ".gz")
+        if actual != source.sha256:
+            raise DataError(f"{source.url}: checksum mismatch (sha256 {actual}, expected {source.sha256}); "
+                            f"nothing was written to {path}")
+        os.replace(built, path)
+    return path
+
+
+def open_text(path: Path):
+    """Open a text file for reading, transparently gunzipping ``.gz``; UTF-8."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return path.open("r", encoding="utf-8", newline="")
