@@ -19,6 +19,7 @@ from model.gpt2 import PRESETS, preset_name
 from model.lora import LoRAConfig
 from model.methods import MethodConfig
 from sweeps.optim import OptimConfig, ScheduleConfig
+from tasks.base import TaskConfig
 
 INITS = ("pretrained", "random")
 
@@ -70,24 +71,97 @@ class ModelConfig:
         return PRESETS[key]["n_layer"] if key is not None else None
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how a trial trains, evaluates and checkpoints."""
+
+    epochs: int = 1
+    """Passes over the training split (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to take; overrides ``epochs``."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size × grad_accum)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    eval_every: int | None = None
+    """Evaluate on validation every N optimizer steps (always also at the end, with test)."""
+    eval_batch_size: int = 32
+    """Examples per evaluation batch."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a better validation metric; the best weights are restored."""
+    seed: int = 0
+    """Seeds initialisation (head, adapters, random-init models), dropout and batch order."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA, float32 on CPU), ``fp32`` or ``bf16``."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (CUDA runs; costs compile time up front)."""
+    log_every: int = 10
+    """Report a ``step`` record every N optimizer steps (and the first)."""
+    checkpoint_every: int | None = None
+    """Write a resumable checkpoint every N optimizer steps (needs a checkpoint directory)."""
+    max_new_tokens: int = 64
+    """Language-modelling tasks: length of the kept greedy generations."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding)."""
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            value = getattr(self, key)
+            if not is_int(value) or value < 1:
+                problems.add(key, f"must be an integer >= 1, got {value!r}")
+        for key in ("max_steps", "eval_every", "early_stopping_patience", "checkpoint_every"):
+            value = getattr(self, key)
+            if value is not None and (not is_int(value) or value < 1):
+                problems.add(key, f"must be an integer >= 1 or null, got {value!r}")
+        if self.max_grad_norm is not None and (not is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
+            problems.add("max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            problems.add("seed", f"must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or
+                                                    self.device.startswith("cuda:")):
+            problems.add("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            problems.add("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            problems.add("early_stopping_patience", "needs train.eval_every (evaluations to compare)")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.add("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        for key in ("compile", "group_by_length"):
+            if not isinstance(getattr(self, key), bool):
+                problems.add(key, f"must be true or false, got {getattr(self, key)!r}")
+        problems.raise_if_any("invalid training configuration")
+
+
 SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
     "model": ModelConfig,
     "method": MethodConfig,
     "lora": LoRAConfig,
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
+    "train": TrainConfig,
 }
 
 
 @dataclass
 class TrialConfig:
-    """Everything one trial needs to know about model, method and optimisation."""
+    """Everything one trial needs: task, model, method (+ LoRA), optimizer, schedule, training."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
