@@ -90,6 +90,8 @@ class TrainConfig:
     """Clip the global gradient norm to this (null: no clipping)."""
     eval_every: int | None = None
     """Evaluate on validation every N optimizer steps (always also at the end, with test)."""
+    eval_at_start: bool = False
+    """Also evaluate on validation before the first step (learning curves start at step 0)."""
     eval_batch_size: int = 32
     """Examples per evaluation batch."""
     early_stopping_patience: int | None = None
@@ -134,7 +136,7 @@ class TrainConfig:
             problems.add("early_stopping_patience", "needs train.eval_every (evaluations to compare)")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.add("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        for key in ("compile", "group_by_length"):
+        for key in ("compile", "group_by_length", "eval_at_start"):
             if not isinstance(getattr(self, key), bool):
                 problems.add(key, f"must be true or false, got {getattr(self, key)!r}")
         problems.raise_if_any("invalid training configuration")

@@ -190,7 +190,16 @@ def run_trial(
         os.replace(path / "state.pt.tmp", path / "state.pt")
         return path
 
+    def validate() -> float:
+        """Validation metrics into the history and the callback; returns the primary metric."""
+        metrics = {f"val_{k}": v for k, v in evaluate("validation").items()}
+        state.history.append({"step": state.step, **metrics})
+        emit({"event": "eval", "step": state.step, **metrics})
+        return metrics[f"val_{task.primary_metric}"]
+
     status = "completed"
+    if train.eval_at_start and state.step == 0:
+        validate()
     model.train()
     if head is not None:
         head.train()
@@ -229,10 +238,7 @@ def run_trial(
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": step_tokens / max(elapsed, 1e-9),
                       "tokens_seen": state.tokens_seen})
             if train.eval_every and state.step % train.eval_every == 0 and state.step < total_steps:
-                metrics = evaluate("validation")
-                state.history.append({"step": state.step, **{f"val_{k}": v for k, v in metrics.items()}})
-                emit({"event": "eval", "step": state.step, **{f"val_{k}": v for k, v in metrics.items()}})
-                value = metrics[task.primary_metric]
+                value = validate()
                 better = state.best_metric is None or (value > state.best_metric if task.higher_is_better
                                                        else value < state.best_metric)
                 if better:

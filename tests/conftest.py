@@ -17,6 +17,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One token cache for the whole session (as a sweep has), never the user's own."""
+    os.environ["FINETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("token-cache"))
+
+
+@pytest.fixture
+def real_data(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point FINETUNE_DATA_DIR at the real data for code that reads it from the environment."""
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(data_dir))
+    return data_dir
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real data directory: $FINETUNE_DATA_DIR, else ../shared/data beside the checkout.
@@ -30,3 +43,11 @@ def data_dir() -> Path:
             pytest.fail(f"data directory {path} missing in CI (set FINETUNE_DATA_DIR)")
         pytest.skip(f"no data directory at {path}; set FINETUNE_DATA_DIR to run tests on real data")
     return path
+
+
+@pytest.fixture(scope="session")
+def enc(data_dir: Path):
+    """GPT-2's tokenizer built offline from the real data directory."""
+    from model import get_tokenizer
+
+    return get_tokenizer(data_dir)

@@ -1,0 +1,52 @@
+"""Batches: every example once per epoch, determined by (seed, epoch), length-grouped, right-padded; metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks import EncodedSplit, batch_order, collate
+from tasks.metrics import classification_metrics
+
+
+def _split(lengths: list[int]) -> EncodedSplit:
+    return EncodedSplit.from_lists([[7] * n for n in lengths], list(range(len(lengths))))
+
+
+def test_epoch_order_covers_everything_once_and_is_reproducible() -> None:
+    lengths = torch.randint(1, 200, (1000,))
+    a = batch_order(lengths, 16, seed=3, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(1000))
+    assert a == batch_order(lengths, 16, seed=3, epoch=0)
+    assert a != batch_order(lengths, 16, seed=3, epoch=1)
+    assert a != batch_order(lengths, 16, seed=4, epoch=0)
+
+
+def _padding_share(split: EncodedSplit, batches: list[list[int]]) -> float:
+    padded = sum(collate(split, b).padded_tokens for b in batches)
+    return 1 - sum(collate(split, b).real_tokens for b in batches) / padded
+
+
+def test_length_grouping_cuts_padding() -> None:
+    lengths = torch.randint(1, 300, (2000,), generator=torch.Generator().manual_seed(0))
+    split = _split(lengths.tolist())
+    grouped = _padding_share(split, batch_order(lengths, 16, 0, 0, group_by_length=True))
+    random_order = _padding_share(split, batch_order(lengths, 16, 0, 0, group_by_length=False))
+    assert grouped < 0.1 < random_order
+
+
+def test_collate_right_pads_with_mask() -> None:
+    split = EncodedSplit.from_lists([[1, 2, 3], [4]], [0, 1])
+    batch = collate(split, [0, 1], pad_id=9)
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.labels.tolist() == [0, 1] and batch.real_tokens == 4 and batch.padded_tokens == 6
+
+
+def test_classification_metrics_by_hand() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 0, 1, 1, 0, 1])
+    m = classification_metrics(preds, labels, ("a", "b", "c"))
+    # a: tp 2, fp 1, fn 1 -> f1 2/3; b: tp 1, fp 2, fn 1 -> f1 0.4; c: never predicted -> 0
+    assert m["accuracy"] == 3 / 6
+    assert abs(m["f1_a"] - 2 / 3) < 1e-12 and abs(m["f1_b"] - 0.4) < 1e-12 and m["f1_c"] == 0.0
+    assert abs(m["macro_f1"] - (2 / 3 + 0.4) / 3) < 1e-12
