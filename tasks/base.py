@@ -344,29 +344,31 @@ class LanguageModelingTask(Task):
         return (ids, len(prompt)) if len(ids) > len(prompt) else None  # no response token left: dropped
 
     @staticmethod
-    def _token_nll(model: GPT2, batch: Batch, prompt_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position next-token loss (B, T-1) and the mask of positions that count."""
-        logits = model(batch.input_ids, batch.attention_mask)[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
-        targets = batch.input_ids[:, 1:]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T-1)
-        position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]  # target index
+    def _scored(model: GPT2, batch: Batch, prompt_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets of the positions that count, ``(N, vocab)`` and ``(N,)``.
+
+        Hidden states are gathered *before* the LM head, so the vocabulary projection (the largest matmul of a
+        small GPT-2) runs only where a loss is taken: prompt and padding positions skip it.
+        """
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]  # (B, T-1, C) predicts 1..T-1
+        targets = batch.input_ids[:, 1:]  # (B, T-1)
+        position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]  # index of each target
         first = torch.ones_like(batch.labels) if prompt_loss else batch.labels  # index of the first scored target
-        mask = (position >= first[:, None]) & batch.attention_mask[:, 1:].bool()
-        return nll, mask
+        scored = (position >= first[:, None]) & batch.attention_mask[:, 1:].bool()  # (B, T-1)
+        return model.lm_head(hidden[scored]), targets[scored]  # (N, V), (N,)
 
     def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
-        nll, mask = self._token_nll(model, batch, self.config.prompt_loss)
-        count = int(mask.sum())
-        return (nll * mask).sum() / max(count, 1), count
+        logits, targets = self._scored(model, batch, self.config.prompt_loss)
+        return F.cross_entropy(logits.float(), targets), len(targets)
 
     @torch.no_grad()
     def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
         """Perplexity of held-out responses (always response tokens only, whatever the training loss used)."""
         total, count = 0.0, 0
         for batch in batches:
-            nll, mask = self._token_nll(model, batch, prompt_loss=False)
-            total += float((nll * mask).sum())
-            count += int(mask.sum())
+            logits, targets = self._scored(model, batch, prompt_loss=False)
+            total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            count += len(targets)
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}
 
