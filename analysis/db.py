@@ -1,0 +1,165 @@
+"""The DuckDB study database: opening it (clear message when another process holds it) and idempotent writes.
+
+Writers: only the sweep driver, through ``ResultsWriter`` (used by the Ray Tune callback in ``sweeps/``). Readers
+(``launch.py status``, ``build_guide.py``, people with SQL) open it read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+SCHEMA = Path(__file__).with_name("schema.sql")
+TERMINAL = ("completed", "failed", "diverged", "stopped")
+STATUSES = ("pending", "running", *TERMINAL)
+MEASURED = ("steps", "trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share",
+            "peak_memory_mb", "wall_seconds", "val_accuracy", "val_macro_f1", "val_loss", "val_perplexity",
+            "test_accuracy", "test_macro_f1", "test_loss", "test_perplexity")
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be opened (missing, locked by a running sweep, not a DuckDB file)."""
+
+
+def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the study database; writers also create the schema. Lock conflicts become one clear message."""
+    path = Path(path)
+    if read_only and not path.is_file():
+        raise DatabaseError(f"{path}: no such database; run a sweep first (python sweeps/launch.py grid ...)")
+    try:
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as err:
+        if "lock" in str(err).lower():
+            raise DatabaseError(
+                f"{path} is in use by another process (a sweep driver holds it while it runs). Wait for the sweep "
+                f"to end, or query a copy: cp {path} /tmp/snapshot.duckdb. ({str(err).splitlines()[0]})"
+            ) from None
+        raise DatabaseError(f"{path}: cannot open ({err})") from None
+    except duckdb.Error as err:
+        raise DatabaseError(f"{path}: not a readable DuckDB database ({err})") from None
+    if not read_only:
+        con.execute(SCHEMA.read_text())
+    return con
+
+
+def column_name(flat_key: str) -> str:
+    """``lora.rank`` -> ``lora_rank``: the trials column of a hyperparameter."""
+    return flat_key.replace(".", "_")
+
+
+def _sql_value(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, allow_nan=False) if value is not None else None
+
+
+def _clean(value: Any) -> Any:
+    """Non-finite floats become null so the JSON stays valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def trial_row(spec: Mapping[str, Any], status: str, final: Mapping[str, Any] | None = None,
+              error: str | None = None) -> dict[str, Any]:
+    """A ``trials`` row from a planned trial (``spec``) and, once it ended, its final record."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown trial status {status!r}")
+    config = spec["config"]
+    row: dict[str, Any] = {
+        "id": spec["trial_id"], "sweep_id": spec["sweep_id"], "study": spec["study"],
+        "dimension": spec["dimension"], "group": spec["group"], "task": config["task.name"],
+        "method": config["method.name"], "model": config["model.name"], "seed": config["train.seed"],
+        "status": status, "error": error, "config": _json(config),
+        "updated_at": datetime.now(UTC).replace(tzinfo=None),
+    }
+    row.update({column_name(k): _sql_value(v) for k, v in config.items()})
+    if final is not None:
+        row.update({k: _sql_value(final.get(k)) for k in MEASURED})
+        row["steps"] = final.get("step")
+        primary = final.get("primary_metric")
+        row["primary_metric"] = primary
+        row["val_primary"] = _sql_value(final.get(f"val_{primary}"))
+        row["test_primary"] = _sql_value(final.get(f"test_{primary}"))
+        row["result"] = _json(_clean({k: v for k, v in final.items() if k not in ("model", "head")}))
+    return row
+
+
+class ResultsWriter:
+    """The driver's handle on the database. Picklable (Ray pickles callbacks with the experiment); the connection is
+    opened on first use and held until ``close``, so readers get the clear lock message instead of a torn read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_con": None}
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            self._con = connect(self.path)
+        return self._con
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def _upsert(self, table: str, row: Mapping[str, Any]) -> None:
+        columns = ", ".join(f'"{c}"' for c in row)
+        marks = ", ".join("?" for _ in row)
+        self.con.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
+
+    def start_sweep(self, row: Mapping[str, Any]) -> None:
+        existing = self.con.execute("SELECT started_at FROM sweeps WHERE id = ?", [row["id"]]).fetchone()
+        data = dict(row)
+        if existing is not None:  # a resumed sweep keeps its original start
+            data["started_at"] = existing[0]
+        for key in ("package_versions", "hardware"):
+            if isinstance(data.get(key), dict):
+                data[key] = _json(data[key])
+        self._upsert("sweeps", data)
+
+    def end_sweep(self, sweep_id: str, status: str) -> None:
+        self.con.execute("UPDATE sweeps SET ended_at = ?, status = ? WHERE id = ?",
+                         [datetime.now(UTC).replace(tzinfo=None), status, sweep_id])
+
+    def write_trial(self, row: Mapping[str, Any]) -> None:
+        """Upsert a trial; a row that already ended is never set back to pending or running (replayed events)."""
+        current = self.con.execute("SELECT status FROM trials WHERE id = ?", [row["id"]]).fetchone()
+        if current is not None and current[0] in TERMINAL and row["status"] not in TERMINAL:
+            return
+        self._upsert("trials", row)
+
+    def plan_trials(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Record planned trials as pending, leaving the ones already recorded (a resumed sweep) as they are."""
+        known = {r[0] for r in self.con.execute("SELECT id FROM trials").fetchall()}
+        for row in rows:
+            if row["id"] not in known:
+                self._upsert("trials", row)
+
+    def write_metrics(self, trial_id: str, step: int, split: str, values: Mapping[str, Any]) -> None:
+        rows = [(trial_id, step, split, name, float(v)) for name, v in values.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+        if rows:
+            self.con.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)", rows)

@@ -1,0 +1,122 @@
+-- The study database. Only the sweep driver writes it (through a Ray Tune callback); trials never open it.
+-- Every write is an upsert keyed by these primary keys, so replaying results (Ray does after a restore) never
+-- duplicates a row.
+
+-- One row per launched sweep (a `launch.py grid|search` invocation; `resume` continues the same row).
+CREATE TABLE IF NOT EXISTS sweeps (
+    id               VARCHAR PRIMARY KEY,   -- e.g. smoke-20261126-130501-3f2a
+    study            VARCHAR NOT NULL,      -- study name (smoke, demo, guide, or a file's name)
+    kind             VARCHAR NOT NULL,      -- grid | search
+    started_at       TIMESTAMP NOT NULL,
+    ended_at         TIMESTAMP,             -- null while running or after a crash
+    status           VARCHAR NOT NULL,      -- running | completed | interrupted
+    planned_trials   INTEGER NOT NULL,
+    model_init       VARCHAR,               -- pretrained | random | mixed: a random-init sweep is no finding about GPT-2
+    git_commit       VARCHAR,
+    package_versions JSON,                  -- {"torch": "2.13.0", ...}
+    hardware         JSON,                  -- {"cpus": 2, "gpus": [...], "platform": ...}
+    command_line     VARCHAR,
+    storage_path     VARCHAR                -- where Ray keeps experiment state and checkpoints
+);
+
+-- One row per planned trial. Its id is derived from the sweep and the trial's full configuration.
+CREATE TABLE IF NOT EXISTS trials (
+    id                       VARCHAR PRIMARY KEY,
+    sweep_id                 VARCHAR NOT NULL,
+    study                    VARCHAR NOT NULL,
+    dimension                VARCHAR NOT NULL,  -- the study dimension this trial belongs to (method, lora_rank, ...)
+    "group"                  VARCHAR NOT NULL,  -- the variant compared within the dimension (full, lora_r8, ...)
+    task                     VARCHAR NOT NULL,
+    method                   VARCHAR NOT NULL,
+    model                    VARCHAR NOT NULL,
+    seed                     INTEGER NOT NULL,
+    status                   VARCHAR NOT NULL
+        CHECK (status IN ('pending', 'running', 'completed', 'failed', 'diverged', 'stopped')),
+    error                    VARCHAR,
+    -- every hyperparameter, one typed column each (flat key with '.' as '_')
+    task_name                VARCHAR,
+    task_max_length          INTEGER,
+    task_max_train_examples  INTEGER,
+    task_max_eval_examples   INTEGER,
+    task_balanced            BOOLEAN,
+    task_source              VARCHAR,
+    task_prompt_loss         BOOLEAN,
+    task_num_generations     INTEGER,
+    model_name               VARCHAR,
+    model_init               VARCHAR,
+    model_dropout            DOUBLE,
+    model_n_layer            INTEGER,
+    model_n_head             INTEGER,
+    model_n_embd             INTEGER,
+    method_name              VARCHAR,
+    method_k                 INTEGER,
+    method_train_embeddings  BOOLEAN,
+    lora_rank                INTEGER,
+    lora_alpha               DOUBLE,
+    lora_dropout             DOUBLE,
+    lora_targets             VARCHAR,           -- comma-separated, GPT-2 order
+    lora_layers              VARCHAR,           -- all | last:N | first:N | comma-separated indices
+    lora_rslora              BOOLEAN,
+    optim_name               VARCHAR,
+    optim_lr                 DOUBLE,
+    optim_weight_decay       DOUBLE,
+    optim_beta1              DOUBLE,
+    optim_beta2              DOUBLE,
+    optim_eps                DOUBLE,
+    optim_momentum           DOUBLE,
+    optim_nesterov           BOOLEAN,
+    schedule_name            VARCHAR,
+    schedule_warmup_steps    INTEGER,
+    schedule_warmup_ratio    DOUBLE,
+    schedule_num_cycles      INTEGER,
+    train_epochs             INTEGER,
+    train_max_steps          INTEGER,
+    train_batch_size         INTEGER,
+    train_grad_accum         INTEGER,
+    train_max_grad_norm      DOUBLE,
+    train_eval_every         INTEGER,
+    train_eval_at_start      BOOLEAN,
+    train_eval_batch_size    INTEGER,
+    train_early_stopping_patience INTEGER,
+    train_seed               INTEGER,
+    train_device             VARCHAR,
+    train_precision          VARCHAR,
+    train_compile            BOOLEAN,
+    train_log_every          INTEGER,
+    train_checkpoint_every   INTEGER,
+    train_max_new_tokens     INTEGER,
+    train_group_by_length    BOOLEAN,
+    config                   JSON NOT NULL,     -- the full flat configuration
+    -- what the trial measured (null until it ends)
+    steps                    INTEGER,
+    trainable_params         BIGINT,
+    total_params             BIGINT,
+    tokens_seen              BIGINT,
+    tokens_per_s             DOUBLE,
+    padding_share            DOUBLE,
+    peak_memory_mb           DOUBLE,
+    wall_seconds             DOUBLE,
+    primary_metric           VARCHAR,           -- accuracy (higher is better) or perplexity (lower is better)
+    val_primary              DOUBLE,
+    test_primary             DOUBLE,
+    val_accuracy             DOUBLE,
+    val_macro_f1             DOUBLE,
+    val_loss                 DOUBLE,
+    val_perplexity           DOUBLE,
+    test_accuracy            DOUBLE,
+    test_macro_f1            DOUBLE,
+    test_loss                DOUBLE,
+    test_perplexity          DOUBLE,
+    result                   JSON,              -- the whole final record (per-class F1, generations, notes, ...)
+    updated_at               TIMESTAMP NOT NULL
+);
+
+-- Learning curves: every reported value of every trial.
+CREATE TABLE IF NOT EXISTS metrics (
+    trial_id  VARCHAR NOT NULL,
+    step      INTEGER NOT NULL,
+    split     VARCHAR NOT NULL,   -- train | validation | test
+    name      VARCHAR NOT NULL,   -- loss, lr, tokens_per_s, accuracy, perplexity, ...
+    value     DOUBLE,
+    PRIMARY KEY (trial_id, step, split, name)
+);
