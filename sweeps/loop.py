@@ -163,6 +163,7 @@ def run_trial(
     scheduler = build_scheduler(optimizer, config.schedule, total_steps)
 
     state = TrainState()
+    resumed_from_step = 0
     if resume_from is not None:
         saved = torch.load(Path(resume_from) / "state.pt", weights_only=True, map_location="cpu")
         _load_trainable_state(model, head, saved["trainable"])
@@ -170,6 +171,7 @@ def run_trial(
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
         _set_rng_state(saved["rng"])
+        resumed_from_step = state.step
     best_weights = None
     forward_model = torch.compile(model) if train.compile else model
 
@@ -265,7 +267,7 @@ def run_trial(
         "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens, 1), "device": str(device),
         "precision": "bf16" if use_bf16 else "fp32", "history": state.history,
-        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "split_sizes": {k: len(v) for k, v in splits.items()}, "resumed_from_step": resumed_from_step,
     }
     if status == "diverged":
         final["diverged_at_step"] = state.step + 1

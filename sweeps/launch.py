@@ -1,0 +1,363 @@
+"""Launch, resume and inspect sweeps. Ray Tune runs the trials; the driver alone writes the DuckDB file.
+
+    python sweeps/launch.py grid --study smoke                  # every planned trial of a study
+    python sweeps/launch.py grid --study guide --dry-run        # the trial table and a cost estimate; starts nothing
+    python sweeps/launch.py grid --study guide --address auto --gpus-per-trial 0.5 --storage s3://bucket/sweeps
+    python sweeps/launch.py search --task sms_spam --method lora --num-samples 20   # Optuna + ASHA
+    python sweeps/launch.py resume                              # continue the last interrupted sweep
+    python sweeps/launch.py status                              # progress of every sweep, from the database
+
+Bad input (malformed study, unknown key, unsatisfiable resources) prints every problem and exits with code 2 before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Experiment state saved at every controller step: a killed driver loses at most the result in flight.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # results live in DuckDB, not CSV/TensorBoard
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent saves are deliberate
+
+from analysis.db import DatabaseError, ResultsWriter, connect, trial_row
+from model import CheckpointError, ConfigError, TokenizerError
+from model.checkpoint import resolve_checkpoint
+from sweeps.study import PlannedTrial, estimate_hours, estimate_tokens, load_study, plan
+from sweeps.train import parse_sets
+from tasks import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DB = Path("results/results.duckdb")
+DEFAULT_STORAGE = Path("results/ray")
+PACKAGES = ("torch", "ray", "transformers", "peft", "tiktoken", "duckdb", "optuna", "numpy")
+
+
+class LaunchError(RuntimeError):
+    """A sweep that cannot start (resources, missing sweep to resume)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def hardware(resources: dict[str, float]) -> dict[str, Any]:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"driver_host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "driver_cpus": os.cpu_count(), "driver_gpus": gpus, "cluster_resources": resources,
+            "user": getpass.getuser()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pretrained_available(trials: list[PlannedTrial]) -> bool:
+    """Whether every pretrained checkpoint the trials need can be had (cache, local directory or download)."""
+    names = {t.config["model.name"] for t in trials if t.config["model.init"] == "pretrained"}
+    try:
+        for name in names:
+            resolve_checkpoint(name)
+    except CheckpointError as err:
+        print("\n" + "!" * 100 + f"\n!! PRETRAINED WEIGHTS UNAVAILABLE: {str(err).splitlines()[0]}\n!! Running the "
+              "SAME study on a RANDOMLY INITIALISED GPT-2 instead. Every result is labelled model_init=random;\n!! "
+              "its numbers are a pipeline check, not findings about pretrained GPT-2.\n" + "!" * 100 + "\n",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def prepare_data(trials: list[PlannedTrial]) -> None:
+    """Load every distinct task configuration once, here in the driver: a data problem stops the sweep before any
+    trial starts, and the token cache is filled once instead of by every trial at the same time."""
+    from model import get_tokenizer
+    from sweeps.loop import SUBSET_SEED
+    from tasks import TaskConfig, get_task
+
+    enc = get_tokenizer()
+    seen = set()
+    for trial in trials:
+        options = tuple(sorted((k, v) for k, v in trial.config.items() if k.startswith("task.")))
+        if options not in seen:
+            seen.add(options)
+            get_task(TaskConfig(**{k[5:]: v for k, v in options})).load(enc, seed=SUBSET_SEED)
+
+
+def print_plan(trials: list[PlannedTrial], gpus_per_trial: float) -> None:
+    rows = Counter((t.config["task.name"], t.dimension, t.group, t.config["method.name"], t.config["optim.lr"])
+                   for t in trials)
+    print(f"{'task':<10} {'dimension':<14} {'group':<12} {'method':<10} {'lr':>9} {'seeds':>5}")
+    for (task, dim, group, method, lr), n in rows.items():
+        print(f"{task:<10} {dim:<14} {group:<12} {method:<10} {lr:>9.2e} {n:>5}")
+    tokens = sum(estimate_tokens(t.config) for t in trials)
+    print(f"\n{len(trials)} trials, about {tokens / 1e6:,.1f}M training tokens in all.")
+    print(f"Estimated compute (training only, 6·params·tokens for full, 4· for frozen weights): "
+          f"{estimate_hours(trials, 'gpu'):,.2f} GPU-hours on a current datacenter GPU, or "
+          f"{estimate_hours(trials, 'cpu'):,.1f} CPU-hours on a 2-core CPU"
+          + (f"; with {gpus_per_trial:g} GPU per trial" if gpus_per_trial else "") + ".")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    # Tune's end-of-run analysis looks for its CSV/JSON logs, which are off (results live in DuckDB)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                       if k.startswith(("FINETUNE_", "HF_", "TUNE_"))}})
+
+
+def check_resources(cpus: float, gpus: float) -> dict[str, float]:
+    """Refuse a per-trial request no node of the cluster can satisfy (Ray would leave it pending forever)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    best_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    problems = []
+    if cpus > best_cpu:
+        problems.append(("--cpus-per-trial", f"asked {cpus:g} CPU per trial; the largest node has {best_cpu:g}"))
+    if gpus > best_gpu:
+        problems.append(("--gpus-per-trial", f"asked {gpus:g} GPU per trial; the largest node has {best_gpu:g} "
+                                             f"(cluster total {ray.cluster_resources().get('GPU', 0):g})"))
+    if problems:
+        raise ConfigError(problems, "the cluster can never run these trials")
+    return dict(ray.cluster_resources())
+
+
+def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: str, storage: str) -> None:
+    from ray import tune
+
+    from sweeps.ray_trial import DuckDBCallback, trainable
+
+    specs = {t.trial_id: t.as_spec() for t in trials}
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space={"trial": tune.grid_search(list(specs.values()))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=sweep_id, storage_path=storage, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[DuckDBCallback(args.db, specs)],
+        ),
+    )
+    tuner.fit()
+
+
+def _storage(args: argparse.Namespace) -> str:
+    value = args.storage or str(DEFAULT_STORAGE)
+    return value if "://" in value else str(Path(value).resolve())
+
+
+def default_gpus_per_trial() -> float:
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    study = load_study(args.study)
+    overrides = parse_sets(args.set)
+    if args.model:
+        overrides["model.name"] = args.model
+    sweep_id = args.name or f"{study.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    selection = {"tasks": _split(args.tasks), "dimensions": _split(args.dimensions),
+                 "seeds": [int(s) for s in _split(args.seeds)] if args.seeds else None}
+    trials = plan(study, sweep_id, overrides=overrides, **selection)
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else default_gpus_per_trial()
+    if args.dry_run:
+        print_plan(trials, gpus)
+        return 0
+    if not pretrained_available(trials):
+        fallback = {**overrides, "model.init": "random"}
+        trials = plan(study, sweep_id, overrides=fallback, **selection)
+    args.gpus_per_trial = gpus
+    prepare_data(trials)
+    start_ray(args.address)
+    resources = check_resources(args.cpus_per_trial, gpus)
+    inits = {t.config["model.init"] for t in trials}
+    storage = _storage(args)
+    writer = ResultsWriter(args.db)
+    writer.start_sweep({
+        "id": sweep_id, "study": study.name, "kind": "grid", "started_at": datetime.now(UTC).replace(tzinfo=None),
+        "ended_at": None, "status": "running", "planned_trials": len(trials),
+        "model_init": inits.pop() if len(inits) == 1 else "mixed", "git_commit": git_commit(),
+        "package_versions": package_versions(),
+        "hardware": {**hardware(resources), "per_trial": {"cpu": args.cpus_per_trial, "gpu": gpus}},
+        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "storage_path": storage,
+    })
+    writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
+    writer.close()  # the Tune callback holds the file from here on
+    print(f"sweep {sweep_id}: {len(trials)} trials, database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
+    _run_and_close(lambda: run_tuner(trials, args, sweep_id, storage), args.db, sweep_id)
+    return 0
+
+
+def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
+    started = time.perf_counter()
+    try:
+        run()
+    except KeyboardInterrupt:
+        ResultsWriter(db).end_sweep(sweep_id, "interrupted")
+        raise
+    writer = ResultsWriter(db)
+    writer.end_sweep(sweep_id, "completed")
+    counts = dict(writer.con.execute("SELECT status, count(*) FROM trials WHERE sweep_id = ? GROUP BY status",
+                                     [sweep_id]).fetchall())
+    writer.close()
+    print(f"sweep {sweep_id} ended after {time.perf_counter() - started:.0f} s: {counts}; database {db}", flush=True)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ray import tune
+
+    from sweeps.ray_trial import trainable
+
+    con = connect(args.db, read_only=True)
+    query = "SELECT id, storage_path, status, hardware FROM sweeps " + ("WHERE id = ?" if args.sweep else
+                                                                        "ORDER BY started_at DESC LIMIT 1")
+    row = con.execute(query, [args.sweep] if args.sweep else []).fetchone()
+    con.close()
+    if row is None:
+        raise LaunchError(f"no sweep {'named ' + args.sweep if args.sweep else 'at all'} in {args.db}")
+    sweep_id, storage, status, hw = row
+    per_trial = json.loads(hw or "{}").get("per_trial", {"cpu": 1.0, "gpu": 0.0})
+    path = f"{storage}/{sweep_id}"
+    if status == "completed":
+        print(f"sweep {sweep_id} already completed; nothing to resume")
+        return 0
+    if not tune.Tuner.can_restore(path):
+        raise LaunchError(f"{path}: no Ray experiment state to restore from")
+    start_ray(args.address)
+    writer = ResultsWriter(args.db)
+    writer.con.execute("UPDATE sweeps SET status = 'running', ended_at = NULL WHERE id = ?", [sweep_id])
+    writer.close()
+    print(f"resuming sweep {sweep_id} from {path}", flush=True)
+    resources = {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
+    restored = tune.Tuner.restore(path, tune.with_resources(trainable, resources), resume_unfinished=True,
+                                  resume_errored=True)
+    _run_and_close(restored.fit, args.db, sweep_id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    con = connect(args.db, read_only=True)
+    sweeps = con.execute("""
+        SELECT s.id, s.study, s.status, s.model_init, s.planned_trials,
+               count(*) FILTER (WHERE t.status = 'completed') AS completed,
+               count(*) FILTER (WHERE t.status IN ('failed', 'diverged', 'stopped')) AS ended_badly,
+               count(*) FILTER (WHERE t.status IN ('pending', 'running')) AS open,
+               s.started_at
+        FROM sweeps s LEFT JOIN trials t ON t.sweep_id = s.id
+        GROUP BY ALL ORDER BY s.started_at""").fetchall()
+    con.close()
+    if not sweeps:
+        print(f"{args.db}: no sweeps yet")
+        return 0
+    print(f"{'sweep':<36} {'study':<8} {'status':<12} {'model':<10} {'done':>9} {'bad':>5} {'open':>5}")
+    for sid, study, status, init, planned, done, bad, open_, _ in sweeps:
+        print(f"{sid:<36} {study:<8} {status:<12} {init or '':<10} {f'{done}/{planned}':>9} {bad:>5} {open_:>5}")
+    return 0
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"DuckDB file (default {DEFAULT_DB})")
+        p.add_argument("--address", help="a running Ray cluster (e.g. auto); default: start Ray on this machine")
+        p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: 1 if "
+                                                            "this machine has a GPU, else 0)")
+        p.add_argument("--cpus-per-trial", type=float, default=1.0)
+
+    grid = sub.add_parser("grid", help="run every planned trial of a study")
+    grid.add_argument("--study", default="smoke", help="a shipped study (smoke, demo, guide) or a YAML path")
+    grid.add_argument("--tasks", help="comma-separated subset of the study's tasks")
+    grid.add_argument("--dimensions", help="comma-separated subset of the study's dimensions")
+    grid.add_argument("--seeds", help="comma-separated seeds instead of the study's")
+    grid.add_argument("--model", help="model.name for every trial")
+    grid.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key for all trials")
+    grid.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    grid.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial from its checkpoint")
+    grid.add_argument("--storage", help=f"Ray storage for experiment state and checkpoints (default {DEFAULT_STORAGE}"
+                                        "; a cloud URI such as s3://bucket/path on clusters)")
+    grid.add_argument("--name", help="sweep id (default: study name and UTC time)")
+    grid.add_argument("--dry-run", action="store_true", help="print the trial table and cost estimate only")
+    common(grid)
+
+    resume = sub.add_parser("resume", help="continue an interrupted sweep (Tuner.restore)")
+    resume.add_argument("--sweep", help="sweep id (default: the most recent)")
+    common(resume)
+
+    status = sub.add_parser("status", help="progress of each sweep, from the database")
+    status.add_argument("--db", type=Path, default=DEFAULT_DB)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"grid": cmd_grid, "resume": cmd_resume, "status": cmd_status}[args.command](args)
+    except (ConfigError, DatabaseError, LaunchError, DataError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,224 @@
+"""Studies: a YAML file turns into the list of planned trials.
+
+A study has a base trial config (flat dotted keys), the tasks it covers (each with its own overrides), named
+dimensions and seeds. Each dimension varies a few keys around the base: one factor at a time, not a cartesian
+product. Every variant runs at each learning rate of its method's grid (a variant that sets ``optim.lr`` itself runs
+at that one), with every seed::
+
+    name: demo
+    base: {model.name: gpt2, train.epochs: 1}
+    tasks: {sms_spam: {task.max_train_examples: 400}}
+    seeds: [0, 1, 2]
+    learning_rates: {full: [5e-5, 1e-4], lora: [5e-4, 1e-3], default: [1e-4]}
+    dimensions:
+      method:
+        full: {method.name: full}
+        lora_r8: {method.name: lora, lora.rank: 8}
+
+A trial belongs to a dimension and a group (the variant); the guide compares groups within a dimension and task,
+each at its best learning rate, with seeds as replicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ConfigError
+from model.gpt2 import PRESETS, preset_name
+from sweeps.config import TrialConfig
+
+STUDIES_DIR = Path(__file__).with_name("studies")
+TOP_LEVEL = {"name", "description", "base", "tasks", "seeds", "learning_rates", "dimensions"}
+
+
+@dataclass
+class PlannedTrial:
+    """One trial of a sweep: where it belongs and its full flat configuration."""
+
+    trial_id: str
+    sweep_id: str
+    study: str
+    dimension: str
+    group: str
+    config: dict[str, Any]
+
+    def as_spec(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "sweep_id": self.sweep_id, "study": self.study,
+                "dimension": self.dimension, "group": self.group, "config": self.config}
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    base: dict[str, Any]
+    tasks: dict[str, dict[str, Any]]
+    seeds: list[int]
+    learning_rates: dict[str, list[float]]
+    dimensions: dict[str, dict[str, dict[str, Any]]]
+    description: str = ""
+    problems: list[tuple[str, str]] = field(default_factory=list, repr=False)
+
+    def lr_grid(self, method: str) -> list[float]:
+        return self.learning_rates.get(method) or self.learning_rates.get("default") or []
+
+
+def resolve_study_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return STUDIES_DIR / f"{name_or_path}.yaml"
+
+
+def _flat(data: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """A mapping of flat keys (nested sections are flattened); anything else is a problem."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append((where, f"expected a mapping of keys to values, got {type(data).__name__}"))
+        return {}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flat(value, f"{where}.{key}", problems).items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def load_study(name_or_path: str) -> Study:
+    """Read and check a study file; every problem (YAML line, unknown section, bad value) is reported at once."""
+    path = resolve_study_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        known = ", ".join(p.stem for p in sorted(STUDIES_DIR.glob("*.yaml")))
+        raise ConfigError([("--study", f"{path}: no such study file (shipped studies: {known})")]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError([("--study", f"{where}: not valid YAML ({getattr(err, 'problem', err)})")]) from None
+    problems: list[tuple[str, str]] = []
+    if not isinstance(data, dict):
+        raise ConfigError([(str(path), f"expected a mapping with {', '.join(sorted(TOP_LEVEL))}")])
+    for key in sorted(set(data) - TOP_LEVEL):
+        problems.append((f"{path}: {key}", f"unknown section; a study has {', '.join(sorted(TOP_LEVEL))}"))
+    for key in ("tasks", "dimensions"):
+        if not data.get(key):
+            problems.append((f"{path}: {key}", "missing or empty"))
+    tasks = {}
+    for task, overrides in (data.get("tasks") or {}).items():
+        tasks[str(task)] = _flat(overrides, f"{path}: tasks.{task}", problems)
+    dimensions: dict[str, dict[str, dict[str, Any]]] = {}
+    raw_dims = data.get("dimensions") or {}
+    if not isinstance(raw_dims, dict):
+        problems.append((f"{path}: dimensions", "expected a mapping of dimension -> variants"))
+        raw_dims = {}
+    for dim, variants in raw_dims.items():
+        if not isinstance(variants, dict) or not variants:
+            problems.append((f"{path}: dimensions.{dim}", "expected a non-empty mapping of variant -> settings"))
+            continue
+        dimensions[str(dim)] = {str(v): _flat(s, f"{path}: dimensions.{dim}.{v}", problems)
+                                for v, s in variants.items()}
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        problems.append((f"{path}: seeds", f"expected a list of integers >= 0, got {seeds!r}"))
+        seeds = [0]
+    rates = data.get("learning_rates") or {}
+    learning_rates = {}
+    if not isinstance(rates, dict):
+        problems.append((f"{path}: learning_rates", "expected a mapping of method -> list of learning rates"))
+        rates = {}
+    for method, grid in rates.items():
+        if not isinstance(grid, list) or not grid or not all(isinstance(x, int | float) and x > 0 for x in grid):
+            problems.append((f"{path}: learning_rates.{method}", f"expected a list of positive numbers, got {grid!r}"))
+        else:
+            learning_rates[str(method)] = [float(x) for x in grid]
+    study = Study(name=str(data.get("name") or path.stem), path=path, base=_flat(data.get("base"), f"{path}: base",
+                  problems), tasks=tasks, seeds=seeds, learning_rates=learning_rates, dimensions=dimensions,
+                  description=str(data.get("description") or ""))
+    if problems:
+        raise ConfigError(problems, f"invalid study {path}")
+    return study
+
+
+def trial_id(sweep_id: str, dimension: str, group: str, config: Mapping[str, Any]) -> str:
+    material = json.dumps([sweep_id, dimension, group, config], sort_keys=True, default=str)
+    return f"{dimension}-{group}-{hashlib.sha1(material.encode()).hexdigest()[:10]}"
+
+
+def plan(study: Study, sweep_id: str, tasks: Sequence[str] | None = None, dimensions: Sequence[str] | None = None,
+         seeds: Sequence[int] | None = None, overrides: Mapping[str, Any] | None = None) -> list[PlannedTrial]:
+    """Every trial of the study (optionally a subset), each validated; all problems are reported together."""
+    problems: list[tuple[str, str]] = []
+    for name, chosen, known in (("--tasks", tasks, study.tasks), ("--dimensions", dimensions, study.dimensions)):
+        for item in chosen or ():
+            if item not in known:
+                problems.append((name, f"{item!r} is not in study {study.name} ({', '.join(known)})"))
+    if problems:
+        raise ConfigError(problems, "invalid sweep selection")
+    trials: list[PlannedTrial] = []
+    for task in tasks or list(study.tasks):
+        for dim in dimensions or list(study.dimensions):
+            for group, variant in study.dimensions[dim].items():
+                method = str({**study.base, **variant}.get("method.name", "full"))
+                grid = [variant["optim.lr"]] if "optim.lr" in variant else study.lr_grid(method)
+                if not grid:
+                    problems.append((f"dimensions.{dim}.{group}", f"no learning rate grid for method {method!r} "
+                                                                  "(add learning_rates.<method> or .default)"))
+                    continue
+                for lr in grid:
+                    for seed in seeds or study.seeds:
+                        flat = {**study.base, **study.tasks[task], "optim.lr": lr, **variant, **(overrides or {}),
+                                "task.name": task, "train.seed": seed}
+                        try:
+                            config = TrialConfig.from_flat(flat).to_flat()
+                        except ConfigError as err:
+                            problems.extend((f"{task} / {dim}.{group}: {k}", m) for k, m in err.problems)
+                            continue
+                        trials.append(PlannedTrial(trial_id(sweep_id, dim, group, config), sweep_id, study.name,
+                                                   dim, group, config))
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise ConfigError(unique, f"invalid study {study.path}")
+    return trials
+
+
+# Documented training-split sizes and mean tokens per example at each task's default max_length (measured on the
+# real data); the cost estimate only needs their order of magnitude.
+TASK_SCALE = {"sms_spam": (1045, 25), "imdb": (22500, 203), "nli": (4439, 30), "alpaca": (49973, 112)}
+# Sustained training throughput assumed by the estimate, in FLOP/s: a 2-core CPU in float32 (measured with
+# sweeps/bench.py: ~200 tokens/s for 124M, full fine-tuning) and a current datacenter GPU in bf16 at ~35% utilisation.
+THROUGHPUT = {"cpu": 1.5e11, "gpu": 1.5e14}
+
+
+def estimate_tokens(config: Mapping[str, Any]) -> int:
+    size, mean_len = TASK_SCALE[config["task.name"]]
+    n = min(size, config["task.max_train_examples"] or size)
+    length = min(mean_len, config["task.max_length"] or mean_len)
+    batch = config["train.batch_size"] * config["train.grad_accum"]
+    steps = config["train.max_steps"] or config["train.epochs"] * math.ceil(n / batch)
+    return int(steps * batch * length)
+
+
+def estimate_params(config: Mapping[str, Any]) -> int:
+    key = preset_name(str(config["model.name"])) or "gpt2"
+    shape = {**PRESETS[key], **{k: config[f"model.{k}"] for k in ("n_layer", "n_embd") if config[f"model.{k}"]}}
+    return 12 * shape["n_layer"] * shape["n_embd"] ** 2 + 50257 * shape["n_embd"]
+
+
+def estimate_hours(trials: Sequence[PlannedTrial], device: str) -> float:
+    """Training FLOPs ≈ 6·params·tokens (full) or 4·params·tokens (frozen weights need no weight gradients)."""
+    flops = 0.0
+    for trial in trials:
+        factor = 6 if trial.config["method.name"] == "full" else 4
+        flops += factor * estimate_params(trial.config) * estimate_tokens(trial.config)
+    return flops / THROUGHPUT[device] / 3600
