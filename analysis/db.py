@@ -17,6 +17,7 @@ import duckdb
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 TERMINAL = ("completed", "failed", "diverged", "stopped")
+FINAL = ("completed", "diverged")
 STATUSES = ("pending", "running", *TERMINAL)
 MEASURED = ("steps", "trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share",
             "peak_memory_mb", "wall_seconds", "val_accuracy", "val_macro_f1", "val_loss", "val_perplexity",
@@ -145,11 +146,18 @@ class ResultsWriter:
                          [datetime.now(UTC).replace(tzinfo=None), status, sweep_id])
 
     def write_trial(self, row: Mapping[str, Any]) -> None:
-        """Upsert a trial; a row that already ended is never set back to pending or running (replayed events)."""
+        """Upsert a trial. Replayed events change nothing: a row that ended is never set back to pending or running,
+        and a completed or diverged row is final (only a failed one may later complete, after a retry)."""
         current = self.con.execute("SELECT status FROM trials WHERE id = ?", [row["id"]]).fetchone()
-        if current is not None and current[0] in TERMINAL and row["status"] not in TERMINAL:
+        if current is not None and (current[0] in FINAL or (current[0] in TERMINAL and row["status"] not in TERMINAL)):
             return
         self._upsert("trials", row)
+
+    def finished_results(self, sweep_id: str) -> dict[str, str]:
+        """Final records of the sweep's trials that completed or diverged (a resumed sweep does not run them again)."""
+        rows = self.con.execute("SELECT id, result FROM trials WHERE sweep_id = ? AND status IN ('completed', "
+                                "'diverged') AND result IS NOT NULL", [sweep_id]).fetchall()
+        return dict(rows)
 
     def plan_trials(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Record planned trials as pending, leaving the ones already recorded (a resumed sweep) as they are."""

@@ -138,16 +138,32 @@ def print_plan(trials: list[PlannedTrial], gpus_per_trial: float) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, node_ip_address: str | None = None) -> None:
     import ray
 
     # Tune's end-of-run analysis looks for its CSV/JSON logs, which are off (results live in DuckDB)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+    # address "local": without --address always start a fresh Ray here, never attach to a cluster left behind
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip_address,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k.startswith(("FINETUNE_", "HF_", "TUNE_"))}})
+
+
+def check_local_resources(cpus: float, gpus: float) -> None:
+    """Without --address, Ray runs on this machine: refuse what it cannot give before starting anything."""
+    import torch
+
+    have_cpu, have_gpu = os.cpu_count() or 1, torch.cuda.device_count()
+    problems = []
+    if cpus > have_cpu:
+        problems.append(("--cpus-per-trial", f"asked {cpus:g} CPU per trial; this machine has {have_cpu}"))
+    if gpus > have_gpu:
+        problems.append(("--gpus-per-trial", f"asked {gpus:g} GPU per trial; this machine has {have_gpu} "
+                                             "(pass --address to use a GPU cluster)"))
+    if problems:
+        raise ConfigError(problems, "this machine can never run these trials")
 
 
 def check_resources(cpus: float, gpus: float) -> dict[str, float]:
@@ -176,7 +192,7 @@ def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: st
     specs = {t.trial_id: t.as_spec() for t in trials}
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
+        tune.with_resources(tune.with_parameters(trainable, finished={}), resources),
         param_space={"trial": tune.grid_search(list(specs.values()))},
         tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
@@ -222,8 +238,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         fallback = {**overrides, "model.init": "random"}
         trials = plan(study, sweep_id, overrides=fallback, **selection)
     args.gpus_per_trial = gpus
+    if args.address is None:
+        check_local_resources(args.cpus_per_trial, gpus)
     prepare_data(trials)
-    start_ray(args.address)
+    start_ray(args.address, args.node_ip_address)
     resources = check_resources(args.cpus_per_trial, gpus)
     inits = {t.config["model.init"] for t in trials}
     storage = _storage(args)
@@ -278,16 +296,51 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return 0
     if not tune.Tuner.can_restore(path):
         raise LaunchError(f"{path}: no Ray experiment state to restore from")
-    start_ray(args.address)
+    start_ray(args.address, args.node_ip_address)
     writer = ResultsWriter(args.db)
     writer.con.execute("UPDATE sweeps SET status = 'running', ended_at = NULL WHERE id = ?", [sweep_id])
+    finished = writer.finished_results(sweep_id)
     writer.close()
     print(f"resuming sweep {sweep_id} from {path}", flush=True)
     resources = {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
-    restored = tune.Tuner.restore(path, tune.with_resources(trainable, resources), resume_unfinished=True,
-                                  resume_errored=True)
-    _run_and_close(restored.fit, args.db, sweep_id)
+    args.cpus_per_trial, args.gpus_per_trial = resources["cpu"], resources["gpu"]
+    if ray_state_readable(path):
+        restored = tune.Tuner.restore(path, tune.with_resources(tune.with_parameters(trainable, finished=finished),
+                                                                resources), resume_unfinished=True, resume_errored=True)
+        _run_and_close(restored.fit, args.db, sweep_id)
+        return 0
+    # Ray writes its experiment state in place; a driver killed mid-write leaves it torn (and Ray would then restart
+    # the experiment with an empty plan). The database knows which trials finished; the rest run again from their
+    # plan, in-flight ones from step 0.
+    remaining = unfinished_trials(args.db, sweep_id)
+    print(f"Ray's experiment state in {path} is unreadable (the driver was probably killed while writing it); "
+          f"running the {len(remaining)} unfinished trials again from their plan.", flush=True)
+    _run_and_close(lambda: run_tuner(remaining, args, f"{sweep_id}-rerun-{int(time.time())}", storage),
+                   args.db, sweep_id)
     return 0
+
+
+def ray_state_readable(path: str) -> bool:
+    """Whether Ray's experiment-state files under a local ``path`` parse (cloud URIs are left to Ray)."""
+    if "://" in path:
+        return True
+    states = list(Path(path).glob("experiment_state*.json"))
+    try:
+        for state in states:
+            json.loads(state.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(states)
+
+
+def unfinished_trials(db: Path, sweep_id: str) -> list[PlannedTrial]:
+    """The sweep's planned trials that did not complete or diverge, rebuilt from the ``trials`` table."""
+    con = connect(db, read_only=True)
+    rows = con.execute("""SELECT id, sweep_id, study, dimension, "group", config FROM trials
+                          WHERE sweep_id = ? AND status NOT IN ('completed', 'diverged') ORDER BY id""",
+                       [sweep_id]).fetchall()
+    con.close()
+    return [PlannedTrial(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -321,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"DuckDB file (default {DEFAULT_DB})")
         p.add_argument("--address", help="a running Ray cluster (e.g. auto); default: start Ray on this machine")
+        p.add_argument("--node-ip-address", help="this machine's address as the cluster knows it (multi-homed hosts)")
         p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: 1 if "
                                                             "this machine has a GPU, else 0)")
         p.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -342,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep (Tuner.restore)")
     resume.add_argument("--sweep", help="sweep id (default: the most recent)")
+    resume.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    resume.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial from its checkpoint")
     common(resume)
 
     status = sub.add_parser("status", help="progress of each sweep, from the database")

@@ -31,9 +31,19 @@ def _scalars(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trainable(param: dict[str, Any]) -> None:
-    """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune."""
+def trainable(param: dict[str, Any], finished: dict[str, str] | None = None) -> None:
+    """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
+
+    ``finished`` (given on ``launch.py resume``) holds the final records of trials the database already has as
+    completed: Ray may schedule such a trial again when the driver died between its last report and its end; it then
+    reports its recorded result instead of training again.
+    """
     spec = param["trial"]
+    if finished and spec["trial_id"] in finished:
+        record = json.loads(finished[spec["trial_id"]])
+        tune.report({**_scalars(record), "event": "final", "trial_id": spec["trial_id"], "replayed": True,
+                     "final_json": finished[spec["trial_id"]]})
+        return
     config = TrialConfig.from_flat(spec["config"])
     checkpoint = tune.get_checkpoint()
     node_id = ray.get_runtime_context().get_node_id()

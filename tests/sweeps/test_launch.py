@@ -1,0 +1,245 @@
+"""Sweeps on Ray Tune into DuckDB: the smoke study end to end, a two-node cluster, a killed driver resumed, retries
+and divergence, and bad input refused before anything starts. Every Ray process a test starts is ended by session."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from sweeps.launch import main
+from tests.conftest import REPO_ROOT
+from tests.sweeps.sessions import Sessions
+
+PY = sys.executable
+RAY = str(Path(sys.executable).parent / "ray")
+SMOKE = yaml.safe_load((REPO_ROOT / "sweeps" / "studies" / "smoke.yaml").read_text())
+
+
+@pytest.fixture
+def sessions():
+    s = Sessions()
+    yield s
+    assert s.end_all() == [], "processes left running"
+
+
+def _launch(sessions: Sessions, *args: str, env: dict | None = None):
+    return sessions.start([PY, "sweeps/launch.py", *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+
+
+def _finish(proc, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _db(path: Path):
+    return duckdb.connect(str(path), read_only=True)
+
+
+def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
+    db = tmp_path / "results.duckdb"
+    out = _finish(_launch(sessions, "grid", "--study", "smoke", "--db", str(db), "--storage", str(tmp_path / "ray")))
+    con = _db(db)
+    planned = con.execute("SELECT planned_trials, status, git_commit, package_versions->>'$.torch' FROM sweeps"
+                          ).fetchone()
+    assert planned[0] == 60 and planned[1] == "completed" and planned[2] and planned[3]
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM trials").fetchone() == (60, 60)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY status").fetchall() == [("completed", 60)]
+    assert con.execute("SELECT count(DISTINCT task), count(DISTINCT dimension) FROM trials").fetchone() == (4, 6)
+    assert con.execute("SELECT count(*) FROM trials WHERE test_primary IS NULL OR trainable_params IS NULL"
+                       ).fetchone()[0] == 0
+    # learning curves: one train loss per step (max_steps 3, log_every 1) and final validation/test values
+    per_trial = con.execute("""SELECT trial_id, count(*) FILTER (WHERE split = 'train' AND name = 'loss'),
+                                      count(*) FILTER (WHERE split = 'test') FROM metrics GROUP BY trial_id""").fetchall()
+    assert len(per_trial) == 60 and all(r[1] == 3 and r[2] >= 2 for r in per_trial)
+    assert "ended after" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ray rewrites 127.0.0.1 to the machine's interface address, which is not reachable here; 127.0.0.2 is loopback too
+# and Ray takes it as given. Token authentication (Ray's default for `ray start`) with one token for every process.
+NODE_IP = "127.0.0.2"
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    code = (f"import ray; ray.init(address={address!r}, _node_ip_address={NODE_IP!r}, log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(real_data, tmp_path: Path, sessions) -> None:
+    import secrets
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    port = _free_port()
+    address = f"{NODE_IP}:{port}"
+    node = ["--num-cpus=1", f"--node-ip-address={NODE_IP}", "--disable-usage-stats", "--block"]
+    sessions.start([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *node], env=env)
+    deadline = time.monotonic() + 180
+    while _alive_nodes(address, env) < 1:
+        assert time.monotonic() < deadline, "head node did not start"
+        time.sleep(2)
+    sessions.start([RAY, "start", f"--address={address}", *node], env=env)
+    while _alive_nodes(address, env) < 2:
+        assert time.monotonic() < deadline, "second node did not join"
+        time.sleep(2)
+    db = tmp_path / "results.duckdb"
+    _finish(_launch(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam,nli", "--dimensions", "method",
+                    "--address", address, "--node-ip-address", NODE_IP, "--db", str(db),
+                    "--storage", str(tmp_path / "storage"), env=env))
+    con = _db(db)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 10)]
+    nodes = {r[0] for r in con.execute("SELECT result->>'$.node_id' FROM trials").fetchall()}
+    assert len(nodes) == 2, nodes
+
+
+def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_path: Path, sessions) -> None:
+    db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
+    driver = _launch(sessions, "grid", "--study", "smoke", "--dimensions", "method,lora_rank,optimizer",
+                     "--db", str(db), "--storage", str(storage))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in driver.stdout], daemon=True).start()
+    finished, seen, deadline = 0, [], time.monotonic() + 300
+    while finished < 6:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+        except queue.Empty:
+            pytest.fail("driver did not finish 6 trials in time:\n" + "".join(seen[-40:]))
+        seen.append(line)
+        finished += line.startswith("trial ")
+    sessions.end(driver)  # SIGKILL to the driver and everything it started
+    con = _db(db)
+    before = dict(con.execute("SELECT id, updated_at FROM trials WHERE status = 'completed'").fetchall())
+    planned = con.execute("SELECT planned_trials FROM sweeps").fetchone()[0]
+    con.close()
+    assert 6 <= len(before) < planned == 36  # (5 + 2 + 2 variants) x 4 tasks
+
+    _finish(_launch(sessions, "resume", "--db", str(db)))
+    con = _db(db)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 36)]
+    assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
+    after = dict(con.execute("SELECT id, updated_at FROM trials").fetchall())
+    assert all(after[t] == when for t, when in before.items()), "a finished trial was run again"
+    losses = con.execute("""SELECT trial_id, count(*), count(DISTINCT step) FROM metrics
+                            WHERE split = 'train' AND name = 'loss' GROUP BY trial_id""").fetchall()
+    assert len(losses) == 36 and all(n == distinct == 3 for _, n, distinct in losses)
+
+
+def test_resume_when_rays_experiment_state_is_torn(real_data, tmp_path: Path, sessions) -> None:
+    """Ray writes its state file in place; a driver killed mid-write leaves it empty. The database still knows which
+    trials finished, and resume runs the rest."""
+    db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
+    driver = _launch(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam", "--dimensions", "method,lora_rank",
+                     "--db", str(db), "--storage", str(storage))
+    for line in driver.stdout:
+        if line.startswith("trial "):
+            break
+    sessions.end(driver)
+    states = list(storage.glob("*/experiment_state*.json"))
+    assert states
+    for state in states:
+        state.write_text("")
+    out = _finish(_launch(sessions, "resume", "--db", str(db)))
+    assert "unreadable" in out
+    con = _db(db)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 7)]
+    assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
+
+
+def test_failed_trial_retries_from_checkpoint_and_diverged_one_is_recorded(real_data, tmp_path: Path,
+                                                                            sessions) -> None:
+    study = {**SMOKE, "name": "faults", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
+             "dimensions": {"fault": {"ok": {}, "boom": {"optim.name": "sgd", "optim.lr": 1e30,
+                                                         "train.max_grad_norm": None}}}}
+    path = tmp_path / "faults.yaml"
+    path.write_text(yaml.safe_dump(study))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    db = tmp_path / "results.duckdb"
+    _finish(_launch(sessions, "grid", "--study", str(path), "--db", str(db), "--storage", str(tmp_path / "ray"),
+                    env={"FINETUNE_TEST_FAIL_ONCE_DIR": str(markers)}))
+    con = _db(db)
+    rows = {g: (s, json.loads(r) if r else None) for g, s, r in
+            con.execute('SELECT "group", status, result FROM trials').fetchall()}
+    assert rows["ok"][0] == "completed" and rows["ok"][1]["resumed_from_step"] == 2  # resumed, not restarted
+    assert len(list(markers.iterdir())) == 1  # exactly one injected failure happened
+    assert rows["boom"][0] == "diverged" and rows["boom"][1]["diverged_at_step"] >= 2
+    assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
+
+
+# --- bad input: exit 2, nothing started ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("study_text", "args", "expected"),
+    [
+        ("name: x\ntasks: {sms_spam: {}\n", [], "not valid YAML"),
+        ("name: x\ntasks: {sms_spam: {}}\ndimensions: {m: {a: {lora.rnk: 4}}}\nlearning_rates: {default: [0.1]}\n",
+         [], "sms_spam / m.a: lora.rnk: unknown key"),
+        ("name: x\ntaks: {}\n", [], "taks: unknown section"),
+        (None, ["--set", "optim.lr=-1"], "optim.lr: must be a finite number > 0"),
+        (None, ["--gpus-per-trial", "1"], "asked 1 GPU per trial; this machine has 0"),
+        (None, ["--tasks", "mnist"], "'mnist' is not in study smoke"),
+    ],
+    ids=["malformed-yaml", "unknown-key-in-study", "unknown-section", "bad-set", "unsatisfiable-gpu", "unknown-task"],
+)
+def test_bad_input_exits_2_and_starts_nothing(study_text, args, expected, tmp_path: Path, capsys) -> None:
+    study = "smoke"
+    if study_text is not None:
+        study = str(tmp_path / "study.yaml")
+        Path(study).write_text(study_text)
+    db = tmp_path / "results.duckdb"
+    assert main(["grid", "--study", study, "--db", str(db), "--storage", str(tmp_path / "ray"), *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not db.exists() and not (tmp_path / "ray").exists()
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "results.duckdb"
+    assert main(["grid", "--study", "guide", "--dry-run", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "864 trials" in out and "GPU-hours" in out and "CPU-hours" in out
+    assert "lora_rank" in out and "sms_spam" in out
+    assert not db.exists()
+
+
+def test_status_reads_the_database_and_reports_a_held_file(tmp_path: Path, capsys) -> None:
+    from analysis.db import ResultsWriter
+
+    db = tmp_path / "results.duckdb"
+    writer = ResultsWriter(db)
+    writer.start_sweep({"id": "s1", "study": "smoke", "kind": "grid", "started_at": "2026-01-01 00:00:00",
+                        "status": "running", "planned_trials": 0})
+    writer.close()
+    assert main(["status", "--db", str(db)]) == 0
+    assert "s1" in capsys.readouterr().out
+    holder = subprocess.Popen([PY, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('held', "
+                               "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["status", "--db", str(db)]) == 2
+        assert "in use by another process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
