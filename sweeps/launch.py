@@ -265,8 +265,10 @@ def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
     started = time.perf_counter()
     try:
         run()
-    except KeyboardInterrupt:
-        ResultsWriter(db).end_sweep(sweep_id, "interrupted")
+    except BaseException:
+        writer = ResultsWriter(db)
+        writer.end_sweep(sweep_id, "interrupted")
+        writer.close()
         raise
     writer = ResultsWriter(db)
     writer.end_sweep(sweep_id, "completed")
@@ -274,6 +276,82 @@ def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
                                      [sweep_id]).fetchall())
     writer.close()
     print(f"sweep {sweep_id} ended after {time.perf_counter() - started:.0f} s: {counts}; database {db}", flush=True)
+
+
+def search_space(method: str, n_layer: int) -> dict[str, Any]:
+    """What a search varies for each method (flat keys), on scales where the optimum is usually found."""
+    from ray import tune
+
+    low, high = {"full": (1e-5, 1e-3), "last_k": (1e-5, 1e-3)}.get(method, (1e-4, 1e-2))
+    space: dict[str, Any] = {"optim.lr": tune.loguniform(low, high),
+                             "optim.weight_decay": tune.choice([0.0, 0.01, 0.1]),
+                             "schedule.warmup_ratio": tune.uniform(0.0, 0.2)}
+    if method == "last_k":
+        space["method.k"] = tune.randint(1, n_layer + 1)
+    if method == "lora":
+        space.update({"lora.rank": tune.choice([1, 2, 4, 8, 16, 32, 64]), "lora.alpha": tune.choice([4, 8, 16, 32]),
+                      "lora.dropout": tune.uniform(0.0, 0.2), "lora.targets": tune.choice(["attention", "mlp", "all"])})
+    return space
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Optuna (Ray Tune's OptunaSearch) proposes configurations; ASHA stops the poor ones at evaluation points."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.config import TrialConfig
+    from sweeps.ray_trial import DuckDBCallback, spec_from_param, trainable
+
+    study = load_study(args.study)
+    if args.task not in study.tasks:
+        raise ConfigError([("--task", f"{args.task!r} is not in study {study.name} ({', '.join(study.tasks)})")])
+    base = {**study.base, **study.tasks[args.task], "task.name": args.task, "method.name": args.method,
+            "train.eval_at_start": True, **parse_sets(args.set)}
+    base.setdefault("train.eval_every", base.get("train.log_every", 10))
+    config = TrialConfig.from_flat(base)  # bad keys stop here, before Ray starts
+    sweep_id = args.name or f"search-{args.task}-{args.method}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    search = {"base": config.to_flat(), "sweep_id": sweep_id, "study": study.name, "group": args.method}
+    space = search_space(args.method, config.model.n_layer_known or 12)
+    metric = "val_perplexity" if args.task == "alpaca" else "val_accuracy"
+    mode = "min" if args.task == "alpaca" else "max"
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else default_gpus_per_trial()
+    if args.address is None:
+        check_local_resources(args.cpus_per_trial, gpus)
+    example = spec_from_param({"search": search, **{k: v.sample() for k, v in space.items()}})
+    prepare_data([PlannedTrial(**example)])
+    scheduler = ASHAScheduler(time_attr="step", max_t=max(config.train.max_steps or 100_000, config.train.eval_every),
+                              grace_period=config.train.eval_every, reduction_factor=2,
+                              stop_last_trials=False)  # a trial that reaches the end finishes with its final record
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # step reports carry no validation metric
+    start_ray(args.address, args.node_ip_address)
+    resources = check_resources(args.cpus_per_trial, gpus)
+    storage = _storage(args)
+    writer = ResultsWriter(args.db)
+    writer.start_sweep({
+        "id": sweep_id, "study": study.name, "kind": "search", "started_at": datetime.now(UTC).replace(tzinfo=None),
+        "ended_at": None, "status": "running", "planned_trials": args.num_samples,
+        "model_init": config.model.init, "git_commit": git_commit(), "package_versions": package_versions(),
+        "hardware": {**hardware(resources), "per_trial": {"cpu": args.cpus_per_trial, "gpu": gpus}},
+        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "storage_path": storage,
+    })
+    writer.close()
+    print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising {metric} "
+          f"({mode}), database {args.db}", flush=True)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, finished={}),
+                            {"cpu": args.cpus_per_trial, "gpu": gpus}),
+        param_space={"search": search, **space},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=OptunaSearch(seed=args.seed),
+                                    scheduler=scheduler, num_samples=args.num_samples,
+                                    max_concurrent_trials=args.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[DuckDBCallback(args.db, {})]),
+    )
+    _run_and_close(tuner.fit, args.db, sweep_id)
+    return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -394,6 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--dry-run", action="store_true", help="print the trial table and cost estimate only")
     common(grid)
 
+    search = sub.add_parser("search", help="Optuna search with ASHA over one method's hyperparameters")
+    search.add_argument("--task", required=True)
+    search.add_argument("--method", required=True, choices=["full", "last_k", "head_only", "bitfit", "lora"])
+    search.add_argument("--num-samples", type=int, default=16)
+    search.add_argument("--study", default="demo", help="the study whose base config and task settings to start from")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--seed", type=int, default=0, help="the search algorithm's seed")
+    search.add_argument("--max-concurrent", type=int)
+    search.add_argument("--max-failures", type=int, default=2)
+    search.add_argument("--storage")
+    search.add_argument("--name")
+    common(search)
+
     resume = sub.add_parser("resume", help="continue an interrupted sweep (Tuner.restore)")
     resume.add_argument("--sweep", help="sweep id (default: the most recent)")
     resume.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
@@ -408,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"grid": cmd_grid, "resume": cmd_resume, "status": cmd_status}[args.command](args)
+        commands = {"grid": cmd_grid, "search": cmd_search, "resume": cmd_resume, "status": cmd_status}
+        return commands[args.command](args)
     except (ConfigError, DatabaseError, LaunchError, DataError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from ray import tune
 from analysis.db import ResultsWriter, trial_row
 from sweeps.config import TrialConfig
 from sweeps.loop import run_trial
+from sweeps.study import trial_id
 
 FAIL_ONCE_ENV = "FINETUNE_TEST_FAIL_ONCE_DIR"  # tests only: each trial raises once after its first checkpoint
 
@@ -31,6 +32,18 @@ def _scalars(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
+    """The planned-trial spec of a Tune config: given as such by grid sweeps; built from the base config and the
+    sampled flat keys for searches (the same function on both sides, so ids agree)."""
+    if "trial" in param:
+        return param["trial"]
+    search = param["search"]
+    config = TrialConfig.from_flat({**search["base"], **{k: v for k, v in param.items() if "." in k}}).to_flat()
+    return {"trial_id": trial_id(search["sweep_id"], "search", search["group"], config),
+            "sweep_id": search["sweep_id"], "study": search["study"], "dimension": "search",
+            "group": search["group"], "config": config}
+
+
 def trainable(param: dict[str, Any], finished: dict[str, str] | None = None) -> None:
     """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
 
@@ -38,7 +51,7 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None) -> 
     completed: Ray may schedule such a trial again when the driver died between its last report and its end; it then
     reports its recorded result instead of training again.
     """
-    spec = param["trial"]
+    spec = spec_from_param(param)
     if finished and spec["trial_id"] in finished:
         record = json.loads(finished[spec["trial_id"]])
         tune.report({**_scalars(record), "event": "final", "trial_id": spec["trial_id"], "replayed": True,
@@ -54,9 +67,13 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None) -> 
     ) as resume_dir:
         resume_from = Path(resume_dir) if resume_dir is not None else None
 
+        latest: dict[str, Any] = {}  # the last validation metrics ride along on every later report (searchers want them)
+
         def report(record: dict[str, Any]) -> None:
             event = record["event"]
-            metrics = {**_scalars(record), "node_id": node_id, "trial_id": spec["trial_id"]}
+            if event == "eval":
+                latest.update({k: v for k, v in record.items() if k.startswith("val_")})
+            metrics = {**latest, **_scalars(record), "node_id": node_id, "trial_id": spec["trial_id"]}
             if event == "checkpoint":
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(record["checkpoint"]))
                 marker = Path(fail_dir) / spec["trial_id"] if fail_dir else None
@@ -86,7 +103,9 @@ class DuckDBCallback(tune.Callback):
         self.finished: set[str] = set()  # trials whose final record arrived
 
     def _spec(self, trial: Any) -> dict[str, Any]:
-        return self.specs[trial.config["trial"]["trial_id"]]
+        if "trial" in trial.config:
+            return self.specs[trial.config["trial"]["trial_id"]]
+        return spec_from_param(trial.config)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.writer.write_trial(trial_row(self._spec(trial), "running"))
@@ -125,8 +144,11 @@ class DuckDBCallback(tune.Callback):
         spec = self._spec(trial)
         if spec["trial_id"] not in self.finished:
             last = trial.last_result or {}
-            self.writer.write_trial(trial_row(spec, "stopped", {"step": last.get("step")},
-                                              error="stopped before the end (scheduler or user)"))
+            seen = {k: v for k, v in last.items() if k.startswith("val_")}
+            primary = "perplexity" if "val_perplexity" in seen else "accuracy"
+            self.writer.write_trial(trial_row(spec, "stopped", {"step": last.get("step"), "primary_metric": primary,
+                                                                **seen},
+                                              error="stopped early by the scheduler (ASHA) or the user"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error()

@@ -184,6 +184,20 @@ def test_failed_trial_retries_from_checkpoint_and_diverged_one_is_recorded(real_
     assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
 
 
+def test_optuna_search_with_asha_lands_in_the_same_database(real_data, tmp_path: Path, sessions) -> None:
+    db = tmp_path / "results.duckdb"
+    _finish(_launch(sessions, "search", "--study", "smoke", "--task", "sms_spam", "--method", "lora",
+                    "--num-samples", "5", "--set", "train.max_steps=6", "--set", "train.eval_every=2",
+                    "--db", str(db), "--storage", str(tmp_path / "ray")))
+    con = _db(db)
+    assert con.execute("SELECT kind, status, planned_trials FROM sweeps").fetchone() == ("search", "completed", 5)
+    rows = con.execute("SELECT status, dimension, lora_rank, optim_lr, val_accuracy FROM trials").fetchall()
+    assert len(rows) == 5 and {r[0] for r in rows} <= {"completed", "stopped"}
+    assert {r[1] for r in rows} == {"search"}
+    assert len({(r[2], r[3]) for r in rows}) == 5  # five different proposals
+    assert all(r[4] is not None for r in rows)  # stopped ones keep their last validation score
+
+
 # --- bad input: exit 2, nothing started ------------------------------------------------------------------------------
 
 
