@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install test lint demo clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# The demo study (gpt2 124M on an SMS spam subset, six methods; random-init with a loud warning when offline) on this
+# machine with an embedded Ray, then where the database is and a short table of results.
+DEMO_DB ?= results/demo.duckdb
+demo: install
+	$(PY) sweeps/launch.py grid --study demo --db $(DEMO_DB)
+	$(PY) sweeps/launch.py summary --db $(DEMO_DB)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -441,6 +441,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    """A short table of a sweep's results (the guide, issue 6, is the full report)."""
+    from analysis.queries import group_summary, latest_sweep
+
+    con = connect(args.db, read_only=True)
+    sweep_id = args.sweep or latest_sweep(con)
+    if sweep_id is None:
+        raise LaunchError(f"{args.db}: no sweeps yet")
+    rows = group_summary(con, sweep_id)
+    con.close()
+    print(f"database: {Path(args.db).resolve()}\nsweep {sweep_id}")
+    if rows and rows[0][-1] != "pretrained":
+        print(f"!! model_init={rows[0][-1]}: these numbers check the pipeline; they are no finding about pretrained GPT-2")
+    print(f"{'task':<10} {'dimension':<13} {'group':<11} {'lr':>8} {'done':>4} {'test metric (mean ± sd)':>28} "
+          f"{'trainable':>12} {'s/trial':>8}")
+    for task, dim, group, _, lr, done, other, metric, mean, sd, params, wall, _ in rows:
+        shown = f"{metric} {mean:.4f} ± {sd:.4f}" if mean is not None and sd is not None else (
+            f"{metric} {mean:.4f} (1 seed)" if mean is not None else "-")
+        print(f"{task:<10} {dim:<13} {group:<11} {lr:>8.1e} {done:>4} {shown:>28} {params or 0:>12,.0f} "
+              f"{wall or 0:>8.1f}" + (f"  ({other} not completed)" if other else ""))
+    return 0
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -493,13 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="progress of each sweep, from the database")
     status.add_argument("--db", type=Path, default=DEFAULT_DB)
+
+    summary = sub.add_parser("summary", help="a short table of a sweep's results")
+    summary.add_argument("--db", type=Path, default=DEFAULT_DB)
+    summary.add_argument("--sweep", help="sweep id (default: the most recent)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"grid": cmd_grid, "search": cmd_search, "resume": cmd_resume, "status": cmd_status}
+        commands = {"grid": cmd_grid, "search": cmd_search, "resume": cmd_resume, "status": cmd_status,
+                    "summary": cmd_summary}
         return commands[args.command](args)
     except (ConfigError, DatabaseError, LaunchError, DataError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
