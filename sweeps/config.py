@@ -12,7 +12,10 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
 
 from model.config import ConfigError, Problems, is_int, is_number
 from model.gpt2 import PRESETS, preset_name
@@ -205,6 +208,31 @@ class TrialConfig:
             for key, value in asdict(getattr(self, section)).items():
                 flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
         return flat
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lora": {"rank": 8}}`` and ``{"lora.rank": 8}`` both become ``{"lora.rank": 8}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_yaml(path: Path, key: str) -> Any:
+    """The YAML content of ``path``; a missing file or invalid YAML is a ``ConfigError`` under ``key`` naming the
+    file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([(key, f"{path}: no such file")]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError([(key, f"{where}: not valid YAML ({getattr(err, 'problem', err)})")]) from None
 
 
 _TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")

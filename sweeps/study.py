@@ -29,11 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from model.config import ConfigError
 from model.gpt2 import PRESETS, preset_name
-from sweeps.config import TrialConfig
+from sweeps.config import TrialConfig, flatten, read_yaml
 
 STUDIES_DIR = Path(__file__).with_name("studies")
 TOP_LEVEL = {"name", "description", "base", "tasks", "seeds", "learning_rates", "dimensions"}
@@ -85,27 +83,16 @@ def _flat(data: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, A
     if not isinstance(data, dict):
         problems.append((where, f"expected a mapping of keys to values, got {type(data).__name__}"))
         return {}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in _flat(value, f"{where}.{key}", problems).items()})
-        else:
-            flat[str(key)] = value
-    return flat
+    return flatten(data)
 
 
 def load_study(name_or_path: str) -> Study:
     """Read and check a study file; every problem (YAML line, unknown section, bad value) is reported at once."""
     path = resolve_study_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         known = ", ".join(p.stem for p in sorted(STUDIES_DIR.glob("*.yaml")))
-        raise ConfigError([("--study", f"{path}: no such study file (shipped studies: {known})")]) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError([("--study", f"{where}: not valid YAML ({getattr(err, 'problem', err)})")]) from None
+        raise ConfigError([("--study", f"{path}: no such study file (shipped studies: {known})")])
+    data = read_yaml(path, "--study")
     problems: list[tuple[str, str]] = []
     if not isinstance(data, dict):
         raise ConfigError([(str(path), f"expected a mapping with {', '.join(sorted(TOP_LEVEL))}")])

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from model import CheckpointError, ConfigError, TokenizerError
 from model.lora import save_merged, save_peft_adapter
-from sweeps.config import TrialConfig
+from sweeps.config import TrialConfig, flatten, read_yaml
 from sweeps.loop import run_trial, strip_objects
 from tasks import DataError
 
@@ -39,29 +39,8 @@ SMOKE = {
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"lora": {"rank": 8}}`` and ``{"lora.rank": 8}`` both become ``{"lora.rank": 8}``."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
 def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([("--config", f"{path}: no such file")]) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError([("--config", f"{where}: not valid YAML ({getattr(err, 'problem', err)})")]) from None
+    data = read_yaml(path, "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):
