@@ -1,8 +1,170 @@
-"""The SQL the project asks of the study database, in one place (the guide's queries join these in issue 6)."""
+"""Every SQL question the project asks of the study database, in one place.
+
+The guide works on a selection of sweeps. ``select_sweeps`` records it in a temporary table and three temporary views
+build on it, so each query below stays short and readable, and people can run the same SQL by hand
+(``python analysis/build_guide.py --print-sql`` prints the views):
+
+- ``guide_trials``   the selected sweeps' trials; a configuration run again in a later sweep of the same study counts
+                     once (its completed run, else its latest);
+- ``guide_lr_stats`` per task, dimension, group and learning rate: trial counts by outcome, validation and test metric
+                     means, the test SD over seeds, and cost (trainable parameters, wall time, throughput, memory);
+- ``guide_best``     per task, dimension and group, the learning rate the guide reports: among the learning rates with
+                     no diverged or failed seed, the best mean *validation* metric (the test metric is only reported,
+                     never used to choose).
+
+Metric direction: ``perplexity`` is lower-is-better, every other primary metric (accuracy, DPO preference accuracy)
+higher-is-better.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import duckdb
+
+LOWER_IS_BETTER = ("perplexity",)
+
+VIEWS = """
+CREATE OR REPLACE TEMP VIEW guide_trials AS
+SELECT t.*
+FROM trials t
+WHERE t.sweep_id IN (SELECT id FROM guide_sweeps)
+QUALIFY row_number() OVER (
+    PARTITION BY t.dimension, t."group", CAST(t.config AS VARCHAR)
+    ORDER BY t.status = 'completed' DESC, t.updated_at DESC) = 1;
+
+CREATE OR REPLACE TEMP VIEW guide_lr_stats AS
+SELECT task, dimension, "group",
+       any_value(method)                                                   AS method,
+       optim_lr                                                            AS lr,
+       any_value(primary_metric) FILTER (WHERE primary_metric IS NOT NULL) AS metric,
+       count(*)                                                            AS n_trials,
+       count(*) FILTER (WHERE status = 'completed')                        AS n_completed,
+       count(*) FILTER (WHERE status = 'diverged')                         AS n_diverged,
+       count(*) FILTER (WHERE status NOT IN ('completed', 'diverged'))     AS n_other,
+       avg(val_primary)  FILTER (WHERE status = 'completed')               AS val_mean,
+       avg(test_primary) FILTER (WHERE status = 'completed')               AS test_mean,
+       stddev_samp(test_primary) FILTER (WHERE status = 'completed')       AS test_sd,
+       list(test_primary ORDER BY seed) FILTER (WHERE status = 'completed') AS test_values,
+       avg(trainable_params) FILTER (WHERE status = 'completed')           AS trainable_params,
+       avg(total_params) FILTER (WHERE status = 'completed')               AS total_params,
+       avg(wall_seconds) FILTER (WHERE status = 'completed')               AS wall_seconds,
+       avg(tokens_per_s) FILTER (WHERE status = 'completed')               AS tokens_per_s,
+       avg(peak_memory_mb) FILTER (WHERE status = 'completed')             AS peak_memory_mb
+FROM guide_trials
+GROUP BY task, dimension, "group", optim_lr;
+
+CREATE OR REPLACE TEMP VIEW guide_best AS
+SELECT * EXCLUDE (lr_rank)
+FROM (
+    SELECT *, row_number() OVER (
+        PARTITION BY task, dimension, "group"
+        ORDER BY n_completed = 0,
+                 n_diverged + n_other,
+                 CASE WHEN metric IN ('perplexity') THEN val_mean ELSE -val_mean END NULLS LAST,
+                 lr) AS lr_rank
+    FROM guide_lr_stats)
+WHERE lr_rank = 1 AND n_completed > 0;
+"""
+
+SWEEPS = """
+-- The selected sweeps, with how their trials ended (the Reproduce section).
+SELECT s.id, s.study, s.kind, s.started_at, s.ended_at, s.status, s.planned_trials, s.model_init, s.git_commit,
+       s.package_versions, s.hardware, s.command_line,
+       count(t.id) FILTER (WHERE t.status = 'completed') AS completed,
+       count(t.id) FILTER (WHERE t.status = 'diverged')  AS diverged,
+       count(t.id) FILTER (WHERE t.status = 'failed')    AS failed,
+       count(t.id) FILTER (WHERE t.status = 'stopped')   AS stopped,
+       count(t.id) FILTER (WHERE t.status IN ('pending', 'running')) AS unfinished
+FROM sweeps s LEFT JOIN trials t ON t.sweep_id = s.id
+WHERE s.id IN (SELECT id FROM guide_sweeps)
+GROUP BY ALL
+ORDER BY s.started_at
+"""
+
+ALL_SWEEPS = "SELECT id, study, started_at FROM sweeps ORDER BY started_at"
+
+MODEL_INITS = """
+-- How the selected trials' models were initialised: 'random' anywhere means the numbers are no finding about GPT-2.
+SELECT model_init, count(*) AS trials FROM guide_trials GROUP BY model_init ORDER BY model_init
+"""
+
+COMPLETED = "SELECT count(*) FROM guide_trials WHERE status = 'completed'"
+
+MODELS = """
+SELECT model, model_n_layer, model_n_embd, count(*) AS trials FROM guide_trials GROUP BY ALL ORDER BY trials DESC
+"""
+
+TASK_METRICS = """
+-- Each task's primary metric (one per task).
+SELECT task, any_value(primary_metric) AS metric, count(*) FILTER (WHERE status = 'completed') AS completed
+FROM guide_trials WHERE primary_metric IS NOT NULL GROUP BY task ORDER BY task
+"""
+
+DIMENSIONS = """
+-- The dimensions measured, per task, with how many groups each has.
+SELECT task, dimension, count(DISTINCT "group") AS groups FROM guide_best GROUP BY ALL ORDER BY task, dimension
+"""
+
+BEST = """
+-- Each group of one dimension at its chosen learning rate (the summary table, the dimension sections, Pareto fronts).
+SELECT task, dimension, "group", method, lr, metric, n_trials, n_completed, n_diverged, n_other, val_mean,
+       test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s, peak_memory_mb
+FROM guide_best
+WHERE dimension = $dimension
+ORDER BY task, CASE WHEN metric IN ('perplexity') THEN test_mean ELSE -test_mean END, "group"
+"""
+
+BEST_ALL = """
+-- Every group of every dimension at its chosen learning rate.
+SELECT task, dimension, "group", method, lr, metric, n_trials, n_completed, n_diverged, n_other, val_mean,
+       test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s, peak_memory_mb
+FROM guide_best
+ORDER BY task, dimension, "group"
+"""
+
+LR_SWEEP = """
+-- Every learning rate tried for each group of one dimension (the Learning rate section).
+SELECT task, "group", method, lr, metric, n_trials, n_completed, n_diverged, n_other, val_mean, test_mean, test_sd
+FROM guide_lr_stats
+WHERE dimension = $dimension
+ORDER BY task, "group", lr
+"""
+
+CURVES = """
+-- Learning curves at each group's chosen learning rate: validation primary metric and training loss by step,
+-- averaged over the seeds that completed.
+SELECT b.task, b."group", b.method, m.split, m.name, m.step, avg(m.value) AS value, count(*) AS seeds
+FROM guide_best b
+JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
+JOIN metrics m ON m.trial_id = t.id
+WHERE b.dimension = $dimension AND t.status = 'completed'
+  AND ((m.split = 'validation' AND m.name = b.metric) OR (m.split = 'train' AND m.name = 'loss'))
+GROUP BY ALL
+ORDER BY b.task, b."group", m.split, m.step
+"""
+
+PROBLEM_TRIALS = """
+-- Trials that did not complete: diverged, failed, stopped early by the scheduler, or never finished.
+SELECT id, sweep_id, task, dimension, "group", optim_lr AS lr, seed, status, steps,
+       split_part(coalesce(error, ''), chr(10), 1) AS error
+FROM guide_trials
+WHERE status <> 'completed'
+ORDER BY status, task, dimension, "group", lr, seed
+"""
+
+GENERATIONS = """
+-- Kept greedy generations (instruction tuning) of each group of one dimension at its chosen learning rate, from its
+-- lowest completed seed.
+SELECT b.task, b."group", b.method, t.seed, CAST(t.result -> 'generations' AS VARCHAR) AS generations
+FROM guide_best b
+JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
+WHERE b.dimension = $dimension AND t.status = 'completed'
+  AND json_array_length(t.result -> 'generations') > 0
+QUALIFY row_number() OVER (PARTITION BY b.task, b."group" ORDER BY t.seed) = 1
+ORDER BY b.task, b."group"
+"""
 
 GROUP_SUMMARY = """
 -- Per task, dimension and group: how many trials ended, the mean and spread over seeds of the test metric at each
@@ -27,6 +189,10 @@ ORDER BY t.task, t.dimension,
 LATEST_SWEEP = "SELECT id FROM sweeps ORDER BY started_at DESC LIMIT 1"
 
 
+def higher_is_better(metric: str | None) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
 def group_summary(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[tuple]:
     return con.execute(GROUP_SUMMARY, {"sweep": sweep_id}).fetchall()
 
@@ -34,3 +200,17 @@ def group_summary(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[tuple]:
 def latest_sweep(con: duckdb.DuckDBPyConnection) -> str | None:
     row = con.execute(LATEST_SWEEP).fetchone()
     return row[0] if row else None
+
+
+def select_sweeps(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str]) -> None:
+    """Point the guide views at these sweeps (temporary objects: works on a read-only connection)."""
+    con.execute("CREATE OR REPLACE TEMP TABLE guide_sweeps (id VARCHAR)")
+    con.executemany("INSERT INTO guide_sweeps VALUES (?)", [[s] for s in sweep_ids])
+    con.execute(VIEWS)
+
+
+def records(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of a query as dicts keyed by column name."""
+    cursor = con.execute(sql, params or {})
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

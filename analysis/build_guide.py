@@ -1,0 +1,107 @@
+"""Build the practical guide from the study database: ``python analysis/build_guide.py [--db PATH] [--out DIR]``.
+
+Opens the DuckDB file read-only, runs the queries in ``analysis/queries.py``, draws the figures and renders the
+Jinja2 templates in ``report_templates/`` into ``DIR/guide.md``, ``DIR/guide.html`` and ``DIR/figures/*.png``.
+Everything is written into a temporary folder first and moved into place at the end, so a failure leaves the previous
+guide as it was. A missing or locked database, an unknown sweep, or no completed trial: a message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts analysis/ itself first on sys.path; the repository root is what the imports need.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "analysis"]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import jinja2  # noqa: E402
+
+from analysis import figures, queries  # noqa: E402
+from analysis.db import DatabaseError, connect  # noqa: E402
+from analysis.guide import Guide, collect, task_title  # noqa: E402
+
+TEMPLATES = ROOT / "report_templates"
+DEFAULT_DB = "results/results.duckdb"  # launch.py's default
+DEFAULT_OUT = "reports"
+
+
+def md_cell(value: object) -> str:
+    """A Markdown table cell: pipes escaped, newlines as spaces."""
+    return str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def environment(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=autoescape,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["md_cell"] = md_cell
+    env.filters["task_title"] = task_title
+    return env
+
+
+def render(guide: Guide) -> tuple[str, str]:
+    """(Markdown, HTML) of the guide."""
+    md = environment(autoescape=False).get_template("guide.md.j2").render(g=guide)
+    html = environment(autoescape=True).get_template("guide.html.j2").render(g=guide)
+    return md, html
+
+
+def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None) -> Path:
+    """Write the guide into ``out``; returns the path of guide.html."""
+    out = Path(out)
+    con = connect(db, read_only=True)
+    try:
+        guide = collect(con, sweeps)
+    finally:
+        con.close()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".guide-", dir=out))
+    try:
+        (staging / "figures").mkdir()
+        figures.render(guide.figures, staging)
+        md, html = render(guide)
+        (staging / "guide.md").write_text(md, encoding="utf-8")
+        (staging / "guide.html").write_text(html, encoding="utf-8")
+        old = out / "figures"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(staging / "figures", old)
+        for name in ("guide.md", "guide.html"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "guide.html"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"the study database (default {DEFAULT_DB})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for guide.md, guide.html, figures/ "
+                                                           f"(default {DEFAULT_OUT})")
+    parser.add_argument("--sweep", action="append", metavar="ID",
+                        help="a sweep to report (repeatable); default: every sweep of the latest sweep's study")
+    parser.add_argument("--print-sql", action="store_true", help="print the SQL views the guide reads, and exit")
+    args = parser.parse_args(argv)
+    if args.print_sql:
+        print("-- after: CREATE TEMP TABLE guide_sweeps (id VARCHAR); INSERT the sweep ids")
+        print(queries.VIEWS)
+        return 0
+    try:
+        html = build(args.db, args.out, args.sweep)
+    except DatabaseError as err:
+        print(f"build_guide: {err}", file=sys.stderr)
+        return 2
+    print(f"guide: {html.resolve()}")
+    print(f"       {html.with_name('guide.md').resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

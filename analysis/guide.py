@@ -1,0 +1,636 @@
+"""From the study database to the guide's content: groups with intervals, findings, tables, figures.
+
+``collect`` runs the queries of ``analysis/queries.py`` (the only SQL), turns seed statistics into t intervals
+(``analysis/stats.py``), derives the findings that the recommendations state, and returns a ``Guide`` the Jinja2
+templates in ``report_templates/`` lay out. Every number in the guide is formatted here from a query's result; the
+templates only place it.
+
+A finding is a comparison against the best group of one dimension on one task:
+- ``better``:        the best group's interval lies entirely beyond the other's (the only basis for a recommendation);
+- ``within_noise``:  the intervals overlap;
+- ``single_seed``:   one of the two has one completed seed, so no interval exists and nothing is concluded;
+- ``cheapest_tie``:  among the groups within noise of the best, one trains clearly fewer parameters (a cost fact);
+- ``diverged``:      some seeds of a group at a learning rate diverged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from analysis import queries as q
+from analysis.db import DatabaseError
+from analysis.stats import LEVEL, Interval, interval, pareto_front, separated
+
+TASK_TITLES = {
+    "sms_spam": "SMS spam (classification)",
+    "imdb": "IMDB reviews (sentiment)",
+    "nli": "Natural-language inference (3-class)",
+    "alpaca": "Alpaca (instruction tuning)",
+    "preference": "Preference pairs (DPO)",
+}
+TASK_KINDS = {"sms_spam": "classification", "imdb": "sentiment", "nli": "NLI", "alpaca": "instruction tuning",
+              "preference": "preference tuning (DPO)"}
+METRIC_TITLES = {"accuracy": "accuracy", "perplexity": "perplexity", "preference_accuracy": "preference accuracy"}
+
+# One section per proposal dimension, in reading order. ``methods`` narrows a section to some methods of the
+# dimension (the last-k section reads the `method` dimension's full / last-k / head-only groups).
+SECTIONS: tuple[dict[str, Any], ...] = (
+    {"key": "method", "dimension": "method", "title": "Full fine-tuning vs LoRA vs partial methods",
+     "about": "Every method at its own best learning rate: what each buys in quality and what it costs."},
+    {"key": "last_k", "dimension": "method", "methods": ("full", "last_k", "head_only"),
+     "title": "How many transformer blocks to train (last-k)",
+     "about": "Training only the last k blocks (plus the head): head-only is k = 0, full fine-tuning is every block."},
+    {"key": "lora_rank", "dimension": "lora_rank", "title": "LoRA rank",
+     "about": "LoRA on every target projection at ranks from 1 up; alpha scales with the rank (alpha = 2r)."},
+    {"key": "lora_layers", "dimension": "lora_layers", "title": "How many layers get LoRA",
+     "about": "LoRA adapters on the last few transformer blocks only, or on all of them."},
+    {"key": "lora_targets", "dimension": "lora_targets", "title": "Which projections get LoRA",
+     "about": "Adapters on the attention projections, the MLP, or both."},
+    {"key": "optimizer", "dimension": "optimizer", "title": "Optimizers",
+     "about": "The same method and schedule with different optimizers, each at its best learning rate."},
+    {"key": "schedule", "dimension": "schedule", "title": "Learning-rate schedules",
+     "about": "The same method and optimizer with different learning-rate schedules."},
+)
+
+METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora", "dpo")
+# One colour per method in every figure (colour-blind-safe Okabe-Ito palette).
+METHOD_COLOURS = {"full": "#0072B2", "last_k": "#E69F00", "head_only": "#009E73", "bitfit": "#CC79A7",
+                  "lora": "#D55E00", "dpo": "#56B4E9"}
+OTHER_COLOUR = "#555555"
+CHEAPER_FACTOR = 2.0  # a "cheapest within noise" finding needs at least this factor fewer trainable parameters
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Formatting (the one place numbers become text)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fmt_metric(value: float | None, metric: str | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    if metric == "perplexity":
+        return f"{value:,.1f}" if value >= 100 else f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def fmt_interval(iv: Interval | None, metric: str | None) -> str:
+    if iv is None:
+        return "–"
+    if iv.half is None:
+        return f"{fmt_metric(iv.mean, metric)} (1 seed)"
+    return f"{fmt_metric(iv.mean, metric)} ± {fmt_metric(iv.half, metric)}"
+
+
+def fmt_count(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def fmt_share(part: float | None, whole: float | None) -> str:
+    if part is None or not whole:
+        return "–"
+    share = 100 * part / whole
+    return f"{share:.3g}%" if share < 10 else f"{share:.0f}%"
+
+
+def fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def fmt_rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
+def fmt_mb(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f} MB"
+
+
+def fmt_lr(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0e}".replace("e-0", "e-")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Content
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One group of one dimension on one task, at the learning rate the guide reports (see queries.guide_best)."""
+
+    task: str
+    dimension: str
+    group: str
+    method: str
+    lr: float
+    metric: str
+    n_trials: int
+    n_completed: int
+    n_diverged: int
+    n_other: int
+    val_mean: float | None
+    test_mean: float | None
+    test_sd: float | None
+    test_values: list[float]
+    trainable_params: float | None
+    total_params: float | None
+    wall_seconds: float | None
+    tokens_per_s: float | None
+    peak_memory_mb: float | None
+    iv: Interval = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.iv = interval(self.test_mean, self.test_sd, self.n_completed)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return q.higher_is_better(self.metric)
+
+    def score(self) -> float:
+        """Larger is better, whatever the metric's direction (for sorting)."""
+        return self.test_mean if self.higher_is_better else -self.test_mean
+
+    @property
+    def shown(self) -> str:
+        return fmt_interval(self.iv, self.metric)
+
+
+@dataclass
+class Finding:
+    kind: str       # better | within_noise | single_seed | cheapest_tie | diverged
+    task: str
+    dimension: str
+    a: str          # the best group (better / within_noise / single_seed), the cheap one, or the diverged one
+    b: str | None   # the other group
+    text: str
+    numbers: tuple[str, ...] = ()  # the two groups' results, for merged single-seed sentences
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str | None]:
+        return (self.kind, self.task, self.dimension, self.a, self.b)
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    align: list[str] = field(default_factory=list)  # "l" or "r" per column
+
+
+@dataclass
+class Figure:
+    path: str       # relative to the guide, e.g. figures/method_sms_spam.png
+    alt: str
+    caption: str
+
+
+@dataclass
+class Block:
+    """A task's part of a section: a figure, a table, sentences."""
+
+    task: str
+    title: str
+    figure: Figure | None
+    table: Table | None
+    sentences: list[str]
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    about: str
+    blocks: list[Block]
+
+
+@dataclass
+class Guide:
+    title: str
+    random_init: bool
+    scope: list[str]
+    how_to_read: list[str]
+    summary: list[Block]
+    recommendations: dict[str, list[str]]
+    across: Block | None
+    sections: list[Section]
+    pareto: list[Block]
+    learning_rate: list[Block]
+    generations: list[dict[str, Any]]
+    reproduce: dict[str, Any]
+    findings: list[Finding]
+    figures: list[dict[str, Any]]  # what figures.render draws
+
+
+def task_title(task: str) -> str:
+    return TASK_TITLES.get(task, task)
+
+
+def metric_title(metric: str | None) -> str:
+    return METRIC_TITLES.get(metric or "", metric or "metric")
+
+
+def method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def order_groups(groups: Iterable[Group]) -> list[Group]:
+    """Reading order within a dimension: most trainable parameters first, then the study's names."""
+    return sorted(groups, key=lambda g: (-(g.trainable_params or 0), method_rank(g.method), g.group))
+
+
+def _groups(rows: Iterable[dict[str, Any]]) -> list[Group]:
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["test_values"] = list(r["test_values"] or [])
+        out.append(Group(**r))
+    return out
+
+
+def compare(task: str, dimension: str, groups: Sequence[Group]) -> list[Finding]:
+    """The findings of one dimension on one task: each group against the best one."""
+    done = [g for g in groups if g.test_mean is not None]
+    if len(done) < 2:
+        return []
+    ranked = sorted(done, key=lambda g: (-g.score(), g.group))
+    best, findings = ranked[0], []
+    metric = metric_title(best.metric)
+    tied = [best]
+    where = f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
+    for other in ranked[1:]:
+        sep = separated(best.iv, other.iv)
+        numbers = (f"{metric} {best.shown} vs {other.shown}, {LEVEL:.0%} t intervals over "
+                   f"{best.iv.n} and {other.iv.n} seeds")
+        if sep is None:
+            text = (f"{best.group} scored {fmt_metric(best.test_mean, best.metric)} and {other.group} "
+                    f"{fmt_metric(other.test_mean, other.metric)} {metric} {where}, but with a single seed no interval "
+                    f"can be given, so the guide draws no conclusion; run more seeds.")
+            findings.append(Finding("single_seed", task, dimension, best.group, other.group, text,
+                                    (f"{best.group} {best.shown}", f"{other.group} {other.shown}")))
+        elif sep:
+            text = f"Prefer {best.group} over {other.group} {where}: {numbers}; the intervals do not overlap."
+            findings.append(Finding("better", task, dimension, best.group, other.group, text))
+        else:
+            text = (f"{best.group} and {other.group} are within noise {where} ({numbers}); the data does not "
+                    f"prefer either.")
+            findings.append(Finding("within_noise", task, dimension, best.group, other.group, text))
+            tied.append(other)
+    costs = [g for g in tied if g.trainable_params]
+    if len(costs) >= 2:
+        cheapest = min(costs, key=lambda g: (g.trainable_params, g.group))
+        runner = min((g for g in costs if g is not cheapest), key=lambda g: g.trainable_params)
+        if runner.trainable_params >= CHEAPER_FACTOR * cheapest.trainable_params:
+            text = (f"Within noise of the best {where}, {cheapest.group} trains the fewest parameters: "
+                    f"{fmt_count(cheapest.trainable_params)} ({fmt_share(cheapest.trainable_params, cheapest.total_params)} "
+                    f"of the model) against {fmt_count(runner.trainable_params)} for {runner.group}; take it when "
+                    f"memory or checkpoint size matters.")
+            findings.append(Finding("cheapest_tie", task, dimension, cheapest.group, runner.group, text))
+    return findings
+
+
+def sentences(findings: Sequence[Finding]) -> list[str]:
+    """The findings as sentences; the single-seed ones of one task and dimension become one sentence."""
+    out: list[str] = []
+    single: dict[tuple[str, str], list[Finding]] = {}
+    for f in findings:
+        if f.kind == "single_seed":
+            if (f.task, f.dimension) not in single:
+                single[(f.task, f.dimension)] = []
+                out.append(f"@single:{f.task}:{f.dimension}")
+            single[(f.task, f.dimension)].append(f)
+        else:
+            out.append(f.text)
+    for (task, dimension), fs in single.items():
+        where = f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
+        text = (f"No conclusion {where}: {', '.join(fs[0].numbers)}" if len(fs) == 1 else
+                f"No conclusion {where}: best observed {fs[0].numbers[0]}; others "
+                f"{', '.join(f.numbers[1] for f in fs)}")
+        out[out.index(f"@single:{task}:{dimension}")] = (text + ". With a single seed no interval can be given; "
+                                                         "run more seeds.")
+    return out
+
+
+def diverged_findings(lr_rows: Iterable[dict[str, Any]], dimension: str) -> list[Finding]:
+    out = []
+    for r in lr_rows:
+        if r["n_diverged"]:
+            text = (f"On {r['task']}, {r['group']} at learning rate {fmt_lr(r['lr'])} diverged in "
+                    f"{r['n_diverged']} of {r['n_trials']} seeds; stay below it.")
+            out.append(Finding("diverged", r["task"], dimension, r["group"], fmt_lr(r["lr"]), text))
+    return out
+
+
+def summary_table(groups: Sequence[Group]) -> Table:
+    metric = metric_title(groups[0].metric)
+    rows = []
+    for g in groups:
+        rows.append([g.group, g.method, fmt_lr(g.lr), g.shown, str(g.n_completed),
+                     fmt_count(g.trainable_params), fmt_share(g.trainable_params, g.total_params),
+                     fmt_seconds(g.wall_seconds), fmt_rate(g.tokens_per_s), fmt_mb(g.peak_memory_mb)])
+    return Table(["group", "method", "best LR", f"test {metric} (mean ± 95% CI)", "seeds", "trainable",
+                  "% of model", "wall time", "tokens/s", "peak memory"], rows,
+                 align=["l", "l", "r", "r", "r", "r", "r", "r", "r", "r"])
+
+
+def dimension_table(groups: Sequence[Group]) -> Table:
+    metric = metric_title(groups[0].metric)
+    rows = [[g.group, g.method, fmt_lr(g.lr), fmt_metric(g.val_mean, g.metric), g.shown,
+             f"{g.n_completed}/{g.n_trials}", fmt_count(g.trainable_params), fmt_seconds(g.wall_seconds)]
+            for g in groups]
+    return Table(["group", "method", "best LR", f"validation {metric}", f"test {metric} (mean ± 95% CI)",
+                  "completed", "trainable", "wall time"], rows, align=["l", "l", "r", "r", "r", "r", "r", "r"])
+
+
+def _by_task(groups: Iterable[Group]) -> dict[str, list[Group]]:
+    out: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        out[g.task].append(g)
+    return dict(sorted(out.items(), key=lambda kv: (list(TASK_TITLES).index(kv[0]) if kv[0] in TASK_TITLES
+                                                    else len(TASK_TITLES), kv[0])))
+
+
+def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None) -> Guide:
+    """Everything the guide says, from the database. Raises DatabaseError when there is nothing to report."""
+    sweeps_known = q.records(con, q.ALL_SWEEPS)
+    if not sweeps_known:
+        raise DatabaseError("the database has no sweeps; run python sweeps/launch.py grid first")
+    if sweep_ids:
+        unknown = sorted(set(sweep_ids) - {s["id"] for s in sweeps_known})
+        if unknown:
+            raise DatabaseError(f"--sweep: no sweep {', '.join(unknown)} in the database "
+                                f"(known: {', '.join(s['id'] for s in sweeps_known)})")
+        chosen = list(sweep_ids)
+    else:  # every sweep of the latest sweep's study
+        study = sweeps_known[-1]["study"]
+        chosen = [s["id"] for s in sweeps_known if s["study"] == study]
+    studies = sorted({s["study"] for s in sweeps_known if s["id"] in chosen})
+    if len(studies) > 1:
+        raise DatabaseError(f"--sweep: the sweeps come from different studies ({', '.join(studies)}), which measure "
+                            f"different setups; build one guide per study")
+    q.select_sweeps(con, chosen)
+    if con.execute(q.COMPLETED).fetchone()[0] == 0:
+        raise DatabaseError(f"sweep(s) {', '.join(chosen)} have no completed trials yet; nothing to report")
+
+    inits = {r["model_init"]: r["trials"] for r in q.records(con, q.MODEL_INITS)}
+    random_init = "random" in inits
+    sweeps = q.records(con, q.SWEEPS)
+    models = q.records(con, q.MODELS)
+    figures: list[dict[str, Any]] = []
+    findings: list[Finding] = []
+    seen: set[tuple] = set()
+
+    def add(new: Iterable[Finding]) -> list[str]:
+        new = list(new)
+        for f in new:
+            if f.key not in seen:
+                seen.add(f.key)
+                findings.append(f)
+        return sentences(new)
+
+    # Summary: the method dimension (or every group when a sweep has none, e.g. a search)
+    method_groups = _groups(q.records(con, q.BEST, {"dimension": "method"}))
+    all_groups = _groups(q.records(con, q.BEST_ALL))
+    summary_source = method_groups or all_groups
+    summary = [Block(task, task_title(task), None, summary_table(order_groups(gs)), [])
+               for task, gs in _by_task(summary_source).items()]
+
+    # Dimension sections
+    sections: list[Section] = []
+    dimensions_present = sorted({g.dimension for g in all_groups})
+    specs = [s for s in SECTIONS if s["dimension"] in dimensions_present]
+    specs += [{"key": d, "dimension": d, "title": f"Dimension: {d}", "about": f"The groups of the {d} dimension."}
+              for d in dimensions_present if d not in {s["dimension"] for s in SECTIONS}]
+    for spec in specs:
+        groups = [g for g in all_groups if g.dimension == spec["dimension"]]
+        if spec.get("methods"):
+            groups = [g for g in groups if g.method in spec["methods"]]
+            if not any(g.method == "last_k" for g in groups):
+                continue
+        curves = q.records(con, q.CURVES, {"dimension": spec["dimension"]})
+        lr_rows = q.records(con, q.LR_SWEEP, {"dimension": spec["dimension"]})
+        blocks = []
+        for task, gs in _by_task(groups).items():
+            gs = order_groups(gs)
+            names = {g.group for g in gs}
+            if spec.get("methods"):  # a narrowed view of a dimension repeats that dimension's findings
+                texts = sentences([f for f in findings if f.task == task and f.dimension == spec["dimension"]
+                                   and f.a in names and (f.b in names or f.kind == "diverged")])
+            else:
+                texts = add(compare(task, spec["dimension"], gs))
+                texts += add(diverged_findings([r for r in lr_rows if r["task"] == task and r["group"] in names],
+                                               spec["dimension"]))
+            fig = {"kind": "dimension", "file": f"figures/{spec['key']}_{task}.png", "task": task,
+                   "title": f"{spec['title']}: {task_title(task)}", "groups": gs,
+                   "curves": [c for c in curves if c["task"] == task and c["group"] in names]}
+            figures.append(fig)
+            caption = (f"Left: test {metric_title(gs[0].metric)} at each group's best learning rate, mean and "
+                       f"{LEVEL:.0%} t interval over seeds. Right: validation {metric_title(gs[0].metric)} during "
+                       f"training (mean over seeds); dashed: training loss.")
+            blocks.append(Block(task, task_title(task), Figure(fig["file"], fig["title"], caption),
+                                dimension_table(gs), texts))
+        if blocks:
+            sections.append(Section(spec["key"], spec["title"], spec["about"], blocks))
+
+    # Recommendations: every finding, per task, strongest first
+    order = {"better": 0, "cheapest_tie": 1, "within_noise": 2, "single_seed": 3, "diverged": 4}
+    recommendations: dict[str, list[str]] = {}
+    for task in _by_task(all_groups):
+        mine = sorted((f for f in findings if f.task == task), key=lambda f: order[f.kind])
+        recommendations[task] = sentences(mine)
+
+    across = across_tasks(method_groups, figures)
+    pareto = pareto_blocks(summary_source if method_groups else all_groups, figures)
+    learning_rate = lr_blocks(q.records(con, q.LR_SWEEP, {"dimension": "method"}) if method_groups
+                              else [], figures)
+    generations = generation_sets(q.records(con, q.GENERATIONS, {"dimension": "method" if method_groups
+                                                                  else all_groups[0].dimension}))
+    problems = q.records(con, q.PROBLEM_TRIALS)
+
+    study = sweeps[0]["study"]
+    total = sum(s["completed"] + s["diverged"] + s["failed"] + s["stopped"] + s["unfinished"] for s in sweeps)
+    completed = sum(s["completed"] for s in sweeps)
+    model_text = ", ".join(f"{m['model']} ({m['model_n_layer'] or 'preset'} layers)" if m["model_n_layer"]
+                           else m["model"] for m in models)
+    scope = [f"Study **{study}**: {len(sweeps)} sweep(s), {total} trials, {completed} completed.",
+             f"Model: {model_text}; initialisation: {', '.join(f'{k} ({v} trials)' for k, v in inits.items())}.",
+             f"Tasks: {', '.join(task_title(t) for t in _by_task(all_groups))}."]
+    how = [
+        "Each group is reported at its own best learning rate: among the learning rates with no diverged or failed "
+        "seed, the one with the best mean validation metric. The test metric is reported there and never used to "
+        "choose.",
+        f"Intervals are two-sided {LEVEL:.0%} Student-t intervals of the mean over seeds (t quantile with n-1 degrees "
+        "of freedom, sample SD); with 2-3 seeds they are wide on purpose. A bootstrap is not used: over 3 seeds it "
+        "has at most 10 distinct resamples and undercovers.",
+        "A recommendation is made only when two intervals do not overlap (stricter than a t-test); otherwise the "
+        "guide says the difference is within noise. A group with a single seed gets no interval and no conclusion.",
+        "Peak memory is the CUDA peak allocated by PyTorch on a GPU, and the peak resident memory of the whole trial "
+        "process (runtime included) on a CPU. Wall time covers training and evaluation of one trial.",
+    ]
+    reproduce = {"sweeps": [_sweep_view(s) for s in sweeps], "problems": problems,
+                 "problem_table": Table(["status", "task", "dimension", "group", "LR", "seed", "steps", "trial",
+                                         "error"],
+                                        [[p["status"], p["task"], p["dimension"], p["group"], fmt_lr(p["lr"]),
+                                          str(p["seed"]), str(p["steps"] if p["steps"] is not None else "–"),
+                                          p["id"], p["error"] or ""] for p in problems])}
+    title = "Fine-tuning GPT-2: a measured guide"
+    return Guide(title, random_init, scope, how, summary, recommendations, across, sections, pareto,
+                 learning_rate, generations, reproduce, findings, figures)
+
+
+def _sweep_view(s: dict[str, Any]) -> dict[str, Any]:
+    versions = json.loads(s["package_versions"]) if s["package_versions"] else {}
+    hardware = json.loads(s["hardware"]) if s["hardware"] else {}
+    return {**s, "versions": ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+            "hardware_text": ", ".join(f"{k}: {v}" for k, v in hardware.items()),
+            "started": f"{s['started_at']:%Y-%m-%d %H:%M}" if s["started_at"] else "–",
+            "ended": f"{s['ended_at']:%Y-%m-%d %H:%M}" if s["ended_at"] else "not ended"}
+
+
+def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) -> Block | None:
+    by_task = _by_task(method_groups)
+    if not by_task:
+        return None
+    names = [g.group for g in order_groups({g.group: g for g in method_groups}.values())]
+    rows, sentences = [], []
+    marks: dict[tuple[str, str], str] = {}
+    for task, gs in by_task.items():
+        done = sorted((g for g in gs if g.test_mean is not None), key=lambda g: (-g.score(), g.group))
+        if not done:
+            continue
+        best = done[0]
+        tied = [g for g in done[1:] if separated(best.iv, g.iv) is False]
+        unknown = [g for g in done[1:] if separated(best.iv, g.iv) is None]
+        marks[(task, best.group)] = " (best)"
+        for g in tied:
+            marks[(task, g.group)] = " (≈ best)"
+        kind = TASK_KINDS.get(task, task)
+        text = f"{kind[:1].upper() + kind[1:]} ({task}): {best.group} is best ({best.shown})"
+        if tied:
+            text += f"; within noise of it: {', '.join(g.group for g in tied)}"
+        if unknown:
+            text += f"; not comparable (single seed): {', '.join(g.group for g in unknown)}"
+        sentences.append(text + ".")
+    for name in names:
+        row = [name]
+        for task, gs in by_task.items():
+            g = next((g for g in gs if g.group == name), None)
+            row.append("–" if g is None else g.shown + marks.get((task, name), ""))
+        rows.append(row)
+    columns = ["group"] + [f"{t} ({metric_title(gs[0].metric)})" for t, gs in by_task.items()]
+    fig = {"kind": "across", "file": "figures/across_tasks.png", "title": "Methods across tasks",
+           "by_task": by_task, "names": names}
+    figures.append(fig)
+    return Block("all", "Across tasks", Figure(fig["file"], fig["title"],
+                                              f"Each method at its best learning rate on every task, mean and "
+                                              f"{LEVEL:.0%} t interval over seeds."),
+                 Table(columns, rows, align=["l"] + ["r"] * len(by_task)), sentences)
+
+
+def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> list[Block]:
+    blocks = []
+    for task, gs in _by_task(groups).items():
+        gs = [g for g in gs if g.test_mean is not None]
+        if not gs:
+            continue
+        hib = gs[0].higher_is_better
+        sentences, fronts = [], {}
+        for axis, label in (("trainable_params", "trainable parameters"), ("wall_seconds", "wall time"),
+                            ("peak_memory_mb", "peak memory")):
+            usable = [g for g in gs if getattr(g, axis)]
+            front = [usable[i] for i in pareto_front([(getattr(g, axis), g.test_mean) for g in usable], hib)]
+            fronts[axis] = [g.group for g in front]
+            if front:
+                sentences.append(f"Best {metric_title(gs[0].metric)} for its {label}: "
+                                 f"{', '.join(f'{g.group} ({fmt_metric(g.test_mean, g.metric)})' for g in front)}.")
+        fig = {"kind": "pareto", "file": f"figures/pareto_{task}.png", "task": task,
+               "title": f"Pareto fronts: {task_title(task)}", "groups": gs, "fronts": fronts}
+        figures.append(fig)
+        blocks.append(Block(task, task_title(task),
+                            Figure(fig["file"], fig["title"],
+                                   f"Test {metric_title(gs[0].metric)} (mean over seeds) against cost; the line joins "
+                                   "the groups no other group beats on both axes. Log axes for parameters and time."),
+                            None, sentences))
+    return blocks
+
+
+def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> list[Block]:
+    blocks = []
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    for task in sorted(by_task, key=lambda t: (list(TASK_TITLES).index(t) if t in TASK_TITLES else 99, t)):
+        rs = by_task[task]
+        metric = next((r["metric"] for r in rs if r["metric"]), None)
+        hib = q.higher_is_better(metric)
+        table_rows, sentences = [], []
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rs:
+            groups[r["group"]].append(r)
+        for name, lrs in groups.items():
+            ok = [r for r in lrs if r["val_mean"] is not None and not r["n_diverged"] and not r["n_other"]]
+            vals = [r["val_mean"] for r in ok]
+            tried = ", ".join(fmt_lr(r["lr"]) for r in lrs)
+            if not ok:
+                table_rows.append([name, tried, "–", "–", "–", "no learning rate completed every seed"])
+                continue
+            best = (max if hib else min)(ok, key=lambda r: r["val_mean"])
+            worst = (min if hib else max)(ok, key=lambda r: r["val_mean"])
+            diverged = sum(r["n_diverged"] for r in lrs)
+            if len(lrs) == 1:
+                note = "one learning rate tried: sensitivity not measured"
+                spread = "–"
+            else:
+                spread = fmt_metric(abs(best["val_mean"] - worst["val_mean"]), metric)
+                note = (f"validation {metric_title(metric)} moves by {spread} across {len(lrs)} learning rates"
+                        + (f"; {diverged} diverged trial(s)" if diverged else ""))
+                if len(vals) > 1:
+                    sentences.append(f"{name} on {task}: best learning rate {fmt_lr(best['lr'])}; {note}.")
+            table_rows.append([name, tried, fmt_lr(best["lr"]), fmt_metric(best["val_mean"], metric),
+                               fmt_metric(worst["val_mean"], metric), note])
+        fig = {"kind": "lr", "file": f"figures/lr_{task}.png", "task": task, "metric": metric,
+               "title": f"Learning rate: {task_title(task)}", "rows": rs}
+        figures.append(fig)
+        blocks.append(Block(task, task_title(task),
+                            Figure(fig["file"], fig["title"],
+                                   f"Validation {metric_title(metric)} (mean over seeds) at every learning rate tried, "
+                                   "per method; a cross marks a learning rate where a seed diverged."),
+                            Table(["group", "learning rates tried", "best LR", f"validation {metric_title(metric)}",
+                                   "worst completed", "sensitivity"], table_rows,
+                                  align=["l", "l", "r", "r", "r", "l"]),
+                            sentences))
+    return blocks
+
+
+def generation_sets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, the kept generations for each prompt, one column per group (side by side)."""
+    out = []
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    for task, rs in by_task.items():
+        groups = [(r["group"], json.loads(r["generations"]), r["seed"]) for r in rs]
+        prompts = []
+        for i, sample in enumerate(groups[0][1]):
+            prompts.append({"prompt": sample["prompt"], "reference": sample.get("reference", ""),
+                            "outputs": [(g, s, gens[i]["generation"] if i < len(gens) else "")
+                                        for g, gens, s in groups]})
+        out.append({"task": task, "title": task_title(task), "prompts": prompts})
+    return out
