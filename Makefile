@@ -23,11 +23,13 @@ test: lint
 	$(PY) -m pytest
 
 # The demo study (gpt2 124M on an SMS spam subset, six methods; random-init with a loud warning when offline) on this
-# machine with an embedded Ray, then where the database is and a short table of results.
+# machine with an embedded Ray, a short table of results, then the guide (its path is the last line printed).
 DEMO_DB ?= results/demo.duckdb
+DEMO_GUIDE ?= reports/demo
 demo: install
 	$(PY) sweeps/launch.py grid --study demo --db $(DEMO_DB)
 	$(PY) sweeps/launch.py summary --db $(DEMO_DB)
+	$(PY) analysis/build_guide.py --db $(DEMO_DB) --out $(DEMO_GUIDE)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache test-artifacts

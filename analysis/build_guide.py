@@ -98,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatabaseError as err:
         print(f"build_guide: {err}", file=sys.stderr)
         return 2
+    print(f"markdown: {html.with_name('guide.md').resolve()}")
     print(f"guide: {html.resolve()}")
-    print(f"       {html.with_name('guide.md').resolve()}")
     return 0
 
 

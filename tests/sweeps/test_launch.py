@@ -64,6 +64,18 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
                                       count(*) FILTER (WHERE split = 'test') FROM metrics GROUP BY trial_id""").fetchall()
     assert len(per_trial) == 60 and all(r[1] == 3 and r[2] >= 2 for r in per_trial)
     assert "ended after" in out
+    con.close()
+    # the guide builds from what the sweep wrote: every task and dimension, the random-init banner, generations
+    run = subprocess.run([PY, "analysis/build_guide.py", "--db", str(db), "--out", str(tmp_path / "guide")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    md = (tmp_path / "guide" / "guide.md").read_text()
+    assert "Random-init results" in md.split("## How to read")[0]
+    for title in ("## LoRA rank", "## How many layers get LoRA", "## Which projections get LoRA", "## Optimizers",
+                  "## Learning-rate schedules", "## How many transformer blocks to train (last-k)",
+                  "## Instruction tuning: generations side by side", "### Alpaca (instruction tuning)"):
+        assert title in md
+    assert "Every selected trial completed." in md
 
 
 def _free_port() -> int:

@@ -1,0 +1,94 @@
+"""A study database with planted effects, written through the same writer the sweep driver uses.
+
+Planted (test metric per seed; trainable parameters per method: full 124M, lora 0.4M):
+- sms_spam: full (0.95, 0.96, 0.97) is far better than lora (0.80, 0.81, 0.82).
+  full also ran at lr 1e-4 with a *better test* but worse validation score (the guide must choose by validation),
+  and at lr 1e-3, where seed 0 diverged although the other seeds scored the best validation of all (the guide must
+  not pick a learning rate that diverged).
+- imdb: full (0.86, 0.88, 0.90) and lora (0.87, 0.885, 0.89) are equal within noise; lora is far cheaper.
+  One lora trial at lr 1e-3 failed (an error, not a divergence).
+- nli: one seed each (full 0.60, lora 0.50): no interval, no conclusion.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from analysis.db import ResultsWriter, trial_row
+from sweeps.config import TrialConfig
+
+SWEEP = "synthetic-20261126-000000-abcd"
+PARAMS = {"full": (124_439_808, 124_439_808), "lora": (442_368, 124_882_176)}
+
+# (task, group, lr, seed) -> (status, val, test)
+PLANT: dict[tuple[str, str, float, int], tuple[str, float | None, float | None]] = {}
+for seed, (v, t) in enumerate([(0.90, 0.95), (0.91, 0.96), (0.92, 0.97)]):
+    PLANT[("sms_spam", "full", 5e-5, seed)] = ("completed", v, t)
+for seed, (v, t) in enumerate([(0.85, 0.98), (0.86, 0.99), (0.84, 0.985)]):
+    PLANT[("sms_spam", "full", 1e-4, seed)] = ("completed", v, t)
+PLANT[("sms_spam", "full", 1e-3, 0)] = ("diverged", None, None)
+PLANT[("sms_spam", "full", 1e-3, 1)] = ("completed", 0.99, 0.99)
+PLANT[("sms_spam", "full", 1e-3, 2)] = ("completed", 0.99, 0.99)
+for seed, (v, t) in enumerate([(0.80, 0.80), (0.81, 0.81), (0.82, 0.82)]):
+    PLANT[("sms_spam", "lora", 5e-4, seed)] = ("completed", v, t)
+for seed, (v, t) in enumerate([(0.85, 0.86), (0.86, 0.88), (0.87, 0.90)]):
+    PLANT[("imdb", "full", 5e-5, seed)] = ("completed", v, t)
+for seed, (v, t) in enumerate([(0.86, 0.87), (0.86, 0.885), (0.86, 0.89)]):
+    PLANT[("imdb", "lora", 5e-4, seed)] = ("completed", v, t)
+PLANT[("imdb", "lora", 1e-3, 0)] = ("failed", None, None)
+PLANT[("nli", "full", 5e-5, 0)] = ("completed", 0.61, 0.60)
+PLANT[("nli", "lora", 5e-4, 0)] = ("completed", 0.52, 0.50)
+
+# What the guide must conclude, and nothing else: (kind, task, dimension, a, b)
+EXPECTED = {
+    ("better", "sms_spam", "method", "full", "lora"),
+    ("within_noise", "imdb", "method", "lora", "full"),
+    ("cheapest_tie", "imdb", "method", "lora", "full"),
+    ("single_seed", "nli", "method", "full", "lora"),
+    ("diverged", "sms_spam", "method", "full", "1e-3"),
+}
+
+
+# Instruction tuning (perplexity, lower is better), with kept generations; only in the guide built by build(alpaca=True)
+ALPACA = {("alpaca", "full", 5e-5, seed): ("completed", 20.0 + seed, 21.0 + seed) for seed in range(2)}
+ALPACA.update({("alpaca", "lora", 5e-4, seed): ("completed", 24.0 + seed, 25.0 + seed) for seed in range(2)})
+GENERATIONS = [{"prompt": "### Instruction:\nName a colour.\n\n### Response:\n", "generation": "Blue <b>sky</b>",
+                "reference": "Red."}]
+
+
+def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpaca: bool = False) -> Path:
+    writer = ResultsWriter(path)
+    writer.start_sweep({
+        "id": SWEEP, "study": "synthetic", "kind": "grid", "started_at": datetime(2026, 11, 26, 9, 0),
+        "ended_at": None, "status": "running", "planned_trials": len(plant or PLANT) + (len(ALPACA) if alpaca else 0), "model_init": init,
+        "git_commit": "0123456789abcdef", "package_versions": {"torch": "2.13.0", "ray": "2.60.0"},
+        "hardware": {"cpus": 2, "gpus": []}, "command_line": "launch.py grid --study synthetic",
+        "storage_path": "/tmp/ray",
+    })
+    trials = {**(plant or PLANT), **(ALPACA if alpaca else {})}
+    for (task, group, lr, seed), (status, val, test) in trials.items():
+        metric = "perplexity" if task == "alpaca" else "accuracy"
+        config = TrialConfig.from_flat({"task.name": task, "method.name": group, "optim.lr": lr, "train.seed": seed,
+                                        "model.init": init}).to_flat()
+        spec = {"trial_id": f"{task}-{group}-{lr:g}-{seed}", "sweep_id": SWEEP, "study": "synthetic",
+                "dimension": "method", "group": group, "config": config}
+        trainable, total = PARAMS[group]
+        final = {"step": 100, "primary_metric": metric, f"val_{metric}": val, f"test_{metric}": test,
+                 "trainable_params": trainable, "total_params": total, "wall_seconds": 60.0 + seed,
+                 "tokens_per_s": 1000.0 * (2 if group == "lora" else 1), "peak_memory_mb": 2048.0 + seed,
+                 "tokens_seen": 100_000, "generations": GENERATIONS if task == "alpaca" else None}
+        if status == "completed":
+            writer.write_trial(trial_row(spec, status, final))
+            for step in (0, 50, 100):
+                writer.write_metrics(spec["trial_id"], step, "validation", {metric: val * (0.6 + 0.4 * step / 100)})
+                writer.write_metrics(spec["trial_id"], step, "train", {"loss": 1.0 - step / 200})
+        elif status == "diverged":
+            writer.write_trial(trial_row(spec, status, {"step": 7, "primary_metric": metric,
+                                                        "error": "loss became nan at step 7"},
+                                         error="loss became nan at step 7"))
+        else:
+            writer.write_trial(trial_row(spec, status, None, error="RuntimeError: worker died\ntraceback..."))
+    writer.end_sweep(SWEEP, "completed")
+    writer.close()
+    return path
