@@ -33,8 +33,10 @@ DEFAULT_OUT = "reports"
 
 
 def md_cell(value: object) -> str:
-    """A Markdown table cell: pipes escaped, newlines as spaces."""
-    return str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    """A Markdown table cell: pipes and HTML brackets escaped (text from the database stays text), newlines as
+    spaces."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def environment(autoescape: bool) -> jinja2.Environment:

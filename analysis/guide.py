@@ -450,7 +450,7 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
             sections.append(Section(spec["key"], spec["title"], spec["about"], blocks))
 
     # Recommendations: every finding, per task, strongest first
-    order = {"better": 0, "cheapest_tie": 1, "within_noise": 2, "single_seed": 3, "diverged": 4}
+    order = {"better": 0, "within_noise": 1, "cheapest_tie": 2, "single_seed": 3, "diverged": 4}
     recommendations: dict[str, list[str]] = {}
     for task in _by_task(all_groups):
         mine = sorted((f for f in findings if f.task == task), key=lambda f: order[f.kind])
@@ -586,23 +586,24 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> 
             groups[r["group"]].append(r)
         for name, lrs in groups.items():
             ok = [r for r in lrs if r["val_mean"] is not None and not r["n_diverged"] and not r["n_other"]]
-            vals = [r["val_mean"] for r in ok]
             tried = ", ".join(fmt_lr(r["lr"]) for r in lrs)
             if not ok:
                 table_rows.append([name, tried, "–", "–", "–", "no learning rate completed every seed"])
                 continue
             best = (max if hib else min)(ok, key=lambda r: r["val_mean"])
             worst = (min if hib else max)(ok, key=lambda r: r["val_mean"])
-            diverged = sum(r["n_diverged"] for r in lrs)
-            if len(lrs) == 1:
-                note = "one learning rate tried: sensitivity not measured"
-                spread = "–"
+            extra = "".join(f"; at {fmt_lr(r['lr'])} " + " and ".join(
+                part for part in (f"{r['n_diverged']} of {r['n_trials']} seeds diverged" if r["n_diverged"] else "",
+                                  f"{r['n_other']} of {r['n_trials']} failed or did not finish" if r["n_other"]
+                                  else "") if part)
+                for r in lrs if r not in ok)
+            if len(ok) == 1:
+                note = "one learning rate completed every seed: sensitivity not measured" + extra
             else:
                 spread = fmt_metric(abs(best["val_mean"] - worst["val_mean"]), metric)
-                note = (f"validation {metric_title(metric)} moves by {spread} across {len(lrs)} learning rates"
-                        + (f"; {diverged} diverged trial(s)" if diverged else ""))
-                if len(vals) > 1:
-                    sentences.append(f"{name} on {task}: best learning rate {fmt_lr(best['lr'])}; {note}.")
+                note = f"validation {metric_title(metric)} moves by {spread} across {len(ok)} learning rates" + extra
+            if len(lrs) > 1:
+                sentences.append(f"{name} on {task}: best learning rate {fmt_lr(best['lr'])}; {note}.")
             table_rows.append([name, tried, fmt_lr(best["lr"]), fmt_metric(best["val_mean"], metric),
                                fmt_metric(worst["val_mean"], metric), note])
         fig = {"kind": "lr", "file": f"figures/lr_{task}.png", "task": task, "metric": metric,
