@@ -57,6 +57,10 @@ SECTIONS: tuple[dict[str, Any], ...] = (
      "about": "The same method and schedule with different optimizers, each at its best learning rate."},
     {"key": "schedule", "dimension": "schedule", "title": "Learning-rate schedules",
      "about": "The same method and optimizer with different learning-rate schedules."},
+    {"key": "dpo", "dimension": "dpo", "title": "DPO preference tuning: method and β",
+     "about": "DPO on held-out preference pairs: preference accuracy is the share of pairs whose implicit reward "
+              "(β times the log-prob gain over the reference) is higher for the chosen answer. Groups differ in "
+              "method and β; each has its own learning-rate grid."},
 )
 
 METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora", "dpo")
@@ -405,12 +409,12 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
                 findings.append(f)
         return sentences(new)
 
-    # Summary: the method dimension (or every group when a sweep has none, e.g. a search)
-    method_groups = _groups(q.records(con, q.BEST, {"dimension": "method"}))
+    # Summary: per task, the groups of its main dimension (`method`; `dpo` for preference pairs; else its first)
     all_groups = _groups(q.records(con, q.BEST_ALL))
-    summary_source = method_groups or all_groups
+    main = main_dimensions(all_groups)
+    main_groups = [g for g in all_groups if g.dimension == main[g.task]]
     summary = [Block(task, task_title(task), None, summary_table(order_groups(gs)), [])
-               for task, gs in _by_task(summary_source).items()]
+               for task, gs in _by_task(main_groups).items()]
 
     # Dimension sections
     sections: list[Section] = []
@@ -456,12 +460,16 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
         mine = sorted((f for f in findings if f.task == task), key=lambda f: order[f.kind])
         recommendations[task] = sentences(mine)
 
-    across = across_tasks(method_groups, figures)
-    pareto = pareto_blocks(summary_source if method_groups else all_groups, figures)
-    learning_rate = lr_blocks(q.records(con, q.LR_SWEEP, {"dimension": "method"}) if method_groups
-                              else [], figures)
-    generations = generation_sets(q.records(con, q.GENERATIONS, {"dimension": "method" if method_groups
-                                                                  else all_groups[0].dimension}))
+    across = across_tasks(main_groups, figures)
+    pareto = pareto_blocks(main_groups, figures)
+    lr_rows, generation_rows = [], []
+    for dimension in sorted(set(main.values())):
+        tasks_here = {t for t, d in main.items() if d == dimension}
+        lr_rows += [r for r in q.records(con, q.LR_SWEEP, {"dimension": dimension}) if r["task"] in tasks_here]
+        generation_rows += [r for r in q.records(con, q.GENERATIONS, {"dimension": dimension})
+                            if r["task"] in tasks_here]
+    learning_rate = lr_blocks(lr_rows, figures)
+    generations = generation_sets(generation_rows)
     problems = q.records(con, q.PROBLEM_TRIALS)
 
     study = sweeps[0]["study"]
@@ -502,6 +510,14 @@ def _sweep_view(s: dict[str, Any]) -> dict[str, Any]:
             "hardware_text": ", ".join(f"{k}: {v}" for k, v in hardware.items()),
             "started": f"{s['started_at']:%Y-%m-%d %H:%M}" if s["started_at"] else "–",
             "ended": f"{s['ended_at']:%Y-%m-%d %H:%M}" if s["ended_at"] else "not ended"}
+
+
+def main_dimensions(groups: Iterable[Group]) -> dict[str, str]:
+    """Each task's main dimension: ``method`` when measured, else ``dpo``, else the first one (e.g. ``search``)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for g in groups:
+        found[g.task].add(g.dimension)
+    return {task: next((d for d in ("method", "dpo") if d in dims), min(dims)) for task, dims in found.items()}
 
 
 def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) -> Block | None:

@@ -86,6 +86,10 @@ CREATE TABLE IF NOT EXISTS trials (
     train_checkpoint_every   INTEGER,
     train_max_new_tokens     INTEGER,
     train_group_by_length    BOOLEAN,
+    dpo_beta                 DOUBLE,
+    dpo_loss                 VARCHAR,
+    dpo_label_smoothing      DOUBLE,
+    dpo_init                 VARCHAR,
     config                   JSON NOT NULL,     -- the full flat configuration
     -- what the trial measured (null until it ends)
     steps                    INTEGER,
@@ -110,6 +114,12 @@ CREATE TABLE IF NOT EXISTS trials (
     result                   JSON,              -- the whole final record (per-class F1, generations, notes, ...)
     updated_at               TIMESTAMP NOT NULL
 );
+
+-- Columns added after the first release, for databases created before them (no-ops on new ones).
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_beta DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_loss VARCHAR;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_label_smoothing DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_init VARCHAR;
 
 -- Learning curves: every reported value of every trial.
 CREATE TABLE IF NOT EXISTS metrics (

@@ -23,6 +23,7 @@ from model.lora import LoRAConfig
 from model.methods import MethodConfig
 from sweeps.optim import OptimConfig, ScheduleConfig
 from tasks.base import TaskConfig
+from tasks.dpo import DPOConfig
 
 INITS = ("pretrained", "random")
 
@@ -153,6 +154,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
     "train": TrainConfig,
+    "dpo": DPOConfig,
 }
 
 
@@ -167,6 +169,7 @@ class TrialConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
@@ -280,6 +283,12 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
     if n_layer is None:
         return []
     found: list[tuple[str, str]] = []
+    task, dpo = built.get("task"), built.get("dpo")
+    if task is not None and dpo is not None and task.name != "preference" and dpo != DPOConfig():
+        found.append(("dpo", f"dpo.* options apply to task.name=preference only (task is {task.name})"))
+    if dpo is not None and dpo.init != "base" and not Path(dpo.init).is_dir():
+        found.append(("dpo.init", f"must be 'base' or a local checkpoint directory (sweeps/train.py --out); "
+                                  f"{dpo.init!r} is not a directory"))
     method = built.get("method")
     if method is not None:
         found.extend((f"method.{k}", m) for k, m in method.check_against(n_layer))

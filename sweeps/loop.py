@@ -28,7 +28,7 @@ from model import GPT2, GPT2Config, get_tokenizer
 from model.methods import apply_method
 from model.tokenizer import EOT_TOKEN_ID
 from sweeps.optim import build_optimizer, build_scheduler
-from tasks import Batch, Task, batch_order, collate, get_task
+from tasks import Batch, Task, batch_order, get_task
 
 Callback = Callable[[dict[str, Any]], None]
 SUBSET_SEED = 123  # subsets of the data are the same for every trial seed: seeds vary init and order, not data
@@ -144,9 +144,13 @@ def run_trial(
                 else contextlib.nullcontext())
 
     enc = get_tokenizer()
-    task = get_task(config.task)
+    task = get_task(config.task, dpo=config.dpo)
     splits = task.load(enc, seed=SUBSET_SEED)
-    model = build_model(config.model, train.seed)
+    if task.kind == "preference" and config.dpo.init != "base":  # DPO from an earlier result (e.g. Alpaca SFT)
+        model = GPT2.from_pretrained(config.dpo.init, embd_pdrop=config.model.dropout,
+                                     attn_pdrop=config.model.dropout, resid_pdrop=config.model.dropout)
+    else:
+        model = build_model(config.model, train.seed)
     torch.manual_seed(train.seed)
     head = task.make_head(model.config.n_embd)
     summary = apply_method(model, config.method, config.lora, head)
@@ -155,6 +159,9 @@ def run_trial(
         head.to(device)
     modules = [model] if head is None else [model, head]
     optimizer = build_optimizer(modules, config.optim)
+    prepare_started = time.perf_counter()
+    task.prepare(model, splits, device, autocast, train.eval_batch_size)  # DPO: the reference log-probs
+    prepare_seconds = time.perf_counter() - prepare_started
 
     lengths = splits["train"].lengths
     batches_per_epoch = math.ceil(len(lengths) / train.batch_size)
@@ -179,7 +186,7 @@ def run_trial(
         model.eval()
         order = batch_order(splits[split].lengths, train.eval_batch_size, 0, 0, shuffle=False)
         with autocast:
-            metrics = task.evaluate(forward_model, head, (collate(splits[split], b).to(device) for b in order))
+            metrics = task.evaluate(forward_model, head, (task.collate(splits[split], b).to(device) for b in order))
         model.train()
         return metrics
 
@@ -213,7 +220,7 @@ def run_trial(
             optimizer.zero_grad(set_to_none=True)
             loss_value, step_tokens = 0.0, 0
             for indices in group:
-                batch: Batch = collate(splits["train"], indices).to(device)
+                batch: Batch = task.collate(splits["train"], indices).to(device)
                 with autocast:
                     loss, _ = task.loss(forward_model, head, batch)
                 if not torch.isfinite(loss):
@@ -277,9 +284,12 @@ def run_trial(
             final["best_step"] = state.best_step
         final.update({f"val_{k}": v for k, v in evaluate("validation").items()})
         final.update({f"test_{k}": v for k, v in evaluate("test").items()})
-        if task.kind == "lm" and config.task.num_generations:
+        if task.kind in ("lm", "preference") and config.task.num_generations:
             final["generations"] = generate_samples(model, task, splits["test"], config, device, autocast)
     final["peak_memory_mb"] = peak_memory_mb(device)
+    if task.kind == "preference":
+        final["dpo_reference"] = task.reference_mode
+        final["dpo_reference_seconds"] = prepare_seconds
     final["wall_seconds"] = time.perf_counter() - wall_start
     final["model"], final["head"] = model, head  # for the caller's export; stripped before any serialisation
     emit({k: v for k, v in final.items() if k not in ("model", "head")})
@@ -294,15 +304,13 @@ def generate_samples(model: GPT2, task: Task, split: Any, config: Any, device: t
     samples = []
     model.eval()
     for i in range(min(config.task.num_generations, len(split))):
-        ids = split.ids(i)
-        prompt = ids[: int(split.labels[i])]
+        prompt, reference = task.prompt_and_reference(split, i)
         budget = min(config.train.max_new_tokens, model.config.n_positions - len(prompt))
         if budget < 1:
             continue
         with autocast:
             out = model.generate(prompt[None].to(device), budget, eos_token_id=EOT_TOKEN_ID)[0, len(prompt):]
         new = [t for t in out.tolist() if t != EOT_TOKEN_ID]
-        reference = [t for t in ids[len(prompt):].tolist() if t != EOT_TOKEN_ID]
         samples.append({"prompt": enc.decode(prompt.tolist()), "generation": enc.decode(new),
                         "reference": enc.decode(reference)})
     return samples

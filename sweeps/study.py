@@ -34,7 +34,8 @@ from model.gpt2 import PRESETS, preset_name
 from sweeps.config import TrialConfig, flatten, read_yaml
 
 STUDIES_DIR = Path(__file__).with_name("studies")
-TOP_LEVEL = {"name", "description", "base", "tasks", "seeds", "learning_rates", "dimensions"}
+TOP_LEVEL = {"name", "description", "base", "tasks", "seeds", "learning_rates", "dimensions", "dimension_tasks",
+             "task_dimensions"}
 
 
 @dataclass
@@ -64,6 +65,14 @@ class Study:
     dimensions: dict[str, dict[str, dict[str, Any]]]
     description: str = ""
     problems: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    dimension_tasks: dict[str, list[str]] = field(default_factory=dict)
+    """Dimensions that run on some tasks only (``dpo: [preference]``); unlisted ones run on every task."""
+    task_dimensions: dict[str, list[str]] = field(default_factory=dict)
+    """Tasks that run some dimensions only (``preference: [dpo]``); unlisted ones run every dimension."""
+
+    def runs(self, task: str, dimension: str) -> bool:
+        return (task in self.dimension_tasks.get(dimension, [task])
+                and dimension in self.task_dimensions.get(task, [dimension]))
 
     def lr_grid(self, method: str) -> list[float]:
         return self.learning_rates.get(method) or self.learning_rates.get("default") or []
@@ -129,9 +138,24 @@ def load_study(name_or_path: str) -> Study:
             problems.append((f"{path}: learning_rates.{method}", f"expected a list of positive numbers, got {grid!r}"))
         else:
             learning_rates[str(method)] = [float(x) for x in grid]
+    restrictions = {}
+    for key, outer, inner in (("dimension_tasks", dimensions, tasks), ("task_dimensions", tasks, dimensions)):
+        raw = data.get(key) or {}
+        restrictions[key] = {}
+        if not isinstance(raw, dict):
+            problems.append((f"{path}: {key}", "expected a mapping of name -> list of names"))
+            continue
+        for name, listed in raw.items():
+            if name not in outer:
+                problems.append((f"{path}: {key}.{name}", f"unknown; known: {', '.join(outer)}"))
+            elif not isinstance(listed, list) or not all(x in inner for x in listed):
+                problems.append((f"{path}: {key}.{name}", f"expected a list drawn from {', '.join(inner)}, "
+                                                          f"got {listed!r}"))
+            else:
+                restrictions[key][str(name)] = [str(x) for x in listed]
     study = Study(name=str(data.get("name") or path.stem), path=path, base=_flat(data.get("base"), f"{path}: base",
                   problems), tasks=tasks, seeds=seeds, learning_rates=learning_rates, dimensions=dimensions,
-                  description=str(data.get("description") or ""))
+                  description=str(data.get("description") or ""), **restrictions)
     if problems:
         raise ConfigError(problems, f"invalid study {path}")
     return study
@@ -155,9 +179,13 @@ def plan(study: Study, sweep_id: str, tasks: Sequence[str] | None = None, dimens
     trials: list[PlannedTrial] = []
     for task in tasks or list(study.tasks):
         for dim in dimensions or list(study.dimensions):
+            if not study.runs(task, dim):
+                continue
             for group, variant in study.dimensions[dim].items():
                 method = str({**study.base, **variant}.get("method.name", "full"))
-                grid = [variant["optim.lr"]] if "optim.lr" in variant else study.lr_grid(method)
+                given = variant.get("optim.lr")
+                grid = (list(given) if isinstance(given, list) else [given]) if given is not None else study.lr_grid(method)
+                variant = {k: v for k, v in variant.items() if k != "optim.lr"}  # a variant may give its own LR grid
                 if not grid:
                     problems.append((f"dimensions.{dim}.{group}", f"no learning rate grid for method {method!r} "
                                                                   "(add learning_rates.<method> or .default)"))
@@ -181,7 +209,8 @@ def plan(study: Study, sweep_id: str, tasks: Sequence[str] | None = None, dimens
 
 # Documented training-split sizes and mean tokens per example at each task's default max_length (measured on the
 # real data); the cost estimate only needs their order of magnitude.
-TASK_SCALE = {"sms_spam": (1045, 25), "imdb": (22500, 203), "nli": (4439, 30), "alpaca": (49973, 112)}
+TASK_SCALE = {"sms_spam": (1045, 25), "imdb": (22500, 203), "nli": (4439, 30), "alpaca": (49973, 112),
+              "preference": (929, 250)}
 # Sustained training throughput assumed by the estimate, in FLOP/s: a 2-core CPU in float32 (measured with
 # sweeps/bench.py: ~200 tokens/s for 124M, full fine-tuning) and a current datacenter GPU in bf16 at ~35% utilisation.
 THROUGHPUT = {"cpu": 1.5e11, "gpu": 1.5e14}

@@ -5,13 +5,16 @@ from tasks.base import Batch, EncodedSplit, Task, TaskConfig, batch_order, colla
 from tasks.data import DataError
 from tasks.imdb import Imdb
 from tasks.nli import Nli
+from tasks.preference import Preference
 from tasks.sms_spam import SmsSpam
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (SmsSpam, Imdb, Nli, Alpaca)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (SmsSpam, Imdb, Nli, Alpaca, Preference)}
 
 
-def get_task(config: TaskConfig) -> Task:
-    """The task object for a validated ``TaskConfig``."""
+def get_task(config: TaskConfig, dpo: object | None = None) -> Task:
+    """The task object for a validated ``TaskConfig`` (``dpo``: the DPO options of a preference task)."""
+    if config.name == "preference":
+        return Preference(config, dpo)
     return TASKS[config.name](config)
 
 

@@ -39,7 +39,7 @@ class TaskConfig:
     """Which task and its data options. Options a task does not use are ignored by it."""
 
     name: str = "sms_spam"
-    """``sms_spam``, ``imdb``, ``nli`` or ``alpaca``."""
+    """``sms_spam``, ``imdb``, ``nli``, ``alpaca`` or ``preference`` (DPO)."""
     max_length: int | None = None
     """Tokens per example after truncation; None is the task's default (sms_spam 128, imdb 256, nli 128, alpaca 512)."""
     max_train_examples: int | None = None
@@ -49,8 +49,10 @@ class TaskConfig:
     balanced: bool = True
     """sms_spam: True is the GPT-2 reference setup (ham undersampled to the 747 spam); False keeps all 5,574 messages
     with a stratified split."""
-    source: str = "sick"
-    """nli: ``sick`` (own splits), ``snli`` (dev/test only; see tasks/nli.py), or ``all_nli_med`` (Hugging Face)."""
+    source: str | None = None
+    """Which data a task reads; None is the task's default. nli: ``sick`` (default, own splits), ``snli`` (dev/test
+    only; see tasks/nli.py) or ``all_nli_med`` (Hugging Face). preference: ``instruction`` (default, 1,100 pairs),
+    ``hh_helpful`` or ``hh_helpful_train`` (see tasks/preference.py)."""
     prompt_loss: bool = False
     """alpaca: also train on the prompt tokens (default: loss on response tokens only)."""
     num_generations: int = 3
@@ -66,8 +68,11 @@ class TaskConfig:
                 problems.add(key, f"must be a positive integer or null, got {value!r}")
         if not isinstance(self.balanced, bool):
             problems.add("balanced", f"must be true or false, got {self.balanced!r}")
-        if self.source not in NLI_SOURCES:
-            problems.add("source", f"unknown NLI source {self.source!r}; choose one of {', '.join(NLI_SOURCES)}")
+        allowed = {"nli": NLI_SOURCES, "preference": PREFERENCE_SOURCES}.get(self.name)
+        if self.source is not None and allowed and self.source not in allowed:
+            problems.add("source", f"unknown {self.name} source {self.source!r}; choose one of {', '.join(allowed)}")
+        elif self.source is not None and self.name in TASK_NAMES and not allowed:
+            problems.add("source", f"task {self.name} has a single source; leave task.source unset")
         if not isinstance(self.prompt_loss, bool):
             problems.add("prompt_loss", f"must be true or false, got {self.prompt_loss!r}")
         if not is_int(self.num_generations) or self.num_generations < 0:
@@ -75,8 +80,9 @@ class TaskConfig:
         problems.raise_if_any("invalid task configuration")
 
 
-TASK_NAMES = ("sms_spam", "imdb", "nli", "alpaca")
+TASK_NAMES = ("sms_spam", "imdb", "nli", "alpaca", "preference")
 NLI_SOURCES = ("sick", "snli", "all_nli_med")
+PREFERENCE_SOURCES = ("instruction", "hh_helpful", "hh_helpful_train")
 
 
 @dataclass
@@ -87,6 +93,8 @@ class Example:
     text: str
     label: int = -1
     response: str = ""
+    rejected: str = ""
+    """Preference pairs: ``response`` is the chosen answer, ``rejected`` the other one."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -104,6 +112,7 @@ class EncodedSplit:
     tokens: torch.Tensor  # (total_tokens,) int32
     offsets: torch.Tensor  # (n + 1,) int64
     labels: torch.Tensor  # (n,) int64
+    reference: torch.Tensor | None = None  # (n, 2) preference pairs: reference log-probs of chosen, rejected
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,7 +135,7 @@ class EncodedSplit:
     def subset(self, indices: Sequence[int]) -> EncodedSplit:
         return EncodedSplit.from_lists([self.ids(i).tolist() for i in indices], [int(self.labels[i]) for i in indices])
 
-    def to_dict(self) -> dict[str, torch.Tensor]:
+    def to_dict(self) -> dict[str, torch.Tensor]:  # what the token cache stores
         return {"tokens": self.tokens, "offsets": self.offsets, "labels": self.labels}
 
 
@@ -174,9 +183,11 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded
     attention_mask: torch.Tensor  # (B, T) 1 = token
     labels: torch.Tensor  # (B,) class ids or prompt lengths
+    reference: torch.Tensor | None = None  # (B/2, 2) preference batches: precomputed reference log-probs
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.input_ids, self.attention_mask, self.labels, self.reference)))
 
     @property
     def real_tokens(self) -> int:
@@ -279,6 +290,20 @@ class Task:
     def make_head(self, n_embd: int) -> nn.Module | None:
         return None
 
+    def collate(self, split: EncodedSplit, indices: Sequence[int]) -> Batch:
+        """One batch of the given examples."""
+        return collate(split, indices)
+
+    def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
+                batch_size: int) -> None:
+        """Called once the model and method are set up, before training (DPO computes its reference here)."""
+
+    def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
+        """A held-out prompt to generate from, and its reference answer (language modelling tasks)."""
+        ids = split.ids(i)
+        prompt = ids[: int(split.labels[i])]
+        return prompt, [t for t in ids[len(prompt):].tolist() if t != EOT_TOKEN_ID]
+
     def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
         """Mean loss over the batch's scored items, and how many items that is."""
         raise NotImplementedError
@@ -371,6 +396,134 @@ class LanguageModelingTask(Task):
             count += len(targets)
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}
+
+
+class PreferenceTask(Task):
+    """DPO on (prompt, chosen, rejected) pairs. An entry holds ``prompt+chosen+EOT`` then ``prompt+rejected+EOT``;
+    ``labels`` holds the prompt length. A batch of B pairs is 2B rows: the chosen sequences, then the rejected ones.
+
+    The reference model is the policy's starting point. With LoRA it is the policy with its adapters disabled (no
+    second copy); otherwise its log-probs are computed once, before training, for every pair (``prepare``): one pass
+    over the data instead of a frozen copy in memory and a second forward pass at every step (``sweeps/bench.py
+    --dpo`` measures the two).
+    """
+
+    kind = "preference"
+    primary_metric = "preference_accuracy"
+    higher_is_better = True
+
+    def __init__(self, config: TaskConfig, dpo: Any = None) -> None:
+        from tasks.dpo import DPOConfig
+
+        super().__init__(config)
+        self.dpo = dpo if dpo is not None else DPOConfig()
+        self.reference_mode = "precomputed"
+
+    @staticmethod
+    def boundary(ids: torch.Tensor, prompt_len: int) -> int:
+        """Where the chosen sequence ends in a pair entry (just after its end token)."""
+        eot = (ids[prompt_len:] == EOT_TOKEN_ID).nonzero()
+        return prompt_len + int(eot[0]) + 1
+
+    def collate(self, split: EncodedSplit, indices: Sequence[int]) -> Batch:
+        seqs, prompts = [], []
+        for i in indices:
+            ids, p = split.ids(i), int(split.labels[i])
+            cut = self.boundary(ids, p)
+            seqs.append((ids[:cut], ids[cut:]))
+            prompts.append(p)
+        rows = [c for c, _ in seqs] + [r for _, r in seqs]  # chosen rows first, then rejected
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), EOT_TOKEN_ID, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, r in enumerate(rows):
+            input_ids[row, : len(r)] = r
+            mask[row, : len(r)] = 1
+        reference = split.reference[list(indices)] if split.reference is not None else None
+        return Batch(input_ids, mask, torch.tensor(prompts + prompts, dtype=torch.long), reference)
+
+    def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
+        ids, p = split.ids(i), int(split.labels[i])
+        return ids[:p], ids[p : self.boundary(ids, p) - 1].tolist()  # the chosen answer
+
+    @staticmethod
+    def sequence_logps(model: GPT2, batch: Batch) -> torch.Tensor:
+        """Summed log-probability of each row's response tokens (prompt and padding masked), ``(2B,)``."""
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]  # (2B, T-1, C) predicts 1..T-1
+        targets = batch.input_ids[:, 1:]
+        position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]
+        scored = (position >= batch.labels[:, None]) & batch.attention_mask[:, 1:].bool()  # (2B, T-1)
+        logp = F.log_softmax(model.lm_head(hidden[scored]).float(), dim=-1)  # (N, V): only scored positions
+        token_logp = logp.gather(-1, targets[scored][:, None]).squeeze(-1)  # (N,)
+        rows = scored.nonzero()[:, 0]
+        return torch.zeros(len(batch.input_ids), device=logp.device).index_add_(0, rows, token_logp)
+
+    def reference_logps(self, model: GPT2, batch: Batch) -> torch.Tensor:
+        """Reference log-probs ``(B, 2)`` (chosen, rejected) of a batch."""
+        if batch.reference is not None:
+            return batch.reference.float()
+        from model.lora import disable_lora
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), disable_lora(model):
+                logps = self.sequence_logps(model, batch)
+        finally:
+            model.train(was_training)
+        return logps.view(2, -1).T
+
+    def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
+                batch_size: int) -> None:
+        from model.lora import lora_layers
+
+        if any(True for _ in lora_layers(model)):
+            self.reference_mode = "adapters_disabled"
+            return
+        self.reference_mode = "precomputed"
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for split in splits.values():
+                out = torch.empty(len(split), 2)
+                for start in range(0, len(split), batch_size):
+                    idx = list(range(start, min(start + batch_size, len(split))))
+                    with autocast:
+                        logps = self.sequence_logps(model, self.collate(split, idx).to(device))
+                    out[idx] = logps.view(2, -1).T.float().cpu()
+                split.reference = out
+        model.train(was_training)
+
+    def pair_terms(self, model: GPT2, batch: Batch) -> tuple[torch.Tensor, ...]:
+        from tasks.dpo import dpo_loss
+
+        policy = self.sequence_logps(model, batch).view(2, -1)  # (2, B): chosen, rejected
+        ref = self.reference_logps(model, batch).to(policy.device)  # (B, 2)
+        loss, chosen_reward, rejected_reward = dpo_loss(policy[0], policy[1], ref[:, 0], ref[:, 1], self.dpo)
+        return loss, chosen_reward, rejected_reward, policy.detach(), ref
+
+    def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
+        loss, *_ = self.pair_terms(model, batch)
+        return loss.mean(), len(loss)
+
+    @torch.no_grad()
+    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
+        """Held-out pairs: preference accuracy (chosen reward > rejected), mean reward margin, log-prob drift of the
+        chosen and rejected responses from the reference (summed over tokens), and the DPO loss."""
+        sums = {"loss": 0.0, "preference_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
+                "rejected_reward": 0.0, "chosen_logp_drift": 0.0, "rejected_logp_drift": 0.0}
+        n = 0
+        for batch in batches:
+            loss, cr, rr, policy, ref = self.pair_terms(model, batch)
+            sums["loss"] += float(loss.sum())
+            sums["preference_accuracy"] += float((cr > rr).sum())
+            sums["reward_margin"] += float((cr - rr).sum())
+            sums["chosen_reward"] += float(cr.sum())
+            sums["rejected_reward"] += float(rr.sum())
+            sums["chosen_logp_drift"] += float((policy[0] - ref[:, 0]).sum())
+            sums["rejected_logp_drift"] += float((policy[1] - ref[:, 1]).sum())
+            n += len(loss)
+        return {k: v / max(n, 1) for k, v in sums.items()}
 
 
 def _read_cache(path: Path) -> dict[str, EncodedSplit] | None:

@@ -53,11 +53,14 @@ class Source:
     """Path inside the data directory, e.g. ``sms_spam/SMSSpamCollection``."""
     url: str
     """Canonical download location."""
-    sha256: str
-    """sha256 of the file's content (uncompressed content for ``.gz`` files) once it is in place."""
+    sha256: str | None
+    """sha256 of the file's content (uncompressed content for ``.gz`` files) once it is in place; None when only the
+    download's own hash is published (then ``download_sha256`` is required)."""
     build: Callable[[Path, Path], None] | None = None
     """Turns the downloaded file into the stored one (unpack, convert); None stores the download as it is
     (gzip-compressed when ``relpath`` ends in ``.gz`` and the download is not)."""
+    download_sha256: str | None = None
+    """sha256 of the downloaded bytes, checked before anything else (e.g. a git-LFS oid)."""
 
 
 def _download(url: str, dest: Path) -> None:
@@ -92,6 +95,9 @@ def ensure(source: Source, root: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
         raw = Path(tmp) / "download"
         _download(source.url, raw)
+        if source.download_sha256 is not None and sha256_file(raw) != source.download_sha256:
+            raise DataError(f"{source.url}: checksum mismatch (sha256 {sha256_file(raw)}, expected "
+                            f"{source.download_sha256}); nothing was written to {path}")
         built = Path(tmp) / path.name
         if source.build is not None:
             source.build(raw, built)
@@ -101,7 +107,7 @@ def ensure(source: Source, root: Path | None = None) -> Path:
         else:
             raw.rename(built)
         actual = sha256_file(built, decompress=path.suffix == ".gz")
-        if actual != source.sha256:
+        if source.sha256 is not None and actual != source.sha256:
             raise DataError(f"{source.url}: checksum mismatch (sha256 {actual}, expected {source.sha256}); "
                             f"nothing was written to {path}")
         os.replace(built, path)

@@ -137,14 +137,18 @@ class Nli(ClassificationTask):
     label_names = LABELS
     default_max_length = 128
 
+    @property
+    def source(self) -> str:
+        return self.config.source or "sick"
+
     def cache_options(self) -> dict:
-        return {**super().cache_options(), "source": self.config.source}
+        return {**super().cache_options(), "source": self.source}
 
     def sources(self) -> list[Source]:
-        return [SOURCES[self.config.source]] if self.config.source in SOURCES else []
+        return [SOURCES[self.source]] if self.source in SOURCES else []
 
     def resolve_paths(self, root: Path | None) -> list[Path]:
-        if self.config.source != "all_nli_med":
+        if self.source != "all_nli_med":
             return super().resolve_paths(root)
         local = (root if root is not None else data_dir()) / "nli" / "all_nli_med"
         files = sorted(local.glob("**/*.parquet")) if local.is_dir() else []
@@ -164,10 +168,10 @@ class Nli(ClassificationTask):
         return files
 
     def read_splits(self, paths: list[Path]) -> dict[str, list[Example]]:
-        if self.config.source == "all_nli_med":
+        if self.source == "all_nli_med":
             return read_parquet_splits(paths)
         splits = read_jsonl(paths[0])
-        if self.config.source == "snli":
+        if self.source == "snli":
             dev = splits["validation"]
             order = np.random.RandomState(123).permutation(len(dev))
             cut = int(len(dev) * 0.9)

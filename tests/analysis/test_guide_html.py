@@ -92,7 +92,7 @@ def test_guide_renders_in_headless_chromium_with_every_image_and_no_console_erro
     assert broken == 1 and any("pareto_" in u for u in control_failed)
     for title in ("Summary", "Recommendations", "Across tasks", "Full fine-tuning vs LoRA vs partial methods",
                   "Pareto fronts: quality against cost", "Learning rate: best value and sensitivity",
-                  "Instruction tuning: generations side by side", "Reproduce"):
+                  "Generations side by side", "Reproduce"):
         assert title in headings
     assert "Prefer full over lora on sms_spam" in body
     assert "Blue <b>sky</b>" in body  # a generation shown as text, not markup

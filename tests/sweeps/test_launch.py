@@ -53,16 +53,16 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     con = _db(db)
     planned = con.execute("SELECT planned_trials, status, git_commit, package_versions->>'$.torch' FROM sweeps"
                           ).fetchone()
-    assert planned[0] == 60 and planned[1] == "completed" and planned[2] and planned[3]
-    assert con.execute("SELECT count(*), count(DISTINCT id) FROM trials").fetchone() == (60, 60)
-    assert con.execute("SELECT status, count(*) FROM trials GROUP BY status").fetchall() == [("completed", 60)]
-    assert con.execute("SELECT count(DISTINCT task), count(DISTINCT dimension) FROM trials").fetchone() == (4, 6)
+    assert planned[0] == 63 and planned[1] == "completed" and planned[2] and planned[3]
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM trials").fetchone() == (63, 63)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY status").fetchall() == [("completed", 63)]
+    assert con.execute("SELECT count(DISTINCT task), count(DISTINCT dimension) FROM trials").fetchone() == (5, 7)
     assert con.execute("SELECT count(*) FROM trials WHERE test_primary IS NULL OR trainable_params IS NULL"
                        ).fetchone()[0] == 0
     # learning curves: one train loss per step (max_steps 3, log_every 1) and final validation/test values
     per_trial = con.execute("""SELECT trial_id, count(*) FILTER (WHERE split = 'train' AND name = 'loss'),
                                       count(*) FILTER (WHERE split = 'test') FROM metrics GROUP BY trial_id""").fetchall()
-    assert len(per_trial) == 60 and all(r[1] == 3 and r[2] >= 2 for r in per_trial)
+    assert len(per_trial) == 63 and all(r[1] == 3 and r[2] >= 2 for r in per_trial)
     assert "ended after" in out
     con.close()
     # the guide builds from what the sweep wrote: every task and dimension, the random-init banner, generations
@@ -73,9 +73,10 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     assert "Random-init results" in md.split("## How to read")[0]
     for title in ("## LoRA rank", "## How many layers get LoRA", "## Which projections get LoRA", "## Optimizers",
                   "## Learning-rate schedules", "## How many transformer blocks to train (last-k)",
-                  "## Instruction tuning: generations side by side", "### Alpaca (instruction tuning)"):
+                  "## Generations side by side", "### Alpaca (instruction tuning)"):
         assert title in md
     assert "Every selected trial completed." in md
+    assert "## DPO preference tuning: method and β" in md and "### Preference pairs (DPO)" in md
 
 
 def _free_port() -> int:
