@@ -14,3 +14,12 @@ def test_bench_smoke_prints_both_sides_and_a_ratio(capsys) -> None:
                                              ["classification", "full"], ["classification", "lora"]]
     for row in rows:
         assert re.search(r"[\d,]+\s+[\d,]+\s+\d+\.\d\dx", row), row
+
+
+def test_dpo_reference_bench_smoke_compares_both_strategies(capsys) -> None:
+    from sweeps.bench_dpo import main as bench_dpo
+
+    assert bench_dpo(["--smoke"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"(full|last_k) ", line)]
+    assert [r[:2] for r in rows] == [["full", "1"], ["full", "2"], ["last_k", "1"], ["last_k", "2"]]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x") for r in rows)
