@@ -41,7 +41,7 @@ from model import CheckpointError, ConfigError, TokenizerError
 from model.checkpoint import resolve_checkpoint
 from sweeps.study import PlannedTrial, estimate_hours, estimate_tokens, load_study, plan
 from sweeps.train import parse_sets
-from tasks import DataError
+from tasks import TASKS, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DB = Path("results/results.duckdb")
@@ -279,7 +279,7 @@ def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
     print(f"sweep {sweep_id} ended after {time.perf_counter() - started:.0f} s: {counts}; database {db}", flush=True)
 
 
-def search_space(method: str, n_layer: int) -> dict[str, Any]:
+def search_space(method: str, n_layer: int, task: str = "") -> dict[str, Any]:
     """What a search varies for each method (flat keys), on scales where the optimum is usually found."""
     from ray import tune
 
@@ -292,6 +292,8 @@ def search_space(method: str, n_layer: int) -> dict[str, Any]:
     if method == "lora":
         space.update({"lora.rank": tune.choice([1, 2, 4, 8, 16, 32, 64]), "lora.alpha": tune.choice([4, 8, 16, 32]),
                       "lora.dropout": tune.uniform(0.0, 0.2), "lora.targets": tune.choice(["attention", "mlp", "all"])})
+    if task == "preference":  # DPO: how hard to pull towards the reference
+        space["dpo.beta"] = tune.loguniform(0.02, 1.0)
     return space
 
 
@@ -313,9 +315,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = TrialConfig.from_flat(base)  # bad keys stop here, before Ray starts
     sweep_id = args.name or f"search-{args.task}-{args.method}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     search = {"base": config.to_flat(), "sweep_id": sweep_id, "study": study.name, "group": args.method}
-    space = search_space(args.method, config.model.n_layer_known or 12)
-    metric = "val_perplexity" if args.task == "alpaca" else "val_accuracy"
-    mode = "min" if args.task == "alpaca" else "max"
+    space = search_space(args.method, config.model.n_layer_known or 12, args.task)
+    task_cls = TASKS[args.task]
+    metric = f"val_{task_cls.primary_metric}"
+    mode = "max" if task_cls.higher_is_better else "min"
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else default_gpus_per_trial()
     if args.address is None:
         check_local_resources(args.cpus_per_trial, gpus)
