@@ -163,13 +163,14 @@ def across_figure(fig_spec: dict[str, Any], path: Path) -> None:
     names: list[str] = fig_spec["names"]
     fig, axes = plt.subplots(1, len(by_task), figsize=(max(4.0 * len(by_task), 6), 4.2), squeeze=False)
     for ax, (task, gs) in zip(axes[0], by_task.items(), strict=True):
-        for y, name in enumerate(names):
+        here = [n for n in names if any(g.group == n for g in gs)]  # each panel lists only its own groups
+        for y, name in enumerate(here):
             g = next((g for g in gs if g.group == name), None)
             if g is None or g.test_mean is None:
                 continue
             ax.errorbar([g.test_mean], [y], xerr=None if g.iv.half is None else [[g.iv.half], [g.iv.half]],
                         fmt="o", color=colour(g.method), capsize=4)
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(here)), here)
         ax.invert_yaxis()
         metric = gs[0].metric
         ax.set_xlabel(f"test {metric_title(metric)}")
