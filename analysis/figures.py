@@ -44,6 +44,9 @@ def _metric_axis(ax: Any, metric: str, values: Sequence[float]) -> None:
     ax.set_ylabel(f"{metric_title(metric)} ({'lower' if not higher_is_better(metric) else 'higher'} is better)")
     if metric == "perplexity" and _spans_decades(values):
         ax.set_yscale("log")
+    elif metric != "perplexity":  # shares: an interval wider than [0, 1] is drawn cut at the bounds
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, -0.02), min(high, 1.02))
 
 
 def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
