@@ -188,6 +188,11 @@ ORDER BY t.task, t.dimension,
 
 LATEST_SWEEP = "SELECT id FROM sweeps ORDER BY started_at DESC LIMIT 1"
 
+EXPORTED_TRIAL = """
+-- A trial a DPO run may start from (dpo.init=<trial id>): its status, whether it kept its weights, and where.
+SELECT t.status, t.train_export, s.storage_path FROM trials t JOIN sweeps s ON s.id = t.sweep_id WHERE t.id = ?
+"""
+
 
 def higher_is_better(metric: str | None) -> bool:
     return metric not in LOWER_IS_BETTER

@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS trials (
     train_checkpoint_every   INTEGER,
     train_max_new_tokens     INTEGER,
     train_group_by_length    BOOLEAN,
+    train_export             BOOLEAN,
     dpo_beta                 DOUBLE,
     dpo_loss                 VARCHAR,
     dpo_label_smoothing      DOUBLE,
@@ -116,6 +117,7 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 
 -- Columns added after the first release, for databases created before them (no-ops on new ones).
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_export BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_beta DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_loss VARCHAR;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_label_smoothing DOUBLE;

@@ -116,6 +116,9 @@ class TrainConfig:
     """Language-modelling tasks: length of the kept greedy generations."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
+    export: bool = False
+    """Sweeps: keep the final weights under ``<storage>/<sweep>/exports/<trial id>`` (``sweeps/train.py --out``'s
+    layout) so a later trial can start from them, e.g. DPO after instruction tuning (``dpo.init=<trial id>``)."""
 
     def __post_init__(self) -> None:
         problems = Problems()
@@ -140,7 +143,7 @@ class TrainConfig:
             problems.add("early_stopping_patience", "needs train.eval_every (evaluations to compare)")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.add("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        for key in ("compile", "group_by_length", "eval_at_start"):
+        for key in ("compile", "group_by_length", "eval_at_start", "export"):
             if not isinstance(getattr(self, key), bool):
                 problems.add(key, f"must be true or false, got {getattr(self, key)!r}")
         problems.raise_if_any("invalid training configuration")

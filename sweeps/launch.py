@@ -39,7 +39,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from analysis.db import DatabaseError, ResultsWriter, connect, trial_row
 from model import CheckpointError, ConfigError, TokenizerError
 from model.checkpoint import resolve_checkpoint
-from sweeps.study import PlannedTrial, estimate_hours, estimate_tokens, load_study, plan
+from sweeps.study import PlannedTrial, estimate_hours, estimate_tokens, load_study, plan, resolve_init
 from sweeps.train import parse_sets
 from tasks import TASKS, DataError
 
@@ -193,7 +193,8 @@ def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: st
     specs = {t.trial_id: t.as_spec() for t in trials}
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, finished={}), resources),
+        tune.with_resources(tune.with_parameters(trainable, finished={}, export_root=export_root(storage)),
+                            resources),
         param_space={"trial": tune.grid_search(list(specs.values()))},
         tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
@@ -204,6 +205,11 @@ def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: st
         ),
     )
     tuner.fit()
+
+
+def export_root(storage: str) -> str | None:
+    """Where trials with ``train.export`` keep their final weights (``<storage>/exports/<trial id>``)."""
+    return None if "://" in storage else str(Path(storage) / "exports")
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -227,10 +233,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     if args.model:
         overrides["model.name"] = args.model
+    for flat in (overrides, study.base, *study.tasks.values(),
+                 *(variant for variants in study.dimensions.values() for variant in variants.values())):
+        resolve_init(flat, args.db)  # dpo.init=<trial id> -> that trial's exported weights
     sweep_id = args.name or f"{study.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     selection = {"tasks": _split(args.tasks), "dimensions": _split(args.dimensions),
                  "seeds": [int(s) for s in _split(args.seeds)] if args.seeds else None}
     trials = plan(study, sweep_id, overrides=overrides, **selection)
+    if any(t.config["train.export"] for t in trials) and export_root(_storage(args)) is None:
+        raise ConfigError([("train.export", f"keeping weights needs --storage on a filesystem the nodes share; "
+                                            f"{_storage(args)} is a URI")])
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else default_gpus_per_trial()
     if args.dry_run:
         print_plan(trials, gpus)
@@ -343,7 +355,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising {metric} "
           f"({mode}), database {args.db}", flush=True)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, finished={}),
+        tune.with_resources(tune.with_parameters(trainable, finished={}, export_root=export_root(storage)),
                             {"cpu": args.cpus_per_trial, "gpu": gpus}),
         param_space={"search": search, **space},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=OptunaSearch(seed=args.seed),
@@ -387,8 +399,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     resources = {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
     args.cpus_per_trial, args.gpus_per_trial = resources["cpu"], resources["gpu"]
     if ray_state_readable(path):
-        restored = tune.Tuner.restore(path, tune.with_resources(tune.with_parameters(trainable, finished=finished),
-                                                                resources), resume_unfinished=True, resume_errored=True)
+        restored = tune.Tuner.restore(path, tune.with_resources(
+            tune.with_parameters(trainable, finished=finished, export_root=export_root(storage)), resources),
+            resume_unfinished=True, resume_errored=True)
         _run_and_close(restored.fit, args.db, sweep_id)
         return 0
     # Ray writes its experiment state in place; a driver killed mid-write leaves it torn (and Ray would then restart

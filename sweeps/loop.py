@@ -147,7 +147,9 @@ def run_trial(
     task = get_task(config.task, dpo=config.dpo)
     splits = task.load(enc, seed=SUBSET_SEED)
     if task.kind == "preference" and config.dpo.init != "base":  # DPO from an earlier result (e.g. Alpaca SFT)
-        model = GPT2.from_pretrained(config.dpo.init, embd_pdrop=config.model.dropout,
+        init = Path(config.dpo.init)
+        init = init / "model" if (init / "model" / "config.json").is_file() else init  # a train.py --out folder
+        model = GPT2.from_pretrained(init, embd_pdrop=config.model.dropout,
                                      attn_pdrop=config.model.dropout, resid_pdrop=config.model.dropout)
     else:
         model = build_model(config.model, train.seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from analysis.db import ResultsWriter, trial_row
 from sweeps.config import TrialConfig
 from sweeps.loop import run_trial
 from sweeps.study import trial_id
+from sweeps.train import export
 
 FAIL_ONCE_ENV = "FINETUNE_TEST_FAIL_ONCE_DIR"  # tests only: each trial raises once after its first checkpoint
 
@@ -44,7 +46,7 @@ def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
             "group": search["group"], "config": config}
 
 
-def trainable(param: dict[str, Any], finished: dict[str, str] | None = None) -> None:
+def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None) -> None:
     """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
 
     ``finished`` (given on ``launch.py resume``) holds the final records of trials the database already has as
@@ -87,10 +89,19 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None) -> 
                 tune.report(metrics)
 
         try:
-            run_trial(config, report, checkpoint_dir=work, resume_from=resume_from)
+            result = run_trial(config, report, checkpoint_dir=work, resume_from=resume_from)
+            if config.train.export and export_root and result["status"] in ("completed", "early_stopped"):
+                export_trial(result, config, Path(export_root) / spec["trial_id"])
         except (MemoryError, torch.cuda.OutOfMemoryError) as err:  # out of memory: recorded once, never retried
             tune.report({"event": "final", "status": "failed", "node_id": node_id, "trial_id": spec["trial_id"],
                          "error": f"out of memory: {err}", "final_json": json.dumps({"status": "failed"})})
+
+
+def export_trial(result: dict[str, Any], config: TrialConfig, out: Path) -> None:
+    """The final weights where ``dpo.init=<trial id>`` finds them (a retried trial replaces its earlier export)."""
+    if out.exists():
+        shutil.rmtree(out)
+    export(result, config, out)
 
 
 class DuckDBCallback(tune.Callback):

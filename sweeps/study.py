@@ -238,3 +238,30 @@ def estimate_hours(trials: Sequence[PlannedTrial], device: str) -> float:
         factor = 6 if trial.config["method.name"] == "full" else 4
         flops += factor * estimate_params(trial.config) * estimate_tokens(trial.config)
     return flops / THROUGHPUT[device] / 3600
+
+
+def resolve_init(flat: dict[str, Any], db: Path) -> None:
+    """``dpo.init=<trial id>`` -> that trial's exported weights, looked up in the study database (in place)."""
+    value = flat.get("dpo.init")
+    if not isinstance(value, str) or value == "base" or Path(value).is_dir():
+        return
+    from analysis.queries import EXPORTED_TRIAL
+
+    if not Path(db).is_file():
+        raise ConfigError([("dpo.init", f"{value!r} is neither 'base', a directory, nor a trial id ({db} does not "
+                                        "exist to look it up)")])
+    from analysis.db import connect
+
+    con = connect(db, read_only=True)
+    try:
+        row = con.execute(EXPORTED_TRIAL, [value]).fetchone()
+    finally:
+        con.close()
+    if row is None:
+        raise ConfigError([("dpo.init", f"{value!r} is neither 'base', a directory, nor a trial id in {db}")])
+    status, exported, storage = row
+    path = Path(storage or "") / "exports" / value
+    if status != "completed" or not exported or not (path / "model" / "config.json").is_file():
+        raise ConfigError([("dpo.init", f"trial {value} has status {status}, train.export={exported}, and no "
+                                        f"weights at {path}; run it with --set train.export=true first")])
+    flat["dpo.init"] = str(path)

@@ -25,10 +25,12 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
+from analysis.db import DatabaseError
 from model import CheckpointError, ConfigError, TokenizerError
 from model.lora import save_merged, save_peft_adapter
 from sweeps.config import TrialConfig, flatten, read_yaml
 from sweeps.loop import run_trial, strip_objects
+from sweeps.study import resolve_init
 from tasks import DataError
 
 SMOKE = {
@@ -36,7 +38,7 @@ SMOKE = {
     "task.max_train_examples": 64, "task.max_eval_examples": 32, "task.max_length": 64, "task.num_generations": 1,
     "train.max_steps": 5, "train.batch_size": 8, "train.log_every": 1, "train.max_new_tokens": 8,
 }
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DatabaseError)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -70,6 +72,7 @@ def build_config(args: argparse.Namespace) -> TrialConfig:
         if value is not None:
             flat[key] = value
     flat.update(parse_sets(args.set))
+    resolve_init(flat, args.db)  # dpo.init=<trial id> -> that trial's exported weights
     return TrialConfig.from_flat(flat)
 
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any trial setting by its dotted key, e.g. lora.rank=8 (repeatable)")
     parser.add_argument("--out", type=Path, help="save result.json, config.yaml and the weights here")
+    parser.add_argument("--db", type=Path, default=Path("results/results.duckdb"),
+                        help="study database where dpo.init=<trial id> is looked up (default results/results.duckdb)")
     parser.add_argument("--checkpoint-dir", type=Path, help="write resumable checkpoints here (train.checkpoint_every)")
     parser.add_argument("--resume", type=Path, help="continue from a checkpoint folder written by --checkpoint-dir")
     parser.add_argument("--smoke", action="store_true", help="tiny random-init model and a few steps")

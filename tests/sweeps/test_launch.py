@@ -123,6 +123,30 @@ def test_two_node_cluster_runs_trials_on_both_nodes(real_data, tmp_path: Path, s
     assert len(nodes) == 2, nodes
 
 
+def test_dpo_starts_from_an_exported_instruction_tuning_trial(real_data, tmp_path: Path, sessions) -> None:
+    """Alpaca trials keep their weights (train.export); a DPO sweep names one by trial id and starts from it."""
+    db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
+    common = ["--study", "smoke", "--db", str(db), "--storage", str(storage)]
+    _finish(_launch(sessions, "grid", *common, "--tasks", "alpaca", "--dimensions", "method", "--set",
+                    "train.export=true"))
+    con = _db(db)
+    sft = con.execute("SELECT id FROM trials WHERE \"group\" = 'full' AND status = 'completed'").fetchone()[0]
+    con.close()
+    exported = storage / "exports" / sft
+    assert (exported / "model" / "config.json").is_file() and (exported / "result.json").is_file()
+    _finish(_launch(sessions, "grid", *common, "--tasks", "preference", "--set", f"dpo.init={sft}"))
+    con = _db(db)
+    rows = con.execute("SELECT status, dpo_init, result->>'$.test_preference_accuracy' FROM trials "
+                       "WHERE task = 'preference'").fetchall()
+    assert len(rows) == 3 and all(r[0] == "completed" and r[1] == str(exported) and r[2] is not None for r in rows)
+    # a trial id that never kept its weights is refused before anything starts
+    other = con.execute("SELECT id FROM trials WHERE task = 'preference' LIMIT 1").fetchone()[0]
+    con.close()
+    run = subprocess.run([PY, "sweeps/launch.py", "grid", *common, "--tasks", "preference", "--set",
+                          f"dpo.init={other}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "run it with --set train.export=true first" in run.stderr
+
+
 def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_path: Path, sessions) -> None:
     db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
     driver = _launch(sessions, "grid", "--study", "smoke", "--dimensions", "method,lora_rank,optimizer",
