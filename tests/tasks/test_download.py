@@ -83,3 +83,23 @@ def test_imdb_tarball_becomes_the_csv_layout(tmp_path: Path) -> None:
     assert rows == [["text", "label", "split", "id", "rating"],
                     ["Bad<br />film.", "0", "train", "2", "1"], ["Dull.", "0", "train", "11", "3"],
                     ['Great, "really".', "1", "train", "10", "9"], ["Lovely.", "1", "test", "3", "8"]]
+
+
+def test_preference_files_download_with_their_checksums(data_dir: Path, tmp_path: Path) -> None:
+    from tasks.preference import SOURCES as PREF
+
+    # the instruction set is stored gzip-compressed from the verbatim JSON: content hash checked
+    raw = tmp_path / "instruction.json"
+    with gzip.open(data_dir / PREF["instruction"].relpath, "rb") as src:
+        raw.write_bytes(src.read())
+    path = ensure(replace(PREF["instruction"], url=raw.as_uri()), tmp_path / "data")
+    assert sha256_file(path, decompress=True) == PREF["instruction"].sha256
+    # HH-RLHF train: only the compressed file's hash (its LFS oid) is published; checked on the download itself
+    gz = data_dir / PREF["hh_helpful"].relpath
+    source = replace(PREF["hh_helpful_train"], url=gz.as_uri(), download_sha256=sha256_file(gz))
+    fetched = ensure(source, tmp_path / "data")
+    assert fetched.read_bytes() == gz.read_bytes()
+    wrong = replace(source, relpath="preference/other.jsonl.gz", download_sha256="0" * 64)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        ensure(wrong, tmp_path / "data")
+    assert not (tmp_path / "data" / "preference" / "other.jsonl.gz").exists()
