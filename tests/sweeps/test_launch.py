@@ -202,7 +202,8 @@ def test_resume_when_rays_experiment_state_is_torn(real_data, tmp_path: Path, se
 
 def test_failed_trial_retries_from_checkpoint_and_diverged_one_is_recorded(real_data, tmp_path: Path,
                                                                             sessions) -> None:
-    study = {**SMOKE, "name": "faults", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
+    base = {k: v for k, v in SMOKE.items() if k not in ("dimension_tasks", "task_dimensions")}
+    study = {**base, "name": "faults", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
              "dimensions": {"fault": {"ok": {}, "boom": {"optim.name": "sgd", "optim.lr": 1e30,
                                                          "train.max_grad_norm": None}}}}
     path = tmp_path / "faults.yaml"
@@ -270,7 +271,7 @@ def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys) -> None:
     db = tmp_path / "results.duckdb"
     assert main(["grid", "--study", "guide", "--dry-run", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "864 trials" in out and "GPU-hours" in out and "CPU-hours" in out
+    assert "918 trials" in out and "GPU-hours" in out and "CPU-hours" in out
     assert "lora_rank" in out and "sms_spam" in out
     assert not db.exists()
 
