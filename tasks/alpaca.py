@@ -11,13 +11,12 @@ prompts are the fixed prompts whose greedy generations a trial keeps for the gui
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from tasks.base import Example, LanguageModelingTask
-from tasks.data import DataError, Source, open_text
+from tasks.data import DataError, Source, read_json_list
 
 SOURCE = Source(
     relpath="alpaca/alpaca_data.json.gz",
@@ -45,13 +44,7 @@ def format_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def read_records(path: Path) -> list[Example]:
-    with open_text(path) as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    records = read_json_list(path)
     examples = []
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("instruction", "output")):

@@ -198,15 +198,20 @@ class Batch:
         return self.input_ids.numel()
 
 
-def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int = EOT_TOKEN_ID) -> Batch:
-    """Right-pad the chosen examples to the longest among them."""
-    seqs = [split.ids(i) for i in indices]
+def pad_right(seqs: Sequence[torch.Tensor], pad_id: int = EOT_TOKEN_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest: ``(input_ids, attention_mask)``, each ``(len(seqs), width)``."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
         ids[row, : len(s)] = s
         mask[row, : len(s)] = 1
+    return ids, mask
+
+
+def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int = EOT_TOKEN_ID) -> Batch:
+    """Right-pad the chosen examples to the longest among them."""
+    ids, mask = pad_right([split.ids(i) for i in indices], pad_id)
     return Batch(ids, mask, split.labels[list(indices)])
 
 
@@ -432,13 +437,7 @@ class PreferenceTask(Task):
             cut = self.boundary(ids, p)
             seqs.append((ids[:cut], ids[cut:]))
             prompts.append(p)
-        rows = [c for c, _ in seqs] + [r for _, r in seqs]  # chosen rows first, then rejected
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), EOT_TOKEN_ID, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, r in enumerate(rows):
-            input_ids[row, : len(r)] = r
-            mask[row, : len(r)] = 1
+        input_ids, mask = pad_right([c for c, _ in seqs] + [r for _, r in seqs], EOT_TOKEN_ID)  # chosen, then rejected
         reference = split.reference[list(indices)] if split.reference is not None else None
         return Batch(input_ids, mask, torch.tensor(prompts + prompts, dtype=torch.long), reference)
 

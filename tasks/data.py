@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -112,6 +113,18 @@ def ensure(source: Source, root: Path | None = None) -> Path:
                             f"nothing was written to {path}")
         os.replace(built, path)
     return path
+
+
+def read_json_list(path: Path) -> list:
+    """A JSON file holding a list of records; a parse error names the file and line."""
+    with open_text(path) as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
 
 
 def open_text(path: Path):

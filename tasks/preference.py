@@ -30,7 +30,7 @@ import tiktoken
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.alpaca import format_prompt
 from tasks.base import Example, PreferenceTask
-from tasks.data import DataError, Source, open_text
+from tasks.data import DataError, Source, open_text, read_json_list
 
 SOURCES = {
     "instruction": Source(
@@ -58,13 +58,7 @@ ASSISTANT = "\n\nAssistant:"
 
 def read_instruction(path: Path) -> tuple[list[Example], int]:
     """Pairs of the instruction preference set, and how many were dropped (chosen == rejected)."""
-    with open_text(path) as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    records = read_json_list(path)
     pairs, dropped = [], 0
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("instruction", "chosen", "rejected")):
