@@ -63,10 +63,10 @@ SECTIONS: tuple[dict[str, Any], ...] = (
               "method and β; each has its own learning-rate grid."},
 )
 
-METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora", "dpo")
+METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora")
 # One colour per method in every figure (colour-blind-safe Okabe-Ito palette).
 METHOD_COLOURS = {"full": "#0072B2", "last_k": "#E69F00", "head_only": "#009E73", "bitfit": "#CC79A7",
-                  "lora": "#D55E00", "dpo": "#56B4E9"}
+                  "lora": "#D55E00"}
 OTHER_COLOUR = "#555555"
 CHEAPER_FACTOR = 2.0  # a "cheapest within noise" finding needs at least this factor fewer trainable parameters
 
@@ -269,6 +269,10 @@ def _groups(rows: Iterable[dict[str, Any]]) -> list[Group]:
     return out
 
 
+def _where(task: str, dimension: str) -> str:
+    return f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
+
+
 def compare(task: str, dimension: str, groups: Sequence[Group]) -> list[Finding]:
     """The findings of one dimension on one task: each group against the best one."""
     done = [g for g in groups if g.test_mean is not None]
@@ -278,7 +282,7 @@ def compare(task: str, dimension: str, groups: Sequence[Group]) -> list[Finding]
     best, findings = ranked[0], []
     metric = metric_title(best.metric)
     tied = [best]
-    where = f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
+    where = _where(task, dimension)
     for other in ranked[1:]:
         sep = separated(best.iv, other.iv)
         numbers = (f"{metric} {best.shown} vs {other.shown}, {LEVEL:.0%} t intervals over "
@@ -323,7 +327,7 @@ def sentences(findings: Sequence[Finding]) -> list[str]:
         else:
             out.append(f.text)
     for (task, dimension), fs in single.items():
-        where = f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
+        where = _where(task, dimension)
         text = (f"No conclusion {where}: {', '.join(fs[0].numbers)}" if len(fs) == 1 else
                 f"No conclusion {where}: best observed {fs[0].numbers[0]}; others "
                 f"{', '.join(f.numbers[1] for f in fs)}")
@@ -363,12 +367,13 @@ def dimension_table(groups: Sequence[Group]) -> Table:
                   "completed", "trainable", "wall time"], rows, align=["l", "l", "r", "r", "r", "r", "r", "r"])
 
 
-def _by_task(groups: Iterable[Group]) -> dict[str, list[Group]]:
-    out: dict[str, list[Group]] = defaultdict(list)
-    for g in groups:
-        out[g.task].append(g)
-    return dict(sorted(out.items(), key=lambda kv: (list(TASK_TITLES).index(kv[0]) if kv[0] in TASK_TITLES
-                                                    else len(TASK_TITLES), kv[0])))
+def _by_task(items: Iterable[Any]) -> dict[str, list[Any]]:
+    """Groups (or query rows) per task, tasks in the guide's reading order (known tasks first, then by name)."""
+    out: dict[str, list[Any]] = defaultdict(list)
+    for item in items:
+        out[item["task"] if isinstance(item, dict) else item.task].append(item)
+    order = list(TASK_TITLES)
+    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
 
 
 def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None) -> Guide:
@@ -589,11 +594,7 @@ def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> lis
 
 def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> list[Block]:
     blocks = []
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_task[r["task"]].append(r)
-    for task in sorted(by_task, key=lambda t: (list(TASK_TITLES).index(t) if t in TASK_TITLES else 99, t)):
-        rs = by_task[task]
+    for task, rs in _by_task(rows).items():
         metric = next((r["metric"] for r in rs if r["metric"]), None)
         hib = q.higher_is_better(metric)
         table_rows, sentences = [], []
@@ -639,10 +640,7 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> 
 def generation_sets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task, the kept generations for each prompt, one column per group (side by side)."""
     out = []
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_task[r["task"]].append(r)
-    for task, rs in by_task.items():
+    for task, rs in _by_task(rows).items():
         groups = [(r["group"], json.loads(r["generations"]), r["seed"]) for r in rs]
         prompts = []
         for i, sample in enumerate(groups[0][1]):

@@ -96,16 +96,6 @@ MODELS = """
 SELECT model, model_n_layer, model_n_embd, count(*) AS trials FROM guide_trials GROUP BY ALL ORDER BY trials DESC
 """
 
-TASK_METRICS = """
--- Each task's primary metric (one per task).
-SELECT task, any_value(primary_metric) AS metric, count(*) FILTER (WHERE status = 'completed') AS completed
-FROM guide_trials WHERE primary_metric IS NOT NULL GROUP BY task ORDER BY task
-"""
-
-DIMENSIONS = """
--- The dimensions measured, per task, with how many groups each has.
-SELECT task, dimension, count(DISTINCT "group") AS groups FROM guide_best GROUP BY ALL ORDER BY task, dimension
-"""
 
 BEST = """
 -- Each group of one dimension at its chosen learning rate (the summary table, the dimension sections, Pareto fronts).
