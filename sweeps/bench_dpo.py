@@ -1,6 +1,6 @@
 """DPO reference model for full / last-k fine-tuning: a frozen copy run at every step, or log-probs precomputed once.
 
-    python sweeps/bench_dpo.py                  # gpt2 (124M shape, random weights), 2 epochs over 16 batches
+    python sweeps/bench_dpo.py                  # gpt2 (124M shape, random weights), 1 and 2 epochs over 16 batches
     python sweeps/bench_dpo.py --smoke          # tiny, seconds: checks the script runs
 
 Both strategies train the same model on the same pairs with the same optimizer; they differ only in where the
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, one round: checks the script runs")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     overrides = {"n_layer": args.n_layer} if args.n_layer else {}
     if args.smoke:
         overrides, args.pairs, args.batch, args.seq, args.rounds = ({"n_layer": 2, "n_head": 2, "n_embd": 32}, 8, 4,

@@ -117,7 +117,7 @@ class TrainConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
     export: bool = False
-    """Sweeps: keep the final weights under ``<storage>/<sweep>/exports/<trial id>`` (``sweeps/train.py --out``'s
+    """Sweeps: keep the final weights under ``<storage>/exports/<trial id>`` (``sweeps/train.py --out``'s
     layout) so a later trial can start from them, e.g. DPO after instruction tuning (``dpo.init=<trial id>``)."""
 
     def __post_init__(self) -> None:
@@ -275,6 +275,13 @@ def parse_value(text: str, hint: Any) -> Any:
 def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Problems between sections that show before any model is loaded. When the model section itself is invalid,
     its raw values still tell the block count, so a bad ``model.init`` does not hide a bad ``method.k``."""
+    found: list[tuple[str, str]] = []
+    task, dpo = built.get("task"), built.get("dpo")
+    if task is not None and dpo is not None and task.name != "preference" and dpo != DPOConfig():
+        found.append(("dpo", f"dpo.* options apply to task.name=preference only (task is {task.name})"))
+    if dpo is not None and dpo.init != "base" and not Path(dpo.init).is_dir():
+        found.append(("dpo.init", f"must be 'base' or a local checkpoint directory (sweeps/train.py --out); "
+                                  f"{dpo.init!r} is not a directory"))
     model = built.get("model")
     if model is not None:
         n_layer = model.n_layer_known
@@ -284,14 +291,7 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
             key = preset_name(str(raw_model.get("name", "gpt2")))
             n_layer = PRESETS[key]["n_layer"] if key is not None else None
     if n_layer is None:
-        return []
-    found: list[tuple[str, str]] = []
-    task, dpo = built.get("task"), built.get("dpo")
-    if task is not None and dpo is not None and task.name != "preference" and dpo != DPOConfig():
-        found.append(("dpo", f"dpo.* options apply to task.name=preference only (task is {task.name})"))
-    if dpo is not None and dpo.init != "base" and not Path(dpo.init).is_dir():
-        found.append(("dpo.init", f"must be 'base' or a local checkpoint directory (sweeps/train.py --out); "
-                                  f"{dpo.init!r} is not a directory"))
+        return found
     method = built.get("method")
     if method is not None:
         found.extend((f"method.{k}", m) for k, m in method.check_against(n_layer))

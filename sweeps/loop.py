@@ -64,9 +64,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: Any, seed: int) -> GPT2:
-    """The trial's GPT-2: a checkpoint (``model.init=pretrained``) or a seeded random init of a preset's shape."""
+def build_model(config: Any, seed: int, start_from: str | None = None) -> GPT2:
+    """The trial's GPT-2: a checkpoint (``model.init=pretrained``), a seeded random init of a preset's shape, or an
+    earlier result (``start_from``: a checkpoint directory or a ``sweeps/train.py --out`` folder, e.g. DPO after
+    instruction tuning)."""
     dropout = {"embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "resid_pdrop": config.dropout}
+    if start_from is not None:
+        path = Path(start_from)
+        return GPT2.from_pretrained(path / "model" if (path / "model" / "config.json").is_file() else path, **dropout)
     if config.init == "pretrained":
         return GPT2.from_pretrained(config.name, **dropout)
     overrides = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) is not None}
@@ -146,13 +151,7 @@ def run_trial(
     enc = get_tokenizer()
     task = get_task(config.task, dpo=config.dpo)
     splits = task.load(enc, seed=SUBSET_SEED)
-    if task.kind == "preference" and config.dpo.init != "base":  # DPO from an earlier result (e.g. Alpaca SFT)
-        init = Path(config.dpo.init)
-        init = init / "model" if (init / "model" / "config.json").is_file() else init  # a train.py --out folder
-        model = GPT2.from_pretrained(init, embd_pdrop=config.model.dropout,
-                                     attn_pdrop=config.model.dropout, resid_pdrop=config.model.dropout)
-    else:
-        model = build_model(config.model, train.seed)
+    model = build_model(config.model, train.seed, None if config.dpo.init == "base" else config.dpo.init)
     torch.manual_seed(train.seed)
     head = task.make_head(model.config.n_embd)
     summary = apply_method(model, config.method, config.lora, head)
@@ -162,8 +161,8 @@ def run_trial(
     modules = [model] if head is None else [model, head]
     optimizer = build_optimizer(modules, config.optim)
     prepare_started = time.perf_counter()
-    task.prepare(model, splits, device, autocast, train.eval_batch_size)  # DPO: the reference log-probs
-    prepare_seconds = time.perf_counter() - prepare_started
+    prepared = task.prepare(model, splits, device, autocast, train.eval_batch_size)  # DPO: the reference log-probs
+    prepared["prepare_seconds"] = time.perf_counter() - prepare_started
 
     lengths = splits["train"].lengths
     batches_per_epoch = math.ceil(len(lengths) / train.batch_size)
@@ -286,12 +285,10 @@ def run_trial(
             final["best_step"] = state.best_step
         final.update({f"val_{k}": v for k, v in evaluate("validation").items()})
         final.update({f"test_{k}": v for k, v in evaluate("test").items()})
-        if task.kind in ("lm", "preference") and config.task.num_generations:
+        if task.generates and config.task.num_generations:
             final["generations"] = generate_samples(model, task, splits["test"], config, device, autocast)
     final["peak_memory_mb"] = peak_memory_mb(device)
-    if task.kind == "preference":
-        final["dpo_reference"] = task.reference_mode
-        final["dpo_reference_seconds"] = prepare_seconds
+    final.update(prepared)
     final["wall_seconds"] = time.perf_counter() - wall_start
     final["model"], final["head"] = model, head  # for the caller's export; stripped before any serialisation
     emit({k: v for k, v in final.items() if k not in ("model", "head")})

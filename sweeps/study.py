@@ -183,9 +183,12 @@ def plan(study: Study, sweep_id: str, tasks: Sequence[str] | None = None, dimens
                 continue
             for group, variant in study.dimensions[dim].items():
                 method = str({**study.base, **variant}.get("method.name", "full"))
-                given = variant.get("optim.lr")
-                grid = (list(given) if isinstance(given, list) else [given]) if given is not None else study.lr_grid(method)
-                variant = {k: v for k, v in variant.items() if k != "optim.lr"}  # a variant may give its own LR grid
+                given = variant.get("optim.lr")  # a variant may give its own learning rate or list of them
+                if given is None:
+                    grid = study.lr_grid(method)
+                else:
+                    grid = given if isinstance(given, list) else [given]
+                variant = {k: v for k, v in variant.items() if k != "optim.lr"}
                 if not grid:
                     problems.append((f"dimensions.{dim}.{group}", f"no learning rate grid for method {method!r} "
                                                                   "(add learning_rates.<method> or .default)"))

@@ -24,8 +24,10 @@ from torch import nn
 
 from model.config import Problems, is_int
 from model.gpt2 import GPT2, last_token_hidden
+from model.lora import disable_lora, lora_layers
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.data import DataError, Source, data_dir, ensure, sha256_file
+from tasks.dpo import DPOConfig, dpo_loss
 from tasks.metrics import classification_metrics
 
 SPLITS = ("train", "validation", "test")
@@ -228,6 +230,7 @@ class Task:
     default_max_length: ClassVar[int]
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
+    generates: ClassVar[bool] = False  # keeps greedy generations of held-out prompts (task.num_generations)
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
@@ -300,8 +303,10 @@ class Task:
         return collate(split, indices)
 
     def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
-                batch_size: int) -> None:
-        """Called once the model and method are set up, before training (DPO computes its reference here)."""
+                batch_size: int) -> dict[str, Any]:
+        """Called once the model and method are set up, before training (DPO computes its reference here); returns
+        notes for the trial's final record."""
+        return {}
 
     def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
         """A held-out prompt to generate from, and its reference answer (language modelling tasks)."""
@@ -361,12 +366,27 @@ class ClassificationTask(Task):
         return metrics
 
 
+def scored_logits(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits and targets of the positions that count, ``(N, vocab)`` and ``(N,)``, and where they are,
+    ``(B, T-1)``: a row's targets from index ``first[row]`` on, padding excluded.
+
+    Hidden states are gathered *before* the LM head, so the vocabulary projection (the largest matmul of a small
+    GPT-2) runs only where a loss is taken: prompt and padding positions skip it.
+    """
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]  # (B, T-1, C) predicts 1..T-1
+    targets = batch.input_ids[:, 1:]  # (B, T-1)
+    position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]  # index of each target
+    scored = (position >= first[:, None]) & batch.attention_mask[:, 1:].bool()  # (B, T-1)
+    return model.lm_head(hidden[scored]), targets[scored], scored
+
+
 class LanguageModelingTask(Task):
     """Next-token loss on the response (and the prompt with ``prompt_loss``); ``labels`` holds prompt lengths."""
 
     kind = "lm"
     primary_metric = "perplexity"
     higher_is_better = False
+    generates = True
 
     def encode(self, example: Example, enc: tiktoken.Encoding) -> tuple[list[int], int] | None:
         prompt = enc.encode_ordinary(example.text)
@@ -375,17 +395,10 @@ class LanguageModelingTask(Task):
 
     @staticmethod
     def _scored(model: GPT2, batch: Batch, prompt_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and targets of the positions that count, ``(N, vocab)`` and ``(N,)``.
-
-        Hidden states are gathered *before* the LM head, so the vocabulary projection (the largest matmul of a
-        small GPT-2) runs only where a loss is taken: prompt and padding positions skip it.
-        """
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]  # (B, T-1, C) predicts 1..T-1
-        targets = batch.input_ids[:, 1:]  # (B, T-1)
-        position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]  # index of each target
+        """Logits and targets of the response tokens (every token with ``prompt_loss``)."""
         first = torch.ones_like(batch.labels) if prompt_loss else batch.labels  # index of the first scored target
-        scored = (position >= first[:, None]) & batch.attention_mask[:, 1:].bool()  # (B, T-1)
-        return model.lm_head(hidden[scored]), targets[scored]  # (N, V), (N,)
+        logits, targets, _ = scored_logits(model, batch, first)
+        return logits, targets
 
     def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
         logits, targets = self._scored(model, batch, self.config.prompt_loss)
@@ -409,20 +422,18 @@ class PreferenceTask(Task):
 
     The reference model is the policy's starting point. With LoRA it is the policy with its adapters disabled (no
     second copy); otherwise its log-probs are computed once, before training, for every pair (``prepare``): one pass
-    over the data instead of a frozen copy in memory and a second forward pass at every step (``sweeps/bench.py
-    --dpo`` measures the two).
+    over the data instead of a frozen copy in memory and a second forward pass at every step
+    (``sweeps/bench_dpo.py`` measures the two).
     """
 
     kind = "preference"
     primary_metric = "preference_accuracy"
     higher_is_better = True
+    generates = True
 
-    def __init__(self, config: TaskConfig, dpo: Any = None) -> None:
-        from tasks.dpo import DPOConfig
-
+    def __init__(self, config: TaskConfig, dpo: DPOConfig | None = None) -> None:
         super().__init__(config)
         self.dpo = dpo if dpo is not None else DPOConfig()
-        self.reference_mode = "precomputed"
 
     @staticmethod
     def boundary(ids: torch.Tensor, prompt_len: int) -> int:
@@ -448,21 +459,16 @@ class PreferenceTask(Task):
     @staticmethod
     def sequence_logps(model: GPT2, batch: Batch) -> torch.Tensor:
         """Summed log-probability of each row's response tokens (prompt and padding masked), ``(2B,)``."""
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]  # (2B, T-1, C) predicts 1..T-1
-        targets = batch.input_ids[:, 1:]
-        position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]
-        scored = (position >= batch.labels[:, None]) & batch.attention_mask[:, 1:].bool()  # (2B, T-1)
-        logp = F.log_softmax(model.lm_head(hidden[scored]).float(), dim=-1)  # (N, V): only scored positions
-        token_logp = logp.gather(-1, targets[scored][:, None]).squeeze(-1)  # (N,)
-        rows = scored.nonzero()[:, 0]
+        logits, targets, scored = scored_logits(model, batch, batch.labels)  # (N, V), (N,), (2B, T-1)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        rows = scored.nonzero()[:, 0]  # the row of each scored token
         return torch.zeros(len(batch.input_ids), device=logp.device).index_add_(0, rows, token_logp)
 
     def reference_logps(self, model: GPT2, batch: Batch) -> torch.Tensor:
         """Reference log-probs ``(B, 2)`` (chosen, rejected) of a batch."""
         if batch.reference is not None:
             return batch.reference.float()
-        from model.lora import disable_lora
-
         was_training = model.training
         model.eval()
         try:
@@ -473,13 +479,9 @@ class PreferenceTask(Task):
         return logps.view(2, -1).T
 
     def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
-                batch_size: int) -> None:
-        from model.lora import lora_layers
-
+                batch_size: int) -> dict[str, Any]:
         if any(True for _ in lora_layers(model)):
-            self.reference_mode = "adapters_disabled"
-            return
-        self.reference_mode = "precomputed"
+            return {"dpo_reference": "adapters_disabled"}
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -492,10 +494,9 @@ class PreferenceTask(Task):
                     out[idx] = logps.view(2, -1).T.float().cpu()
                 split.reference = out
         model.train(was_training)
+        return {"dpo_reference": "precomputed"}
 
     def pair_terms(self, model: GPT2, batch: Batch) -> tuple[torch.Tensor, ...]:
-        from tasks.dpo import dpo_loss
-
         policy = self.sequence_logps(model, batch).view(2, -1)  # (2, B): chosen, rejected
         ref = self.reference_logps(model, batch).to(policy.device)  # (B, 2)
         loss, chosen_reward, rejected_reward = dpo_loss(policy[0], policy[1], ref[:, 0], ref[:, 1], self.dpo)

@@ -80,8 +80,8 @@ def test_at_step_zero_the_loss_is_log2_and_rewards_are_zero(monkeypatch: pytest.
     eot = EOT_TOKEN_ID % 100
     split = EncodedSplit.from_lists([[1, 2, 3, eot, 1, 4, eot], [7, 8, 9, 10, eot, 7, 8, 11, 12, eot]], [1, 2])
     task = _task(beta=0.1)
-    task.prepare(model, {"test": split}, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=1)
-    assert task.reference_mode == "precomputed" and split.reference.shape == (2, 2)
+    notes = task.prepare(model, {"test": split}, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=1)
+    assert notes == {"dpo_reference": "precomputed"} and split.reference.shape == (2, 2)
     metrics = task.evaluate(model, None, iter([task.collate(split, [0, 1])]))
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("chosen_reward", "rejected_reward", "reward_margin", "chosen_logp_drift", "rejected_logp_drift"):
@@ -98,8 +98,8 @@ def test_lora_reference_is_the_untouched_base_model(monkeypatch: pytest.MonkeyPa
     eot = EOT_TOKEN_ID % 100
     split = EncodedSplit.from_lists([[1, 2, 3, eot, 1, 4, 5, eot], [7, 8, 9, 10, eot, 7, 8, 11, eot]], [1, 2])
     task = _task()
-    task.prepare(model, {"train": split}, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=2)
-    assert task.reference_mode == "adapters_disabled" and split.reference is None  # no copy, nothing precomputed
+    notes = task.prepare(model, {"train": split}, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=2)
+    assert notes == {"dpo_reference": "adapters_disabled"} and split.reference is None  # no copy, nothing precomputed
     batch = task.collate(split, [0, 1])
     model.train()  # the reference is taken without dropout whatever mode the policy is in
     reference = task.reference_logps(model, batch)
