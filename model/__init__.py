@@ -2,7 +2,7 @@
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from model.gpt2 import GPT2, PRESETS, GPT2Config, KVCache, last_token_hidden
+from model.gpt2 import GPT2, PRESETS, GPT2Config, KVCache, eval_mode, last_token_hidden
 from model.tokenizer import EOT_TOKEN_ID, TokenizerError, get_tokenizer
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "GPT2Config",
     "KVCache",
     "TokenizerError",
+    "eval_mode",
     "get_tokenizer",
     "last_token_hidden",
 ]

@@ -12,6 +12,8 @@ one decision, never two that can disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -419,8 +421,6 @@ class GPT2(nn.Module):
         if total > self.config.n_positions:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds n_positions="
                              f"{self.config.n_positions}")
-        was_training = self.training
-        self.eval()
         device = input_ids.device
         generator = None
         if seed is not None:
@@ -432,20 +432,20 @@ class GPT2(nn.Module):
         tokens = input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         step_input, step_mask = input_ids, mask
-        for _ in range(max_new_tokens):
-            if cache is None:
-                step_input, step_mask = tokens, mask
-            logits = self(step_input, step_mask, cache)[:, -1, :].float()  # (B, vocab)
-            next_token = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-                finished |= next_token == eos_token_id
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-            step_input, step_mask = next_token[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        self.train(was_training)
+        with eval_mode(self):
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    step_input, step_mask = tokens, mask
+                logits = self(step_input, step_mask, cache)[:, -1, :].float()  # (B, vocab)
+                next_token = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
+                if eos_token_id is not None:
+                    next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                    finished |= next_token == eos_token_id
+                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+                step_input, step_mask = next_token[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)
+                if eos_token_id is not None and bool(finished.all()):
+                    break
         return tokens
 
 
@@ -471,6 +471,18 @@ def _pick(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout) inside the block, and back in the mode it was in afterwards, even when the
+    block raises: a policy that generates or scores a reference mid-training must keep training with dropout."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -112,6 +112,14 @@ class LoRAConfig:
         return list(self.layers)
 
 
+def _finite(weight: torch.Tensor, action: str, outcome: str) -> torch.Tensor:
+    """``weight`` when every entry is finite. A diverged adapter (inf/nan) would silently poison the base weights,
+    so the result is checked before anything is written, and ``FloatingPointError`` says ``action`` and ``outcome``."""
+    if not torch.isfinite(weight).all():
+        raise FloatingPointError(f"{action} gives non-finite weights; {outcome}")
+    return weight
+
+
 class LoRALinear(nn.Module):
     """A projection plus a low-rank update. Holds the base ``weight``/``bias`` (same keys as the ``nn.Linear``)."""
 
@@ -144,9 +152,7 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
-        merged = self.weight + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise FloatingPointError("merging this adapter gives non-finite weights; refused, weights unchanged")
+        merged = _finite(self.weight + self.delta_weight(), "merging this adapter", "refused, weights unchanged")
         self.weight.copy_(merged)
         self.merged = True
 
@@ -154,9 +160,7 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        restored = self.weight - self.delta_weight()
-        if not torch.isfinite(restored).all():
-            raise FloatingPointError("unmerging this adapter gives non-finite weights; refused, weights unchanged")
+        restored = _finite(self.weight - self.delta_weight(), "unmerging this adapter", "refused, weights unchanged")
         self.weight.copy_(restored)
         self.merged = False
 
@@ -207,8 +211,7 @@ def merge_lora(model: nn.Module) -> None:
     pending = [(name, layer) for name, layer in lora_layers(model) if not layer.merged]
     with torch.no_grad():
         for name, layer in pending:
-            if not torch.isfinite(layer.weight + layer.delta_weight()).all():
-                raise FloatingPointError(f"merging the adapter of {name} gives non-finite weights; nothing merged")
+            _finite(layer.weight + layer.delta_weight(), f"merging the adapter of {name}", "nothing merged")
     for _, layer in pending:
         layer.merge()
 
@@ -243,10 +246,8 @@ def save_merged(model: GPT2, path: str | Path) -> Path:
         for name, layer in lora_layers(model):
             del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
             if not layer.merged:
-                merged = layer.weight + layer.delta_weight()
-                if not torch.isfinite(merged).all():
-                    raise FloatingPointError(f"merging the adapter of {name} gives non-finite weights; not saved")
-                state[f"{name}.weight"] = merged
+                state[f"{name}.weight"] = _finite(layer.weight + layer.delta_weight(), f"merging the adapter of {name}",
+                                                  "not saved")
     return save_pretrained(model, path, state_dict=state)
 
 

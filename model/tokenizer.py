@@ -7,6 +7,7 @@ after checking both files against the sha256 hashes tiktoken itself expects; oth
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import os
 from pathlib import Path
@@ -35,17 +36,16 @@ def default_data_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sha256_file(path: Path, decompress: bool = False) -> str:
+    """sha256 of a file's bytes (of the uncompressed bytes with ``decompress``, for .gz files whose content, not
+    their packing, is what a checksum vouches for)."""
+    with (gzip.open if decompress else open)(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _from_local_files(bpe_dir: Path) -> tiktoken.Encoding:
     for name, expected in BPE_FILES.items():
-        actual = _sha256(bpe_dir / name)
+        actual = sha256_file(bpe_dir / name)
         if actual != expected:
             raise TokenizerError(
                 f"{bpe_dir / name}: sha256 {actual} does not match GPT-2's {expected}; the file is corrupt or not "

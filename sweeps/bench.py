@@ -58,7 +58,7 @@ def _reference(path: Path, workload: str, method: str, lora: LoRAConfig, batch: 
     if workload == "instruction":
         model = transformers.GPT2LMHeadModel.from_pretrained(path)
         labels = batch.input_ids.masked_fill(torch.arange(batch.input_ids.size(1), device=device)[None, :]
-                                             < batch.labels[:, None], -100)
+                                             < batch.prompt_lengths[:, None], -100)
     else:
         model = transformers.GPT2ForSequenceClassification.from_pretrained(path, num_labels=2, pad_token_id=50256)
         labels = batch.labels
@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     config = GPT2Config.from_preset(args.model, **overrides)
     lora = LoRAConfig(rank=8, alpha=16, targets="attention")
     ids = torch.randint(0, config.vocab_size - 1, (args.batch, args.seq), device=device)
-    batches = {  # labels: prompt lengths (half the sequence) for instruction, classes for classification
-        "instruction": Batch(ids, torch.ones_like(ids), torch.full((args.batch,), args.seq // 2, device=device)),
-        "classification": Batch(ids, torch.ones_like(ids), torch.randint(0, 2, (args.batch,), device=device)),
+    batches = {  # instruction: the prompt is half the sequence
+        "instruction": Batch(ids, torch.ones_like(ids),
+                             prompt_lengths=torch.full((args.batch,), args.seq // 2, device=device)),
+        "classification": Batch(ids, torch.ones_like(ids), labels=torch.randint(0, 2, (args.batch,), device=device)),
     }
     print(f"device {device} ({'bf16 autocast' if use_bf16 else 'fp32'}), torch {torch.__version__}, "
           f"transformers {transformers.__version__}, threads {torch.get_num_threads()}; model {args.model} "

@@ -6,7 +6,7 @@
 Both strategies train the same model on the same pairs with the same optimizer; they differ only in where the
 reference log-probs come from. Each round runs one then the other (alternating which goes first), and the medians of
 the whole-run times are compared. The frozen copy also holds a second set of weights in memory (printed).
-The training loop uses the faster one (``PreferenceTask.prepare``); LoRA needs neither (adapters disabled).
+The training loop uses the faster one (``Preference.prepare``); LoRA needs neither (adapters disabled).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _pairs(n: int, seq: int, vocab: int, seed: int) -> EncodedSplit:
         prompt = torch.randint(0, vocab - 1, (prompt_len,), generator=g).tolist()
         chosen, rejected = (torch.randint(0, vocab - 1, (response_len,), generator=g).tolist() for _ in range(2))
         entries.append(prompt + chosen + [EOT_TOKEN_ID] + prompt + rejected + [EOT_TOKEN_ID])
-    return EncodedSplit.from_lists(entries, [prompt_len] * n)
+    return EncodedSplit.from_lists(entries, prompt_lengths=[prompt_len] * n)
 
 
 def _run(strategy: str, base: GPT2, split: EncodedSplit, batch: int, epochs: int, method: MethodConfig,
@@ -46,7 +46,7 @@ def _run(strategy: str, base: GPT2, split: EncodedSplit, batch: int, epochs: int
     model = copy.deepcopy(base).to(device)
     apply_method(model, method, LoRAConfig(), None)
     task = get_task(TaskConfig(name="preference"), dpo=DPOConfig())
-    split = EncodedSplit(split.tokens, split.offsets, split.labels)  # no reference from an earlier run
+    split = EncodedSplit(split.tokens, split.offsets, prompt_lengths=split.prompt_lengths)  # no earlier ref_logps
     optimizer = build_optimizer([model], OptimConfig(lr=1e-5))
     batches = [list(range(s, min(s + batch, len(split)))) for s in range(0, len(split), batch)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -62,7 +62,7 @@ def _run(strategy: str, base: GPT2, split: EncodedSplit, batch: int, epochs: int
             b = task.collate(split, idx).to(device)
             if strategy == "frozen_copy":
                 with torch.no_grad():
-                    b.reference = task.sequence_logps(reference, b).view(2, -1).T
+                    b.ref_logps = task.sequence_logps(reference, b).view(2, -1).T
             loss, _ = task.loss(model, None, b)
             loss.backward()
             optimizer.step()

@@ -22,7 +22,7 @@ from model.gpt2 import PRESETS, preset_name
 from model.lora import LoRAConfig
 from model.methods import MethodConfig
 from sweeps.optim import OptimConfig, ScheduleConfig
-from tasks.base import TaskConfig
+from tasks import TaskConfig
 from tasks.dpo import DPOConfig
 
 INITS = ("pretrained", "random")

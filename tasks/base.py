@@ -2,7 +2,8 @@
 length-grouped dynamic-padding batches, heads, losses and metrics.
 
 A task subclass only says where its data is and how to read it (``sources``, ``read_splits``); the two kinds below
-(``ClassificationTask``, ``LanguageModelingTask``) know how to encode, batch, compute the loss and score.
+(``ClassificationTask``, ``LanguageModelingTask``) know how to encode, batch, compute the loss and score. The
+preference (DPO) task is its own kind, in ``tasks/preference.py``.
 """
 
 from __future__ import annotations
@@ -15,76 +16,25 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import tiktoken
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import Problems, is_int
 from model.gpt2 import GPT2, last_token_hidden
-from model.lora import disable_lora, lora_layers
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.data import DataError, Source, data_dir, ensure, sha256_file
-from tasks.dpo import DPOConfig, dpo_loss
 from tasks.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from tasks.config import TaskConfig
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "tokens"
 CACHE_ENV = "FINETUNE_CACHE_DIR"
-_CACHE_VERSION = 1  # bump when encoding changes, so stale caches are never read
-
-
-@dataclass
-class TaskConfig:
-    """Which task and its data options. Options a task does not use are ignored by it."""
-
-    name: str = "sms_spam"
-    """``sms_spam``, ``imdb``, ``nli``, ``alpaca`` or ``preference`` (DPO)."""
-    max_length: int | None = None
-    """Tokens per example after truncation; None is the task's default (sms_spam 128, imdb 256, nli 128, alpaca 512)."""
-    max_train_examples: int | None = None
-    """Use a deterministic random subset of the training split of this size (None: all of it)."""
-    max_eval_examples: int | None = None
-    """Cap validation and test at this many examples, same deterministic subsetting (None: all)."""
-    balanced: bool = True
-    """sms_spam: True is the GPT-2 reference setup (ham undersampled to the 747 spam); False keeps all 5,574 messages
-    with a stratified split."""
-    source: str | None = None
-    """Which data a task reads; None is the task's default. nli: ``sick`` (default, own splits), ``snli`` (dev/test
-    only; see tasks/nli.py) or ``all_nli_med`` (Hugging Face). preference: ``instruction`` (default, 1,100 pairs),
-    ``hh_helpful`` or ``hh_helpful_train`` (see tasks/preference.py)."""
-    prompt_loss: bool = False
-    """alpaca: also train on the prompt tokens (default: loss on response tokens only)."""
-    num_generations: int = 3
-    """alpaca: greedy generations kept for fixed held-out prompts."""
-
-    def __post_init__(self) -> None:
-        problems = Problems()
-        if self.name not in TASK_NAMES:
-            problems.add("name", f"unknown task {self.name!r}; choose one of {', '.join(TASK_NAMES)}")
-        for key in ("max_length", "max_train_examples", "max_eval_examples"):
-            value = getattr(self, key)
-            if value is not None and (not is_int(value) or value < 1):
-                problems.add(key, f"must be a positive integer or null, got {value!r}")
-        if not isinstance(self.balanced, bool):
-            problems.add("balanced", f"must be true or false, got {self.balanced!r}")
-        allowed = {"nli": NLI_SOURCES, "preference": PREFERENCE_SOURCES}.get(self.name)
-        if self.source is not None and allowed and self.source not in allowed:
-            problems.add("source", f"unknown {self.name} source {self.source!r}; choose one of {', '.join(allowed)}")
-        elif self.source is not None and self.name in TASK_NAMES and not allowed:
-            problems.add("source", f"task {self.name} has a single source; leave task.source unset")
-        if not isinstance(self.prompt_loss, bool):
-            problems.add("prompt_loss", f"must be true or false, got {self.prompt_loss!r}")
-        if not is_int(self.num_generations) or self.num_generations < 0:
-            problems.add("num_generations", f"must be an integer >= 0, got {self.num_generations!r}")
-        problems.raise_if_any("invalid task configuration")
-
-
-TASK_NAMES = ("sms_spam", "imdb", "nli", "alpaca", "preference")
-NLI_SOURCES = ("sick", "snli", "all_nli_med")
-PREFERENCE_SOURCES = ("instruction", "hh_helpful", "hh_helpful_train")
+_CACHE_VERSION = 2  # bump when encoding or the cached layout changes, so stale caches are never read
 
 
 @dataclass
@@ -106,18 +56,22 @@ class Example:
 
 @dataclass
 class EncodedSplit:
-    """A split as token ids: one flat buffer plus offsets (compact, and safe to load with ``weights_only``).
-
-    ``labels`` holds class ids for classification and prompt lengths for language modelling.
+    """A split as token ids: one flat buffer plus offsets (compact, and safe to load with ``weights_only``), and one
+    number per example, kept under the name of what it is: ``labels`` (class ids, classification) or
+    ``prompt_lengths`` (language modelling and preference pairs). Exactly one of the two is set.
     """
 
     tokens: torch.Tensor  # (total_tokens,) int32
     offsets: torch.Tensor  # (n + 1,) int64
-    labels: torch.Tensor  # (n,) int64
-    reference: torch.Tensor | None = None  # (n, 2) preference pairs: reference log-probs of chosen, rejected
+    labels: torch.Tensor | None = None  # (n,) int64 class ids
+    prompt_lengths: torch.Tensor | None = None  # (n,) int64 prompt tokens at the start of each example
+    ref_logps: torch.Tensor | None = None  # (n, 2) preference pairs: reference log-probs of chosen, rejected
+
+    def __post_init__(self) -> None:
+        _check_one_column(self.labels, self.prompt_lengths)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.offsets) - 1
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -127,18 +81,39 @@ class EncodedSplit:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]].long()
 
     @classmethod
-    def from_lists(cls, sequences: Sequence[Sequence[int]], labels: Sequence[int]) -> EncodedSplit:
+    def from_lists(cls, sequences: Sequence[Sequence[int]], *, labels: Sequence[int] | None = None,
+                   prompt_lengths: Sequence[int] | None = None) -> EncodedSplit:
         lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
         offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)
         offsets[1:] = lengths.cumsum(0)
         flat = [t for s in sequences for t in s]
-        return cls(torch.tensor(flat, dtype=torch.int32), offsets, torch.tensor(list(labels), dtype=torch.long))
+        return cls(torch.tensor(flat, dtype=torch.int32), offsets, labels=_long(labels),
+                   prompt_lengths=_long(prompt_lengths))
+
+    def columns(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The per-example number of the given examples, under its own name (``labels`` or ``prompt_lengths``)."""
+        return {name: value[list(indices)] for name, value in self._per_example().items()}
 
     def subset(self, indices: Sequence[int]) -> EncodedSplit:
-        return EncodedSplit.from_lists([self.ids(i).tolist() for i in indices], [int(self.labels[i]) for i in indices])
+        columns = {name: value.tolist() for name, value in self.columns(indices).items()}
+        return EncodedSplit.from_lists([self.ids(i).tolist() for i in indices], **columns)
 
     def to_dict(self) -> dict[str, torch.Tensor]:  # what the token cache stores
-        return {"tokens": self.tokens, "offsets": self.offsets, "labels": self.labels}
+        return {"tokens": self.tokens, "offsets": self.offsets, **self._per_example()}
+
+    def _per_example(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in (("labels", self.labels), ("prompt_lengths", self.prompt_lengths))
+                if value is not None}
+
+
+def _long(values: Sequence[int] | None) -> torch.Tensor | None:
+    return None if values is None else torch.tensor(list(values), dtype=torch.long)
+
+
+def _check_one_column(labels: torch.Tensor | None, prompt_lengths: torch.Tensor | None) -> None:
+    """Class ids and prompt lengths never share a split or batch: a reader of one must not get the other."""
+    if (labels is None) == (prompt_lengths is None):
+        raise ValueError("exactly one of labels (class ids) and prompt_lengths must be set")
 
 
 def cache_dir() -> Path:
@@ -182,14 +157,21 @@ def batch_order(
 
 @dataclass
 class Batch:
+    """Padded rows and, like ``EncodedSplit``, exactly one per-row number: ``labels`` or ``prompt_lengths``."""
+
     input_ids: torch.Tensor  # (B, T) right-padded
     attention_mask: torch.Tensor  # (B, T) 1 = token
-    labels: torch.Tensor  # (B,) class ids or prompt lengths
-    reference: torch.Tensor | None = None  # (B/2, 2) preference batches: precomputed reference log-probs
+    labels: torch.Tensor | None = None  # (B,) class ids
+    prompt_lengths: torch.Tensor | None = None  # (B,) prompt tokens at the start of each row
+    ref_logps: torch.Tensor | None = None  # (B/2, 2) preference batches: precomputed reference log-probs
+
+    def __post_init__(self) -> None:
+        _check_one_column(self.labels, self.prompt_lengths)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True)
-                       for t in (self.input_ids, self.attention_mask, self.labels, self.reference)))
+                       for t in (self.input_ids, self.attention_mask, self.labels, self.prompt_lengths,
+                                 self.ref_logps)))
 
     @property
     def real_tokens(self) -> int:
@@ -214,7 +196,7 @@ def pad_right(seqs: Sequence[torch.Tensor], pad_id: int = EOT_TOKEN_ID) -> tuple
 def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int = EOT_TOKEN_ID) -> Batch:
     """Right-pad the chosen examples to the longest among them."""
     ids, mask = pad_right([split.ids(i) for i in indices], pad_id)
-    return Batch(ids, mask, split.labels[list(indices)])
+    return Batch(ids, mask, **split.columns(indices))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,15 +208,31 @@ class Task:
     """What a task is: data source, splits, encoding, head, loss, metrics. Subclasses fill in the first three."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "classification" or "lm"
+    kind: ClassVar[str]  # "classification", "lm" or "preference"
     default_max_length: ClassVar[int]
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     generates: ClassVar[bool] = False  # keeps greedy generations of held-out prompts (task.num_generations)
+    source_names: ClassVar[tuple[str, ...]] = ()
+    """The choices of ``task.source``, the default first; empty for a task with a single source (``task.source``
+    must then stay unset). ``TaskConfig`` validates against this, so each task names its sources once."""
+    per_example: ClassVar[str]
+    """Which ``EncodedSplit`` field the number ``encode`` returns fills: ``labels`` or ``prompt_lengths``."""
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.max_length = config.max_length or self.default_max_length
+
+    @classmethod
+    def for_trial(cls, config: TaskConfig, **sections: Any) -> Task:
+        """The task as a trial runs it. ``sections`` are the trial's other config sections by name (``dpo=...``): a
+        task takes the ones that shape it and ignores the rest, so callers need no case per task."""
+        return cls(config)
+
+    @property
+    def source(self) -> str | None:
+        """The data this task reads: ``task.source``, else the default; None for a single-source task."""
+        return self.config.source or (self.source_names[0] if self.source_names else None)
 
     # --- to implement -------------------------------------------------------------------------------------------------
     def sources(self) -> list[Source]:
@@ -246,7 +244,7 @@ class Task:
         raise NotImplementedError
 
     def encode(self, example: Example, enc: tiktoken.Encoding) -> tuple[list[int], int] | None:
-        """Token ids and the label column value for one example; None drops it (and it is counted)."""
+        """Token ids and the example's number (see ``per_example``); None drops the example."""
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------------------------------
@@ -256,7 +254,7 @@ class Task:
 
     def cache_options(self) -> dict[str, Any]:
         """The config values that change the encoded data (the cache key includes them)."""
-        return {"max_length": self.max_length}
+        return {"max_length": self.max_length, **({"source": self.source} if self.source_names else {})}
 
     def load(self, enc: tiktoken.Encoding, seed: int = 0, root: Path | None = None) -> dict[str, EncodedSplit]:
         """Encoded train/validation/test, from the token cache when this exact data was encoded before.
@@ -292,7 +290,8 @@ class Task:
             encoded = [e for e in (self.encode(x, enc) for x in raw[split_name]) if e is not None]
             if not encoded:
                 raise DataError(f"{self.name}: every {split_name} example was dropped at max_length={self.max_length}")
-            out[split_name] = EncodedSplit.from_lists([ids for ids, _ in encoded], [lab for _, lab in encoded])
+            numbers = {self.per_example: [number for _, number in encoded]}
+            out[split_name] = EncodedSplit.from_lists([ids for ids, _ in encoded], **numbers)
         return out
 
     def make_head(self, n_embd: int) -> nn.Module | None:
@@ -309,10 +308,8 @@ class Task:
         return {}
 
     def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
-        """A held-out prompt to generate from, and its reference answer (language modelling tasks)."""
-        ids = split.ids(i)
-        prompt = ids[: int(split.labels[i])]
-        return prompt, [t for t in ids[len(prompt):].tolist() if t != EOT_TOKEN_ID]
+        """A held-out prompt to generate from, and its reference answer (tasks that ``generate``)."""
+        raise NotImplementedError
 
     def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
         """Mean loss over the batch's scored items, and how many items that is."""
@@ -327,6 +324,7 @@ class ClassificationTask(Task):
     """Reads the last real token's hidden state through a new ``num_classes`` linear head."""
 
     kind = "classification"
+    per_example = "labels"
     label_names: ClassVar[tuple[str, ...]]
     primary_metric = "accuracy"
     higher_is_better = True
@@ -381,9 +379,10 @@ def scored_logits(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch
 
 
 class LanguageModelingTask(Task):
-    """Next-token loss on the response (and the prompt with ``prompt_loss``); ``labels`` holds prompt lengths."""
+    """Next-token loss on the response (and the prompt with ``prompt_loss``)."""
 
     kind = "lm"
+    per_example = "prompt_lengths"
     primary_metric = "perplexity"
     higher_is_better = False
     generates = True
@@ -396,9 +395,15 @@ class LanguageModelingTask(Task):
     @staticmethod
     def _scored(model: GPT2, batch: Batch, prompt_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets of the response tokens (every token with ``prompt_loss``)."""
-        first = torch.ones_like(batch.labels) if prompt_loss else batch.labels  # index of the first scored target
+        lengths = batch.prompt_lengths
+        first = torch.ones_like(lengths) if prompt_loss else lengths  # index of the first scored target
         logits, targets, _ = scored_logits(model, batch, first)
         return logits, targets
+
+    def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
+        ids = split.ids(i)
+        prompt = ids[: int(split.prompt_lengths[i])]
+        return prompt, [t for t in ids[len(prompt):].tolist() if t != EOT_TOKEN_ID]
 
     def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
         logits, targets = self._scored(model, batch, self.config.prompt_loss)
@@ -414,116 +419,6 @@ class LanguageModelingTask(Task):
             count += len(targets)
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}
-
-
-class PreferenceTask(Task):
-    """DPO on (prompt, chosen, rejected) pairs. An entry holds ``prompt+chosen+EOT`` then ``prompt+rejected+EOT``;
-    ``labels`` holds the prompt length. A batch of B pairs is 2B rows: the chosen sequences, then the rejected ones.
-
-    The reference model is the policy's starting point. With LoRA it is the policy with its adapters disabled (no
-    second copy); otherwise its log-probs are computed once, before training, for every pair (``prepare``): one pass
-    over the data instead of a frozen copy in memory and a second forward pass at every step
-    (``sweeps/bench_dpo.py`` measures the two).
-    """
-
-    kind = "preference"
-    primary_metric = "preference_accuracy"
-    higher_is_better = True
-    generates = True
-
-    def __init__(self, config: TaskConfig, dpo: DPOConfig | None = None) -> None:
-        super().__init__(config)
-        self.dpo = dpo if dpo is not None else DPOConfig()
-
-    @staticmethod
-    def boundary(ids: torch.Tensor, prompt_len: int) -> int:
-        """Where the chosen sequence ends in a pair entry (just after its end token)."""
-        eot = (ids[prompt_len:] == EOT_TOKEN_ID).nonzero()
-        return prompt_len + int(eot[0]) + 1
-
-    def collate(self, split: EncodedSplit, indices: Sequence[int]) -> Batch:
-        seqs, prompts = [], []
-        for i in indices:
-            ids, p = split.ids(i), int(split.labels[i])
-            cut = self.boundary(ids, p)
-            seqs.append((ids[:cut], ids[cut:]))
-            prompts.append(p)
-        input_ids, mask = pad_right([c for c, _ in seqs] + [r for _, r in seqs], EOT_TOKEN_ID)  # chosen, then rejected
-        reference = split.reference[list(indices)] if split.reference is not None else None
-        return Batch(input_ids, mask, torch.tensor(prompts + prompts, dtype=torch.long), reference)
-
-    def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
-        ids, p = split.ids(i), int(split.labels[i])
-        return ids[:p], ids[p : self.boundary(ids, p) - 1].tolist()  # the chosen answer
-
-    @staticmethod
-    def sequence_logps(model: GPT2, batch: Batch) -> torch.Tensor:
-        """Summed log-probability of each row's response tokens (prompt and padding masked), ``(2B,)``."""
-        logits, targets, scored = scored_logits(model, batch, batch.labels)  # (N, V), (N,), (2B, T-1)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-        rows = scored.nonzero()[:, 0]  # the row of each scored token
-        return torch.zeros(len(batch.input_ids), device=logp.device).index_add_(0, rows, token_logp)
-
-    def reference_logps(self, model: GPT2, batch: Batch) -> torch.Tensor:
-        """Reference log-probs ``(B, 2)`` (chosen, rejected) of a batch."""
-        if batch.reference is not None:
-            return batch.reference.float()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), disable_lora(model):
-                logps = self.sequence_logps(model, batch)
-        finally:
-            model.train(was_training)
-        return logps.view(2, -1).T
-
-    def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
-                batch_size: int) -> dict[str, Any]:
-        if any(True for _ in lora_layers(model)):
-            return {"dpo_reference": "adapters_disabled"}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for split in splits.values():
-                out = torch.empty(len(split), 2)
-                for start in range(0, len(split), batch_size):
-                    idx = list(range(start, min(start + batch_size, len(split))))
-                    with autocast:
-                        logps = self.sequence_logps(model, self.collate(split, idx).to(device))
-                    out[idx] = logps.view(2, -1).T.float().cpu()
-                split.reference = out
-        model.train(was_training)
-        return {"dpo_reference": "precomputed"}
-
-    def pair_terms(self, model: GPT2, batch: Batch) -> tuple[torch.Tensor, ...]:
-        policy = self.sequence_logps(model, batch).view(2, -1)  # (2, B): chosen, rejected
-        ref = self.reference_logps(model, batch).to(policy.device)  # (B, 2)
-        loss, chosen_reward, rejected_reward = dpo_loss(policy[0], policy[1], ref[:, 0], ref[:, 1], self.dpo)
-        return loss, chosen_reward, rejected_reward, policy.detach(), ref
-
-    def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
-        loss, *_ = self.pair_terms(model, batch)
-        return loss.mean(), len(loss)
-
-    @torch.no_grad()
-    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
-        """Held-out pairs: preference accuracy (chosen reward > rejected), mean reward margin, log-prob drift of the
-        chosen and rejected responses from the reference (summed over tokens), and the DPO loss."""
-        sums = {"loss": 0.0, "preference_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
-                "rejected_reward": 0.0, "chosen_logp_drift": 0.0, "rejected_logp_drift": 0.0}
-        n = 0
-        for batch in batches:
-            loss, cr, rr, policy, ref = self.pair_terms(model, batch)
-            sums["loss"] += float(loss.sum())
-            sums["preference_accuracy"] += float((cr > rr).sum())
-            sums["reward_margin"] += float((cr - rr).sum())
-            sums["chosen_reward"] += float(cr.sum())
-            sums["rejected_reward"] += float(rr.sum())
-            sums["chosen_logp_drift"] += float((policy[0] - ref[:, 0]).sum())
-            sums["rejected_logp_drift"] += float((policy[1] - ref[:, 1]).sum())
-            n += len(loss)
-        return {k: v / max(n, 1) for k, v in sums.items()}
 
 
 def _read_cache(path: Path) -> dict[str, EncodedSplit] | None:

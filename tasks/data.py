@@ -9,7 +9,6 @@ on the content, so the check does not depend on how an archive was packed.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.tokenizer import DATA_DIR_ENV
+from model.tokenizer import DATA_DIR_ENV, sha256_file
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "data"
 
@@ -34,16 +33,6 @@ def data_dir() -> Path:
     """``$FINETUNE_DATA_DIR``, else ``~/.cache/gpt2-finetune-guide/data`` (where downloads land)."""
     value = os.environ.get(DATA_DIR_ENV)
     return Path(value) if value else DEFAULT_DATA_DIR
-
-
-def sha256_file(path: Path, decompress: bool = False) -> str:
-    """sha256 of a file's bytes (of the uncompressed bytes with ``decompress`` for .gz)."""
-    digest = hashlib.sha256()
-    opener = gzip.open if decompress else open
-    with opener(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

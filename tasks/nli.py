@@ -30,6 +30,7 @@ from tasks.data import DataError, Source, _download, data_dir, open_text
 
 LABELS = ("entailment", "neutral", "contradiction")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "test": "test"}
+HUB_SOURCE = "all_nli_med"  # the one source read from the Hugging Face hub, not from a checked file
 HUB_REPO = "presencesw/all_nli_med"
 
 
@@ -136,21 +137,15 @@ class Nli(ClassificationTask):
     name = "nli"
     label_names = LABELS
     default_max_length = 128
-
-    @property
-    def source(self) -> str:
-        return self.config.source or "sick"
-
-    def cache_options(self) -> dict:
-        return {**super().cache_options(), "source": self.source}
+    source_names = (*SOURCES, HUB_SOURCE)
 
     def sources(self) -> list[Source]:
         return [SOURCES[self.source]] if self.source in SOURCES else []
 
     def resolve_paths(self, root: Path | None) -> list[Path]:
-        if self.source != "all_nli_med":
+        if self.source != HUB_SOURCE:
             return super().resolve_paths(root)
-        local = (root if root is not None else data_dir()) / "nli" / "all_nli_med"
+        local = (root if root is not None else data_dir()) / "nli" / HUB_SOURCE
         files = sorted(local.glob("**/*.parquet")) if local.is_dir() else []
         if files:
             return files
@@ -159,16 +154,16 @@ class Nli(ClassificationTask):
 
             folder = Path(snapshot_download(HUB_REPO, repo_type="dataset", allow_patterns=["*.parquet"]))
         except Exception as err:
-            raise DataError(f"all_nli_med: not in {local} and could not be downloaded from the hub ({HUB_REPO}): "
+            raise DataError(f"{HUB_SOURCE}: not in {local} and could not be downloaded from the hub ({HUB_REPO}): "
                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Put its parquet "
                             f"files in {local}, or use task.source=sick or snli") from None
         files = sorted(folder.glob("**/*.parquet"))
         if not files:
-            raise DataError(f"all_nli_med: the hub snapshot {folder} has no parquet files")
+            raise DataError(f"{HUB_SOURCE}: the hub snapshot {folder} has no parquet files")
         return files
 
     def read_splits(self, paths: list[Path]) -> dict[str, list[Example]]:
-        if self.source == "all_nli_med":
+        if self.source == HUB_SOURCE:
             return read_parquet_splits(paths)
         splits = read_jsonl(paths[0])
         if self.source == "snli":

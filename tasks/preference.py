@@ -12,25 +12,41 @@ Sources (``task.source``):
   checksum when missing; not in the offline data directory), split 90 / 5 / 5 %.
 
 Encoding: each pair is stored as one entry, ``prompt + chosen + <|endoftext|>`` followed by
-``prompt + rejected + <|endoftext|>``, with the prompt length as its label; responses never contain
+``prompt + rejected + <|endoftext|>``, with the prompt length (``prompt_lengths``); responses never contain
 ``<|endoftext|>``, so the first one after the prompt marks where the chosen sequence ends. Responses are cut so each
 sequence fits ``task.max_length`` (default 256) with its end token; a pair whose prompt leaves fewer than 8 response
-tokens is dropped, as is one whose two responses become identical once cut.
+tokens is dropped, as is one whose two responses become identical once cut. A batch of B pairs is 2B rows: the
+chosen sequences, then the rejected ones.
+
+The reference model is the policy's starting point. With LoRA it is the policy with its adapters disabled (no second
+copy); otherwise its log-probs are computed once, before training, for every pair (``Preference.prepare``): one pass
+over the data instead of a frozen copy in memory and a second forward pass at every step (``sweeps/bench_dpo.py``
+measures the two).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tiktoken
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+from model.gpt2 import GPT2, eval_mode
+from model.lora import disable_lora, lora_layers
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.alpaca import format_prompt
-from tasks.base import Example, PreferenceTask
+from tasks.base import Batch, EncodedSplit, Example, Task, pad_right, scored_logits
 from tasks.data import DataError, Source, open_text, read_json_list
+from tasks.dpo import DPOConfig, dpo_loss
+
+if TYPE_CHECKING:
+    from tasks.config import TaskConfig
 
 SOURCES = {
     "instruction": Source(
@@ -102,18 +118,27 @@ def read_hh(path: Path) -> tuple[list[Example], int]:
     return pairs, dropped
 
 
-class Preference(PreferenceTask):
+class Preference(Task):
+    """DPO on (prompt, chosen, rejected) pairs, each stored as one entry with its prompt length (module docstring)."""
+
     name = "preference"
+    kind = "preference"
+    per_example = "prompt_lengths"
     default_max_length = 256
-    source_names: ClassVar[tuple[str, ...]] = tuple(SOURCES)
+    source_names = tuple(SOURCES)
+    primary_metric = "preference_accuracy"
+    higher_is_better = True
+    generates = True
 
-    @property
-    def source(self) -> str:
-        return self.config.source or "instruction"
+    def __init__(self, config: TaskConfig, dpo: DPOConfig | None = None) -> None:
+        super().__init__(config)
+        self.dpo = dpo if dpo is not None else DPOConfig()
 
-    def cache_options(self) -> dict:
-        return {**super().cache_options(), "source": self.source}
+    @classmethod
+    def for_trial(cls, config: TaskConfig, dpo: DPOConfig | None = None, **sections: Any) -> Preference:
+        return cls(config, dpo)
 
+    # --- data -----------------------------------------------------------------------------------------------------
     def sources(self) -> list[Source]:
         return [SOURCES[self.source]]
 
@@ -137,3 +162,93 @@ class Preference(PreferenceTask):
         if chosen == rejected:
             return None
         return prompt + chosen + [EOT_TOKEN_ID] + prompt + rejected + [EOT_TOKEN_ID], len(prompt)
+
+    @staticmethod
+    def boundary(ids: torch.Tensor, prompt_len: int) -> int:
+        """Where the chosen sequence ends in a pair entry (just after its end token)."""
+        eot = (ids[prompt_len:] == EOT_TOKEN_ID).nonzero()
+        return prompt_len + int(eot[0]) + 1
+
+    def collate(self, split: EncodedSplit, indices: Sequence[int]) -> Batch:
+        seqs, prompts = [], []
+        for i in indices:
+            ids, p = split.ids(i), int(split.prompt_lengths[i])
+            cut = self.boundary(ids, p)
+            seqs.append((ids[:cut], ids[cut:]))
+            prompts.append(p)
+        input_ids, mask = pad_right([c for c, _ in seqs] + [r for _, r in seqs], EOT_TOKEN_ID)  # chosen, then rejected
+        ref_logps = split.ref_logps[list(indices)] if split.ref_logps is not None else None
+        return Batch(input_ids, mask, prompt_lengths=torch.tensor(prompts + prompts, dtype=torch.long),
+                     ref_logps=ref_logps)
+
+    def prompt_and_reference(self, split: EncodedSplit, i: int) -> tuple[torch.Tensor, list[int]]:
+        ids, p = split.ids(i), int(split.prompt_lengths[i])
+        return ids[:p], ids[p : self.boundary(ids, p) - 1].tolist()  # the chosen answer
+
+    # --- the reference model --------------------------------------------------------------------------------------
+    @staticmethod
+    def sequence_logps(model: GPT2, batch: Batch) -> torch.Tensor:
+        """Summed log-probability of each row's response tokens (prompt and padding masked), ``(2B,)``."""
+        logits, targets, scored = scored_logits(model, batch, batch.prompt_lengths)  # (N, V), (N,), (2B, T-1)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        rows = scored.nonzero()[:, 0]  # the row of each scored token
+        return torch.zeros(len(batch.input_ids), device=logp.device).index_add_(0, rows, token_logp)
+
+    def reference_logps(self, model: GPT2, batch: Batch) -> torch.Tensor:
+        """Reference log-probs ``(B, 2)`` (chosen, rejected) of a batch."""
+        if batch.ref_logps is not None:
+            return batch.ref_logps.float()
+        with eval_mode(model), torch.no_grad(), disable_lora(model):
+            logps = self.sequence_logps(model, batch)
+        return logps.view(2, -1).T
+
+    def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
+                batch_size: int) -> dict[str, Any]:
+        if any(True for _ in lora_layers(model)):
+            return {"dpo_reference": "adapters_disabled"}
+        with eval_mode(model), torch.no_grad():
+            for split in splits.values():
+                split.ref_logps = self._split_logps(model, split, device, autocast, batch_size)
+        return {"dpo_reference": "precomputed"}
+
+    def _split_logps(self, model: GPT2, split: EncodedSplit, device: torch.device, autocast: Any,
+                     batch_size: int) -> torch.Tensor:
+        """Log-probs ``(n, 2)`` (chosen, rejected) of every pair of a split, on the CPU."""
+        out = torch.empty(len(split), 2)
+        for start in range(0, len(split), batch_size):
+            idx = list(range(start, min(start + batch_size, len(split))))
+            with autocast:
+                logps = self.sequence_logps(model, self.collate(split, idx).to(device))
+            out[idx] = logps.view(2, -1).T.float().cpu()
+        return out
+
+    # --- loss and metrics -----------------------------------------------------------------------------------------
+    def pair_terms(self, model: GPT2, batch: Batch) -> tuple[torch.Tensor, ...]:
+        policy = self.sequence_logps(model, batch).view(2, -1)  # (2, B): chosen, rejected
+        ref = self.reference_logps(model, batch).to(policy.device)  # (B, 2)
+        loss, chosen_reward, rejected_reward = dpo_loss(policy[0], policy[1], ref[:, 0], ref[:, 1], self.dpo)
+        return loss, chosen_reward, rejected_reward, policy.detach(), ref
+
+    def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
+        loss, *_ = self.pair_terms(model, batch)
+        return loss.mean(), len(loss)
+
+    @torch.no_grad()
+    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
+        """Held-out pairs: preference accuracy (chosen reward > rejected), mean reward margin, log-prob drift of the
+        chosen and rejected responses from the reference (summed over tokens), and the DPO loss."""
+        sums = {"loss": 0.0, "preference_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
+                "rejected_reward": 0.0, "chosen_logp_drift": 0.0, "rejected_logp_drift": 0.0}
+        n = 0
+        for batch in batches:
+            loss, cr, rr, policy, ref = self.pair_terms(model, batch)
+            sums["loss"] += float(loss.sum())
+            sums["preference_accuracy"] += float((cr > rr).sum())
+            sums["reward_margin"] += float((cr - rr).sum())
+            sums["chosen_reward"] += float(cr.sum())
+            sums["rejected_reward"] += float(rr.sum())
+            sums["chosen_logp_drift"] += float((policy[0] - ref[:, 0]).sum())
+            sums["rejected_logp_drift"] += float((policy[1] - ref[:, 1]).sum())
+            n += len(loss)
+        return {k: v / max(n, 1) for k, v in sums.items()}

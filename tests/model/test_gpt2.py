@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import GPT2, PRESETS, ConfigError, GPT2Config, KVCache, last_token_hidden
+from model import GPT2, PRESETS, ConfigError, GPT2Config, KVCache, eval_mode, last_token_hidden
 from tests.model.conftest import TINY, hf_gpt2
 
 TOL = 1e-4  # float32 max |Δlogit| the issue allows
@@ -201,6 +201,19 @@ def test_dropout_is_active_only_in_training() -> None:
     assert not torch.equal(model(ids), model(ids))
     model.eval()
     assert torch.equal(model(ids), model(ids))
+
+
+def test_eval_mode_restores_the_previous_mode_even_on_error() -> None:
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        assert not model.training and not model.h[0].training
+        raise RuntimeError("boom")
+    assert model.training and model.h[0].training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training
 
 
 def test_bfloat16_logits_close_to_float32(tiny_checkpoint) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tasks import EncodedSplit, batch_order, collate
@@ -9,7 +10,7 @@ from tasks.metrics import classification_metrics
 
 
 def _split(lengths: list[int]) -> EncodedSplit:
-    return EncodedSplit.from_lists([[7] * n for n in lengths], list(range(len(lengths))))
+    return EncodedSplit.from_lists([[7] * n for n in lengths], labels=list(range(len(lengths))))
 
 
 def test_epoch_order_covers_everything_once_and_is_reproducible() -> None:
@@ -35,11 +36,21 @@ def test_length_grouping_cuts_padding() -> None:
 
 
 def test_collate_right_pads_with_mask() -> None:
-    split = EncodedSplit.from_lists([[1, 2, 3], [4]], [0, 1])
+    split = EncodedSplit.from_lists([[1, 2, 3], [4]], labels=[0, 1])
     batch = collate(split, [0, 1], pad_id=9)
     assert batch.input_ids.tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch.labels.tolist() == [0, 1] and batch.real_tokens == 4 and batch.padded_tokens == 6
+
+
+def test_class_ids_and_prompt_lengths_never_share_a_split() -> None:
+    split = EncodedSplit.from_lists([[1, 2, 3], [4, 5]], prompt_lengths=[1, 1])
+    batch = collate(split, [1, 0])
+    assert batch.labels is None and batch.prompt_lengths.tolist() == [1, 1]
+    assert split.subset([1]).prompt_lengths.tolist() == [1] and split.subset([1]).labels is None
+    for columns in ({}, {"labels": [0, 1], "prompt_lengths": [1, 1]}):
+        with pytest.raises(ValueError, match="exactly one of labels"):
+            EncodedSplit.from_lists([[1, 2, 3], [4, 5]], **columns)
 
 
 def test_classification_metrics_by_hand() -> None:

@@ -50,18 +50,19 @@ def _logp_by_hand(model: GPT2, prompt: list[int], response: list[int]) -> float:
 
 
 def test_dpo_loss_equals_an_independent_computation(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tasks.base.EOT_TOKEN_ID", EOT_TOKEN_ID % 100)  # the tiny vocabulary has no 50256
+    monkeypatch.setattr("tasks.preference.EOT_TOKEN_ID", EOT_TOKEN_ID % 100)  # the tiny vocabulary has no 50256
     model = _model()
     raw = [([5, 6, 7], [8, 9], [10, 11, 12, 13]), ([20, 21], [22, 23, 24], [25])]
     eot = EOT_TOKEN_ID % 100
-    split = EncodedSplit.from_lists([p + c + [eot] + p + r + [eot] for p, c, r in raw], [len(p) for p, _, _ in raw])
-    split.reference = torch.tensor([[-20.0, -25.0], [-18.5, -9.0]])  # hand-chosen reference log-probs
+    split = EncodedSplit.from_lists([p + c + [eot] + p + r + [eot] for p, c, r in raw],
+                                 prompt_lengths=[len(p) for p, _, _ in raw])
+    split.ref_logps = torch.tensor([[-20.0, -25.0], [-18.5, -9.0]])  # hand-chosen reference log-probs
     for options in ({"beta": 0.1}, {"beta": 0.5, "label_smoothing": 0.2}, {"beta": 0.3, "loss": "ipo"}):
         task = _task(**options)
         batch = task.collate(split, [0, 1])
         loss, n = task.loss(model, None, batch)
         expected = []
-        for (p, c, r), (ref_c, ref_r) in zip(raw, split.reference.tolist(), strict=True):
+        for (p, c, r), (ref_c, ref_r) in zip(raw, split.ref_logps.tolist(), strict=True):
             h = (_logp_by_hand(model, p, c) - _logp_by_hand(model, p, r)) - (ref_c - ref_r)
             beta = options["beta"]
             if options.get("loss") == "ipo":
@@ -75,13 +76,14 @@ def test_dpo_loss_equals_an_independent_computation(monkeypatch: pytest.MonkeyPa
 
 
 def test_at_step_zero_the_loss_is_log2_and_rewards_are_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tasks.base.EOT_TOKEN_ID", EOT_TOKEN_ID % 100)
+    monkeypatch.setattr("tasks.preference.EOT_TOKEN_ID", EOT_TOKEN_ID % 100)
     model = _model()
     eot = EOT_TOKEN_ID % 100
-    split = EncodedSplit.from_lists([[1, 2, 3, eot, 1, 4, eot], [7, 8, 9, 10, eot, 7, 8, 11, 12, eot]], [1, 2])
+    split = EncodedSplit.from_lists([[1, 2, 3, eot, 1, 4, eot], [7, 8, 9, 10, eot, 7, 8, 11, 12, eot]],
+                                 prompt_lengths=[1, 2])
     task = _task(beta=0.1)
     notes = task.prepare(model, {"test": split}, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=1)
-    assert notes == {"dpo_reference": "precomputed"} and split.reference.shape == (2, 2)
+    assert notes == {"dpo_reference": "precomputed"} and split.ref_logps.shape == (2, 2)
     metrics = task.evaluate(model, None, iter([task.collate(split, [0, 1])]))
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("chosen_reward", "rejected_reward", "reward_margin", "chosen_logp_drift", "rejected_logp_drift"):
@@ -89,17 +91,18 @@ def test_at_step_zero_the_loss_is_log2_and_rewards_are_zero(monkeypatch: pytest.
 
 
 def test_lora_reference_is_the_untouched_base_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tasks.base.EOT_TOKEN_ID", EOT_TOKEN_ID % 100)
+    monkeypatch.setattr("tasks.preference.EOT_TOKEN_ID", EOT_TOKEN_ID % 100)
     base = _model()
     model = copy.deepcopy(base)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all"))
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.5)  # a B of zeros would make the adapters invisible
     eot = EOT_TOKEN_ID % 100
-    split = EncodedSplit.from_lists([[1, 2, 3, eot, 1, 4, 5, eot], [7, 8, 9, 10, eot, 7, 8, 11, eot]], [1, 2])
+    split = EncodedSplit.from_lists([[1, 2, 3, eot, 1, 4, 5, eot], [7, 8, 9, 10, eot, 7, 8, 11, eot]],
+                                 prompt_lengths=[1, 2])
     task = _task()
     notes = task.prepare(model, {"train": split}, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=2)
-    assert notes == {"dpo_reference": "adapters_disabled"} and split.reference is None  # no copy, nothing precomputed
+    assert notes == {"dpo_reference": "adapters_disabled"} and split.ref_logps is None  # no copy, nothing precomputed
     batch = task.collate(split, [0, 1])
     model.train()  # the reference is taken without dropout whatever mode the policy is in
     reference = task.reference_logps(model, batch)
@@ -155,8 +158,8 @@ def test_short_cpu_run_learns_held_out_preferences(real_data: Path) -> None:
         "model.n_layer": 2, "model.n_head": 4, "model.n_embd": 128, "model.dropout": 0.0, "method.name": "full",
         "optim.lr": 1e-3, "train.epochs": 1, "train.batch_size": 8, "train.eval_at_start": True,
         "train.eval_every": 1000, "train.max_new_tokens": 4, "dpo.beta": 0.1})
-    result = run_trial(config)
-    history = result["history"]
-    assert history[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy = reference
-    assert result["test_preference_accuracy"] > 0.5 and result["test_reward_margin"] > 0
-    assert result["dpo_reference"] == "precomputed" and result["generations"]
+    result = run_trial(config).record
+    history = result.history
+    assert history[0].metrics["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy = reference
+    assert result.test["preference_accuracy"] > 0.5 and result.test["reward_margin"] > 0
+    assert result.notes["dpo_reference"] == "precomputed" and result.generations

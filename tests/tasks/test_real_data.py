@@ -88,7 +88,7 @@ def test_alpaca_prompt_and_loss_span(real_data) -> None:
     raw = task.read_splits(task.resolve_paths(None))["test"][:50]
     test = task.load(enc)["test"]
     for i, example in enumerate(raw):
-        ids, prompt_len = test.ids(i).tolist(), int(test.labels[i])
+        ids, prompt_len = test.ids(i).tolist(), int(test.prompt_lengths[i])
         assert enc.decode(ids[:prompt_len]) == example.text
         assert example.text.startswith("Below is an instruction") and example.text.endswith("### Response:\n")
         if len(ids) < task.max_length:
