@@ -16,12 +16,10 @@ from typing import Any
 import duckdb
 
 SCHEMA = Path(__file__).with_name("schema.sql")
+DEFAULT_DB = Path("results/results.duckdb")  # relative to the working directory; every CLI's --db default
 TERMINAL = ("completed", "failed", "diverged", "stopped")
 FINAL = ("completed", "diverged")
 STATUSES = ("pending", "running", *TERMINAL)
-MEASURED = ("steps", "trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share",
-            "peak_memory_mb", "wall_seconds", "val_accuracy", "val_macro_f1", "val_loss", "val_perplexity",
-            "test_accuracy", "test_macro_f1", "test_loss", "test_perplexity")
 
 
 class DatabaseError(RuntimeError):
@@ -64,24 +62,25 @@ def _sql_value(value: Any) -> Any:
     return value
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, default=str, allow_nan=False) if value is not None else None
+def json_text(value: Any) -> str | None:
+    """JSON text in which non-finite floats are null: valid for DuckDB's JSON type and every reader."""
+    return json.dumps(_finite(value), default=str, allow_nan=False) if value is not None else None
 
 
-def _clean(value: Any) -> Any:
-    """Non-finite floats become null so the JSON stays valid."""
+def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [_finite(v) for v in value]
     return value
 
 
-def trial_row(spec: Mapping[str, Any], status: str, final: Mapping[str, Any] | None = None,
+def trial_row(spec: Mapping[str, Any], status: str, measured: Mapping[str, Any] | None = None,
               error: str | None = None) -> dict[str, Any]:
-    """A ``trials`` row from a planned trial (``spec``) and, once it ended, its final record."""
+    """A ``trials`` row from a planned trial (``spec``) and, once it ended, its measured columns (what
+    ``sweeps.records.FinalRecord.to_row`` gives: scalars, and the whole record as a JSON ``result``)."""
     if status not in STATUSES:
         raise ValueError(f"unknown trial status {status!r}")
     config = spec["config"]
@@ -89,18 +88,12 @@ def trial_row(spec: Mapping[str, Any], status: str, final: Mapping[str, Any] | N
         "id": spec["trial_id"], "sweep_id": spec["sweep_id"], "study": spec["study"],
         "dimension": spec["dimension"], "group": spec["group"], "task": config["task.name"],
         "method": config["method.name"], "model": config["model.name"], "seed": config["train.seed"],
-        "status": status, "error": error, "config": _json(config),
+        "status": status, "error": error, "config": json_text(config),
         "updated_at": datetime.now(UTC).replace(tzinfo=None),
     }
     row.update({column_name(k): _sql_value(v) for k, v in config.items()})
-    if final is not None:
-        row.update({k: _sql_value(final.get(k)) for k in MEASURED})
-        row["steps"] = final.get("step")
-        primary = final.get("primary_metric")
-        row["primary_metric"] = primary
-        row["val_primary"] = _sql_value(final.get(f"val_{primary}"))
-        row["test_primary"] = _sql_value(final.get(f"test_{primary}"))
-        row["result"] = _json(_clean({k: v for k, v in final.items() if k not in ("model", "head")}))
+    for key, value in (measured or {}).items():
+        row[key] = json_text(value) if isinstance(value, dict | list) else _sql_value(value)
     return row
 
 
@@ -138,7 +131,7 @@ class ResultsWriter:
             data["started_at"] = existing[0]
         for key in ("package_versions", "hardware"):
             if isinstance(data.get(key), dict):
-                data[key] = _json(data[key])
+                data[key] = json_text(data[key])
         self._upsert("sweeps", data)
 
     def end_sweep(self, sweep_id: str, status: str) -> None:
@@ -167,7 +160,22 @@ class ResultsWriter:
                 self._upsert("trials", row)
 
     def write_metrics(self, trial_id: str, step: int, split: str, values: Mapping[str, Any]) -> None:
-        rows = [(trial_id, step, split, name, float(v)) for name, v in values.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
-        if rows:
-            self.con.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)", rows)
+        """One step's values of a split; what is not a finite number is left out."""
+        self.write_metric_rows(trial_id, [(step, split, name, v) for name, v in values.items()
+                                          if isinstance(v, int | float) and not isinstance(v, bool)])
+
+    def write_metric_rows(self, trial_id: str, rows: Iterable[tuple[int, str, str, float]]) -> None:
+        """Learning-curve rows ``(step, split, name, value)``; a replayed row replaces itself."""
+        data = [(trial_id, step, split, name, float(v)) for step, split, name, v in rows if math.isfinite(v)]
+        if data:
+            self.con.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)", data)
+
+    def reopen_sweep(self, sweep_id: str) -> None:
+        """Mark a sweep running again (``launch.py resume``): it keeps its row and start, and loses its end."""
+        self.con.execute("UPDATE sweeps SET status = 'running', ended_at = NULL WHERE id = ?", [sweep_id])
+
+    def trial_counts(self, sweep_id: str) -> dict[str, int]:
+        """How many of the sweep's trials ended in each status (the driver's closing line)."""
+        rows = self.con.execute("SELECT status, count(*) FROM trials WHERE sweep_id = ? GROUP BY status "
+                                "ORDER BY status", [sweep_id]).fetchall()
+        return dict(rows)

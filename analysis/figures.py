@@ -13,7 +13,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from analysis.guide import METHOD_COLOURS, OTHER_COLOUR, Group, metric_title, task_title
-from analysis.queries import higher_is_better
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -40,8 +39,8 @@ def _spans_decades(values: Sequence[float]) -> bool:
     return len(values) > 1 and max(values) / min(values) >= 20
 
 
-def _metric_axis(ax: Any, metric: str, values: Sequence[float]) -> None:
-    ax.set_ylabel(f"{metric_title(metric)} ({'lower' if not higher_is_better(metric) else 'higher'} is better)")
+def _metric_axis(ax: Any, metric: str, higher_is_better: bool, values: Sequence[float]) -> None:
+    ax.set_ylabel(f"{metric_title(metric)} ({'higher' if higher_is_better else 'lower'} is better)")
     if metric == "perplexity" and _spans_decades(values):
         ax.set_yscale("log")
     elif metric != "perplexity":  # shares: an interval wider than [0, 1] is drawn cut at the bounds
@@ -63,7 +62,7 @@ def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
                       fmt=m, color=c, capsize=5, markersize=8, elinewidth=2)
         left.scatter([x] * len(g.test_values), g.test_values, color=c, alpha=0.35, s=14, zorder=3)
     left.set_xticks(list(xs), [g.group for g in groups], rotation=30, ha="right")
-    _metric_axis(left, metric, [g.test_mean for g in groups if g.test_mean])
+    _metric_axis(left, metric, groups[0].higher_is_better, [g.test_mean for g in groups if g.test_mean])
     left.set_title(f"test {metric_title(metric)}: mean ± 95% CI (dots: seeds)", fontsize=10)
     left.grid(axis="y", alpha=0.3)
 
@@ -84,7 +83,7 @@ def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
                          linewidth=1)
     if plotted:
         right.set_xlabel("optimizer step")
-        _metric_axis(right, metric, [r["value"] for r in curves if r["split"] == "validation"])
+        _metric_axis(right, metric, groups[0].higher_is_better, [r["value"] for r in curves if r["split"] == "validation"])
         right.set_title(f"validation {metric_title(metric)} (markers) and training loss (faint dashed)", fontsize=10)
         right.legend(fontsize=8, loc="best")
         right.grid(alpha=0.3)
@@ -123,7 +122,7 @@ def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
             ax.set_xscale("log")
         ax.set_xlabel(label.replace(" (log)", "") if not (log and ax.get_xscale() == "log") else label)
         ax.grid(alpha=0.3)
-    _metric_axis(axes[0], metric, [g.test_mean for g in groups])
+    _metric_axis(axes[0], metric, groups[0].higher_is_better, [g.test_mean for g in groups])
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour(m), label=m)
                for m in dict.fromkeys(g.method for g in groups)]
     axes[-1].legend(handles=handles, fontsize=8, title="method", loc="best")
@@ -154,7 +153,7 @@ def lr_figure(fig_spec: dict[str, Any], path: Path) -> None:
             ax.scatter(bad, [floor] * len(bad), marker="x", color=colour(method), s=60, zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (log)")
-    _metric_axis(ax, metric, values)
+    _metric_axis(ax, metric, fig_spec["higher_is_better"], values)
     ax.set_title(fig_spec["title"], fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -145,6 +145,7 @@ class Group:
     method: str
     lr: float
     metric: str
+    higher_is_better: bool
     n_trials: int
     n_completed: int
     n_diverged: int
@@ -162,10 +163,6 @@ class Group:
 
     def __post_init__(self) -> None:
         self.iv = interval(self.test_mean, self.test_sd, self.n_completed)
-
-    @property
-    def higher_is_better(self) -> bool:
-        return q.higher_is_better(self.metric)
 
     def score(self) -> float:
         """Larger is better, whatever the metric's direction (for sorting)."""
@@ -376,8 +373,24 @@ def _by_task(items: Iterable[Any]) -> dict[str, list[Any]]:
     return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
 
 
-def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None) -> Guide:
-    """Everything the guide says, from the database. Raises DatabaseError when there is nothing to report."""
+HOW_TO_READ = (
+    "Each group is reported at its own best learning rate: among the learning rates with no diverged or failed "
+    "seed, the one with the best mean validation metric. The test metric is reported there and never used to "
+    "choose.",
+    f"Intervals are two-sided {LEVEL:.0%} Student-t intervals of the mean over seeds (t quantile with n-1 degrees "
+    "of freedom, sample SD); with 2-3 seeds they are wide on purpose. A bootstrap is not used: over 3 seeds it "
+    "has at most 10 distinct resamples and undercovers.",
+    "A recommendation is made only when two intervals do not overlap (stricter than a t-test); otherwise the "
+    "guide says the difference is within noise. A group with a single seed gets no interval and no conclusion.",
+    "Peak memory is the CUDA peak allocated by PyTorch on a GPU, and the peak resident memory of the whole trial "
+    "process (runtime included) on a CPU. Wall time covers training and evaluation of one trial.",
+)
+FINDING_ORDER = {"better": 0, "within_noise": 1, "cheapest_tie": 2, "single_seed": 3, "diverged": 4}
+
+
+def select(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None) -> list[str]:
+    """The sweeps the guide reports (default: every sweep of the latest sweep's study), selected for the views.
+    Raises DatabaseError when there is nothing to report or the choice mixes studies."""
     sweeps_known = q.records(con, q.ALL_SWEEPS)
     if not sweeps_known:
         raise DatabaseError("the database has no sweeps; run python sweeps/launch.py grid first")
@@ -387,7 +400,7 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
             raise DatabaseError(f"--sweep: no sweep {', '.join(unknown)} in the database "
                                 f"(known: {', '.join(s['id'] for s in sweeps_known)})")
         chosen = list(sweep_ids)
-    else:  # every sweep of the latest sweep's study
+    else:
         study = sweeps_known[-1]["study"]
         chosen = [s["id"] for s in sweeps_known if s["study"] == study]
     studies = sorted({s["study"] for s in sweeps_known if s["id"] in chosen})
@@ -397,22 +410,110 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
     q.select_sweeps(con, chosen)
     if con.execute(q.COMPLETED).fetchone()[0] == 0:
         raise DatabaseError(f"sweep(s) {', '.join(chosen)} have no completed trials yet; nothing to report")
+    return chosen
 
-    inits = {r["model_init"]: r["trials"] for r in q.records(con, q.MODEL_INITS)}
-    random_init = "random" in inits
-    sweeps = q.records(con, q.SWEEPS)
-    models = q.records(con, q.MODELS)
-    figures: list[dict[str, Any]] = []
-    findings: list[Finding] = []
-    seen: set[tuple] = set()
 
-    def add(new: Iterable[Finding]) -> list[str]:
+class Findings:
+    """Every finding of the guide once, in the order found; ``add`` returns the new ones as sentences."""
+
+    def __init__(self) -> None:
+        self.all: list[Finding] = []
+        self._seen: set[tuple] = set()
+
+    def add(self, new: Iterable[Finding]) -> list[str]:
         new = list(new)
         for f in new:
-            if f.key not in seen:
-                seen.add(f.key)
-                findings.append(f)
+            if f.key not in self._seen:
+                self._seen.add(f.key)
+                self.all.append(f)
         return sentences(new)
+
+    def recommendations(self, tasks: Iterable[str]) -> dict[str, list[str]]:
+        """Per task, every finding as a sentence, strongest first."""
+        return {task: sentences(sorted((f for f in self.all if f.task == task), key=lambda f: FINDING_ORDER[f.kind]))
+                for task in tasks}
+
+
+def section_specs(dimensions_present: Iterable[str]) -> list[dict[str, Any]]:
+    """The shipped sections whose dimension was measured, then one plain section per unknown dimension."""
+    present = sorted(set(dimensions_present))
+    specs = [s for s in SECTIONS if s["dimension"] in present]
+    known = {s["dimension"] for s in SECTIONS}
+    return specs + [{"key": d, "dimension": d, "title": f"Dimension: {d}", "about": f"The groups of the {d} dimension."}
+                    for d in present if d not in known]
+
+
+def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Sequence[Group], found: Findings,
+            figures: list[dict[str, Any]]) -> Section | None:
+    """One dimension's section: per task a figure, a table and the findings (None when it has nothing to show)."""
+    groups = [g for g in all_groups if g.dimension == spec["dimension"]]
+    if spec.get("methods"):
+        groups = [g for g in groups if g.method in spec["methods"]]
+        if not any(g.method == "last_k" for g in groups):
+            return None
+    curves = q.records(con, q.CURVES, {"dimension": spec["dimension"]})
+    lr_rows = q.records(con, q.LR_SWEEP, {"dimension": spec["dimension"]})
+    blocks = []
+    for task, gs in _by_task(groups).items():
+        gs = order_groups(gs)
+        names = {g.group for g in gs}
+        if spec.get("methods"):  # a narrowed view of a dimension repeats that dimension's findings
+            texts = sentences([f for f in found.all if f.task == task and f.dimension == spec["dimension"]
+                               and f.a in names and (f.b in names or f.kind == "diverged")])
+        else:
+            texts = found.add(compare(task, spec["dimension"], gs))
+            texts += found.add(diverged_findings([r for r in lr_rows if r["task"] == task and r["group"] in names],
+                                                 spec["dimension"]))
+        fig = {"kind": "dimension", "file": f"figures/{spec['key']}_{task}.png", "task": task,
+               "title": f"{spec['title']}: {task_title(task)}", "groups": gs,
+               "curves": [c for c in curves if c["task"] == task and c["group"] in names]}
+        figures.append(fig)
+        metric = metric_title(gs[0].metric)
+        caption = (f"Left: test {metric} at each group's best learning rate, mean and {LEVEL:.0%} t interval over "
+                   f"seeds. Right: validation {metric} during training (mean over seeds); dashed: training loss.")
+        blocks.append(Block(task, task_title(task), Figure(fig["file"], fig["title"], caption),
+                            dimension_table(gs), texts))
+    return Section(spec["key"], spec["title"], spec["about"], blocks) if blocks else None
+
+
+def main_rows(con: duckdb.DuckDBPyConnection, main: dict[str, str], sql: str) -> list[dict[str, Any]]:
+    """The rows of a per-dimension query for each task's main dimension."""
+    rows: list[dict[str, Any]] = []
+    for dimension in sorted(set(main.values())):
+        tasks_here = {t for t, d in main.items() if d == dimension}
+        rows += [r for r in q.records(con, sql, {"dimension": dimension}) if r["task"] in tasks_here]
+    return rows
+
+
+def scope(con: duckdb.DuckDBPyConnection, sweeps: Sequence[dict[str, Any]], inits: dict[str, int],
+          tasks: Iterable[str]) -> list[str]:
+    """What the guide covers: study, sweeps, trials, model and its initialisation, tasks."""
+    total = sum(s["completed"] + s["diverged"] + s["failed"] + s["stopped"] + s["unfinished"] for s in sweeps)
+    completed = sum(s["completed"] for s in sweeps)
+    model_text = ", ".join(f"{m['model']} ({m['model_n_layer'] or 'preset'} layers)" if m["model_n_layer"]
+                           else m["model"] for m in q.records(con, q.MODELS))
+    return [f"Study **{sweeps[0]['study']}**: {len(sweeps)} sweep(s), {total} trials, {completed} completed.",
+            f"Model: {model_text}; initialisation: {', '.join(f'{k} ({v} trials)' for k, v in inits.items())}.",
+            f"Tasks: {', '.join(task_title(t) for t in tasks)}."]
+
+
+def reproduce(con: duckdb.DuckDBPyConnection, sweeps: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The Reproduce section: the sweeps' provenance and every trial that did not complete."""
+    problems = q.records(con, q.PROBLEM_TRIALS)
+    rows = [[p["status"], p["task"], p["dimension"], p["group"], fmt_lr(p["lr"]), str(p["seed"]),
+             str(p["steps"] if p["steps"] is not None else "–"), p["id"], p["error"] or ""] for p in problems]
+    return {"sweeps": [_sweep_view(s) for s in sweeps], "problems": problems,
+            "problem_table": Table(["status", "task", "dimension", "group", "LR", "seed", "steps", "trial", "error"],
+                                   rows)}
+
+
+def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None) -> Guide:
+    """Everything the guide says, from the database. Raises DatabaseError when there is nothing to report."""
+    select(con, sweep_ids)
+    inits = {r["model_init"]: r["trials"] for r in q.records(con, q.MODEL_INITS)}
+    sweeps = q.records(con, q.SWEEPS)
+    figures: list[dict[str, Any]] = []
+    found = Findings()
 
     # Summary: per task, the groups of its main dimension (`method`; `dpo` for preference pairs; else its first)
     all_groups = _groups(q.records(con, q.BEST_ALL))
@@ -420,92 +521,16 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
     main_groups = [g for g in all_groups if g.dimension == main[g.task]]
     summary = [Block(task, task_title(task), None, summary_table(order_groups(gs)), [])
                for task, gs in _by_task(main_groups).items()]
-
-    # Dimension sections
-    sections: list[Section] = []
-    dimensions_present = sorted({g.dimension for g in all_groups})
-    specs = [s for s in SECTIONS if s["dimension"] in dimensions_present]
-    specs += [{"key": d, "dimension": d, "title": f"Dimension: {d}", "about": f"The groups of the {d} dimension."}
-              for d in dimensions_present if d not in {s["dimension"] for s in SECTIONS}]
-    for spec in specs:
-        groups = [g for g in all_groups if g.dimension == spec["dimension"]]
-        if spec.get("methods"):
-            groups = [g for g in groups if g.method in spec["methods"]]
-            if not any(g.method == "last_k" for g in groups):
-                continue
-        curves = q.records(con, q.CURVES, {"dimension": spec["dimension"]})
-        lr_rows = q.records(con, q.LR_SWEEP, {"dimension": spec["dimension"]})
-        blocks = []
-        for task, gs in _by_task(groups).items():
-            gs = order_groups(gs)
-            names = {g.group for g in gs}
-            if spec.get("methods"):  # a narrowed view of a dimension repeats that dimension's findings
-                texts = sentences([f for f in findings if f.task == task and f.dimension == spec["dimension"]
-                                   and f.a in names and (f.b in names or f.kind == "diverged")])
-            else:
-                texts = add(compare(task, spec["dimension"], gs))
-                texts += add(diverged_findings([r for r in lr_rows if r["task"] == task and r["group"] in names],
-                                               spec["dimension"]))
-            fig = {"kind": "dimension", "file": f"figures/{spec['key']}_{task}.png", "task": task,
-                   "title": f"{spec['title']}: {task_title(task)}", "groups": gs,
-                   "curves": [c for c in curves if c["task"] == task and c["group"] in names]}
-            figures.append(fig)
-            caption = (f"Left: test {metric_title(gs[0].metric)} at each group's best learning rate, mean and "
-                       f"{LEVEL:.0%} t interval over seeds. Right: validation {metric_title(gs[0].metric)} during "
-                       f"training (mean over seeds); dashed: training loss.")
-            blocks.append(Block(task, task_title(task), Figure(fig["file"], fig["title"], caption),
-                                dimension_table(gs), texts))
-        if blocks:
-            sections.append(Section(spec["key"], spec["title"], spec["about"], blocks))
-
-    # Recommendations: every finding, per task, strongest first
-    order = {"better": 0, "within_noise": 1, "cheapest_tie": 2, "single_seed": 3, "diverged": 4}
-    recommendations: dict[str, list[str]] = {}
-    for task in _by_task(all_groups):
-        mine = sorted((f for f in findings if f.task == task), key=lambda f: order[f.kind])
-        recommendations[task] = sentences(mine)
-
-    across = across_tasks(main_groups, figures)
-    pareto = pareto_blocks(main_groups, figures)
-    lr_rows, generation_rows = [], []
-    for dimension in sorted(set(main.values())):
-        tasks_here = {t for t, d in main.items() if d == dimension}
-        lr_rows += [r for r in q.records(con, q.LR_SWEEP, {"dimension": dimension}) if r["task"] in tasks_here]
-        generation_rows += [r for r in q.records(con, q.GENERATIONS, {"dimension": dimension})
-                            if r["task"] in tasks_here]
-    learning_rate = lr_blocks(lr_rows, figures)
-    generations = generation_sets(generation_rows)
-    problems = q.records(con, q.PROBLEM_TRIALS)
-
-    study = sweeps[0]["study"]
-    total = sum(s["completed"] + s["diverged"] + s["failed"] + s["stopped"] + s["unfinished"] for s in sweeps)
-    completed = sum(s["completed"] for s in sweeps)
-    model_text = ", ".join(f"{m['model']} ({m['model_n_layer'] or 'preset'} layers)" if m["model_n_layer"]
-                           else m["model"] for m in models)
-    scope = [f"Study **{study}**: {len(sweeps)} sweep(s), {total} trials, {completed} completed.",
-             f"Model: {model_text}; initialisation: {', '.join(f'{k} ({v} trials)' for k, v in inits.items())}.",
-             f"Tasks: {', '.join(task_title(t) for t in _by_task(all_groups))}."]
-    how = [
-        "Each group is reported at its own best learning rate: among the learning rates with no diverged or failed "
-        "seed, the one with the best mean validation metric. The test metric is reported there and never used to "
-        "choose.",
-        f"Intervals are two-sided {LEVEL:.0%} Student-t intervals of the mean over seeds (t quantile with n-1 degrees "
-        "of freedom, sample SD); with 2-3 seeds they are wide on purpose. A bootstrap is not used: over 3 seeds it "
-        "has at most 10 distinct resamples and undercovers.",
-        "A recommendation is made only when two intervals do not overlap (stricter than a t-test); otherwise the "
-        "guide says the difference is within noise. A group with a single seed gets no interval and no conclusion.",
-        "Peak memory is the CUDA peak allocated by PyTorch on a GPU, and the peak resident memory of the whole trial "
-        "process (runtime included) on a CPU. Wall time covers training and evaluation of one trial.",
-    ]
-    reproduce = {"sweeps": [_sweep_view(s) for s in sweeps], "problems": problems,
-                 "problem_table": Table(["status", "task", "dimension", "group", "LR", "seed", "steps", "trial",
-                                         "error"],
-                                        [[p["status"], p["task"], p["dimension"], p["group"], fmt_lr(p["lr"]),
-                                          str(p["seed"]), str(p["steps"] if p["steps"] is not None else "–"),
-                                          p["id"], p["error"] or ""] for p in problems])}
-    title = "Fine-tuning GPT-2: a measured guide"
-    return Guide(title, random_init, scope, how, summary, recommendations, across, sections, pareto,
-                 learning_rate, generations, reproduce, findings, figures)
+    sections = [s for spec in section_specs(g.dimension for g in all_groups)
+                if (s := section(con, spec, all_groups, found, figures)) is not None]
+    tasks = list(_by_task(all_groups))
+    return Guide(
+        title="Fine-tuning GPT-2: a measured guide", random_init="random" in inits,
+        scope=scope(con, sweeps, inits, tasks), how_to_read=list(HOW_TO_READ), summary=summary,
+        recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures), sections=sections,
+        pareto=pareto_blocks(main_groups, figures), learning_rate=lr_blocks(main_rows(con, main, q.LR_SWEEP), figures),
+        generations=generation_sets(main_rows(con, main, q.GENERATIONS)), reproduce=reproduce(con, sweeps),
+        findings=found.all, figures=figures)
 
 
 def _sweep_view(s: dict[str, Any]) -> dict[str, Any]:
@@ -596,7 +621,7 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> 
     blocks = []
     for task, rs in _by_task(rows).items():
         metric = next((r["metric"] for r in rs if r["metric"]), None)
-        hib = q.higher_is_better(metric)
+        hib = next((r["higher_is_better"] for r in rs if r["higher_is_better"] is not None), None)
         table_rows, sentences = [], []
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rs:
@@ -624,6 +649,7 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> 
             table_rows.append([name, tried, fmt_lr(best["lr"]), fmt_metric(best["val_mean"], metric),
                                fmt_metric(worst["val_mean"], metric), note])
         fig = {"kind": "lr", "file": f"figures/lr_{task}.png", "task": task, "metric": metric,
+               "higher_is_better": hib,
                "title": f"Learning rate: {task_title(task)}", "rows": rs}
         figures.append(fig)
         blocks.append(Block(task, task_title(task),

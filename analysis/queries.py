@@ -12,8 +12,8 @@ build on it, so each query below stays short and readable, and people can run th
                      no diverged or failed seed, the best mean *validation* metric (the test metric is only reported,
                      never used to choose).
 
-Metric direction: ``perplexity`` is lower-is-better, every other primary metric (accuracy, DPO preference accuracy)
-higher-is-better.
+Metric direction: each trial row stores its task's primary metric and whether higher is better
+(``trials.higher_is_better``, written from the trial's final record); every ranking here reads it from there.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import duckdb
-
-LOWER_IS_BETTER = ("perplexity",)
 
 VIEWS = """
 CREATE OR REPLACE TEMP VIEW guide_trials AS
@@ -39,6 +37,7 @@ SELECT task, dimension, "group",
        any_value(method)                                                   AS method,
        optim_lr                                                            AS lr,
        any_value(primary_metric) FILTER (WHERE primary_metric IS NOT NULL) AS metric,
+       any_value(higher_is_better) FILTER (WHERE higher_is_better IS NOT NULL) AS higher_is_better,
        count(*)                                                            AS n_trials,
        count(*) FILTER (WHERE status = 'completed')                        AS n_completed,
        count(*) FILTER (WHERE status = 'diverged')                         AS n_diverged,
@@ -62,7 +61,7 @@ FROM (
         PARTITION BY task, dimension, "group"
         ORDER BY n_completed = 0,
                  n_diverged + n_other,
-                 CASE WHEN metric IN ('perplexity') THEN val_mean ELSE -val_mean END NULLS LAST,
+                 CASE WHEN higher_is_better THEN -val_mean ELSE val_mean END NULLS LAST,
                  lr) AS lr_rank
     FROM guide_lr_stats)
 WHERE lr_rank = 1 AND n_completed > 0;
@@ -99,24 +98,27 @@ SELECT model, model_n_layer, model_n_embd, count(*) AS trials FROM guide_trials 
 
 BEST = """
 -- Each group of one dimension at its chosen learning rate (the summary table, the dimension sections, Pareto fronts).
-SELECT task, dimension, "group", method, lr, metric, n_trials, n_completed, n_diverged, n_other, val_mean,
-       test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s, peak_memory_mb
+SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
+       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s,
+       peak_memory_mb
 FROM guide_best
 WHERE dimension = $dimension
-ORDER BY task, CASE WHEN metric IN ('perplexity') THEN test_mean ELSE -test_mean END, "group"
+ORDER BY task, CASE WHEN higher_is_better THEN -test_mean ELSE test_mean END, "group"
 """
 
 BEST_ALL = """
 -- Every group of every dimension at its chosen learning rate.
-SELECT task, dimension, "group", method, lr, metric, n_trials, n_completed, n_diverged, n_other, val_mean,
-       test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s, peak_memory_mb
+SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
+       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s,
+       peak_memory_mb
 FROM guide_best
 ORDER BY task, dimension, "group"
 """
 
 LR_SWEEP = """
 -- Every learning rate tried for each group of one dimension (the Learning rate section).
-SELECT task, "group", method, lr, metric, n_trials, n_completed, n_diverged, n_other, val_mean, test_mean, test_sd
+SELECT task, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other, val_mean,
+       test_mean, test_sd
 FROM guide_lr_stats
 WHERE dimension = $dimension
 ORDER BY task, "group", lr
@@ -163,6 +165,7 @@ SELECT t.task, t.dimension, t."group", t.method, t.optim_lr AS lr,
        count(*) FILTER (WHERE t.status = 'completed')       AS completed,
        count(*) FILTER (WHERE t.status <> 'completed')      AS other,
        any_value(t.primary_metric)                          AS metric,
+       any_value(t.higher_is_better)                        AS higher_is_better,
        avg(t.test_primary)                                  AS test_mean,
        stddev_samp(t.test_primary)                          AS test_sd,
        avg(t.trainable_params)                              AS trainable_params,
@@ -172,8 +175,8 @@ FROM trials t JOIN sweeps s ON s.id = t.sweep_id
 WHERE t.sweep_id = $sweep
 GROUP BY ALL
 ORDER BY t.task, t.dimension,
-         CASE WHEN any_value(t.primary_metric) = 'perplexity' THEN avg(t.test_primary) ELSE -avg(t.test_primary) END
-         NULLS LAST  -- best first: lowest perplexity, highest accuracy
+         CASE WHEN any_value(t.higher_is_better) THEN -avg(t.test_primary) ELSE avg(t.test_primary) END
+         NULLS LAST  -- best first, whichever way the task's metric points
 """
 
 LATEST_SWEEP = "SELECT id FROM sweeps ORDER BY started_at DESC LIMIT 1"
@@ -182,10 +185,6 @@ EXPORTED_TRIAL = """
 -- A trial a DPO run may start from (dpo.init=<trial id>): its status, whether it kept its weights, and where.
 SELECT t.status, t.train_export, s.storage_path FROM trials t JOIN sweeps s ON s.id = t.sweep_id WHERE t.id = ?
 """
-
-
-def higher_is_better(metric: str | None) -> bool:
-    return metric not in LOWER_IS_BETTER
 
 
 def group_summary(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[tuple]:
@@ -209,3 +208,56 @@ def records(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | N
     cursor = con.execute(sql, params or {})
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+# --- the sweep driver's questions (sweeps/launch.py resume and status, sweeps/study.py dpo.init) ---------------------
+
+SWEEP_TO_RESUME = """
+-- The sweep `launch.py resume` continues: the one named, else the most recent; where Ray keeps it, and per-trial
+-- resources (in hardware.per_trial).
+SELECT id, storage_path, status, hardware
+FROM sweeps
+WHERE $sweep IS NULL OR id = $sweep
+ORDER BY started_at DESC
+LIMIT 1
+"""
+
+UNFINISHED_TRIALS = """
+-- A sweep's planned trials that did not complete or diverge (resume runs them again when Ray's state is torn).
+SELECT id AS trial_id, sweep_id, study, dimension, "group", config
+FROM trials
+WHERE sweep_id = $sweep AND status NOT IN ('completed', 'diverged')
+ORDER BY id
+"""
+
+SWEEP_PROGRESS = """
+-- Every sweep with how far its trials got (`launch.py status`).
+SELECT s.id, s.study, s.status, s.model_init, s.planned_trials,
+       count(t.id) FILTER (WHERE t.status = 'completed')                       AS completed,
+       count(t.id) FILTER (WHERE t.status IN ('failed', 'diverged', 'stopped')) AS ended_badly,
+       count(t.id) FILTER (WHERE t.status IN ('pending', 'running'))           AS open,
+       s.started_at
+FROM sweeps s LEFT JOIN trials t ON t.sweep_id = s.id
+GROUP BY ALL
+ORDER BY s.started_at
+"""
+
+
+def sweep_to_resume(con: duckdb.DuckDBPyConnection, sweep_id: str | None = None) -> dict[str, Any] | None:
+    """The sweep to resume (``sweep_id``, else the latest) as a dict, or None when there is none."""
+    rows = records(con, SWEEP_TO_RESUME, {"sweep": sweep_id})
+    return rows[0] if rows else None
+
+
+def unfinished_trials(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[dict[str, Any]]:
+    """The sweep's trials still to run, as planned-trial specs (``config`` still JSON text)."""
+    return records(con, UNFINISHED_TRIALS, {"sweep": sweep_id})
+
+
+def sweep_progress(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return con.execute(SWEEP_PROGRESS).fetchall()
+
+
+def exported_trial(con: duckdb.DuckDBPyConnection, trial_id: str) -> tuple[str, bool, str | None] | None:
+    """(status, train.export, sweep storage path) of a trial a DPO run may start from, or None if unknown."""
+    return con.execute(EXPORTED_TRIAL, [trial_id]).fetchone()

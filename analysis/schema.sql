@@ -101,7 +101,8 @@ CREATE TABLE IF NOT EXISTS trials (
     padding_share            DOUBLE,
     peak_memory_mb           DOUBLE,
     wall_seconds             DOUBLE,
-    primary_metric           VARCHAR,           -- accuracy (higher is better) or perplexity (lower is better)
+    primary_metric           VARCHAR,           -- the task's own: accuracy, perplexity, preference_accuracy, ...
+    higher_is_better         BOOLEAN,           -- the primary metric's direction, as the task declares it
     val_primary              DOUBLE,
     test_primary             DOUBLE,
     val_accuracy             DOUBLE,
@@ -122,6 +123,7 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_beta DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_loss VARCHAR;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_label_smoothing DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_init VARCHAR;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;
 
 -- Learning curves: every reported value of every trial.
 CREATE TABLE IF NOT EXISTS metrics (

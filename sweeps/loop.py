@@ -1,10 +1,10 @@
 """The one training loop: every task, every method, CPU or GPU, with or without Ray around it.
 
-``run_trial(config, callback)`` builds the model, task head and optimizer from a ``TrialConfig``, trains, evaluates and
-returns the final record. Everything it reports goes through ``callback(record)``: ``event`` is ``step`` (loss, lr,
-tokens/s), ``eval`` (validation metrics), ``checkpoint`` (a path to resume from) or ``final`` (status, validation and
-test metrics, parameter counts, peak memory, wall time, tokens seen, padding share, generations). Ray Tune's trainable
-(issue 5) is a thin adapter over this function; nothing here imports Ray.
+``run_trial(config, callback)`` reads top to bottom as four steps: ``setup`` builds the model, task head, method,
+optimizer and data from a ``TrialConfig``; ``train`` takes optimizer steps (``optimizer_step``) and evaluates
+(``validate``, with early stopping) until the step budget is spent or the trial stops; ``finish`` evaluates the
+final weights and returns the ``FinalRecord``. Everything reported goes through ``callback(record)`` as a typed
+record of ``sweeps/records.py``. Ray Tune's trainable is a thin adapter over this function; nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ import os
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from model import GPT2, GPT2Config, get_tokenizer
-from model.methods import apply_method
+from model.methods import MethodSummary, apply_method
 from model.tokenizer import EOT_TOKEN_ID
+from sweeps.config import ModelConfig, TrialConfig
 from sweeps.optim import build_optimizer, build_scheduler
-from tasks import Batch, Task, batch_order, get_task
+from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, StepRecord
+from tasks import EncodedSplit, Task, batch_order, get_task
 
-Callback = Callable[[dict[str, Any]], None]
+Callback = Callable[[Record], None]
 SUBSET_SEED = 123  # subsets of the data are the same for every trial seed: seeds vary init and order, not data
 
 
@@ -47,11 +49,58 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[EvalRecord] = field(default_factory=list)
+
+    def to_saved(self) -> dict[str, Any]:
+        return asdict(self)  # history as plain dicts: what torch.load(weights_only=True) reads back
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(**{**saved, "history": [EvalRecord(**e) for e in saved["history"]]})
+
+
+@dataclass
+class Trial:
+    """A running trial: what ``setup`` built, read and advanced by the steps of ``run_trial``."""
+
+    config: TrialConfig
+    task: Task
+    splits: dict[str, EncodedSplit]
+    model: GPT2
+    head: nn.Module | None
+    summary: MethodSummary
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    use_bf16: bool
+    total_steps: int
+    notes: dict[str, Any]
+    prepare_seconds: float
+    state: TrainState = field(default_factory=TrainState)
+    resumed_from_step: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    forward_model: nn.Module | None = None  # the model as called in forward passes (compiled or not)
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [self.model] if self.head is None else [self.model, self.head]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+class TrialResult(NamedTuple):
+    """A trial's final record and the trained modules beside it (for exports; never serialised)."""
+
+    record: FinalRecord
+    model: GPT2
+    head: nn.Module | None
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Assembly
+# Setup
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -64,7 +113,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: Any, seed: int, start_from: str | None = None) -> GPT2:
+def build_model(config: ModelConfig, seed: int, start_from: str | None = None) -> GPT2:
     """The trial's GPT-2: a checkpoint (``model.init=pretrained``), a seeded random init of a preset's shape, or an
     earlier result (``start_from``: a checkpoint directory or a ``sweeps/train.py --out`` folder, e.g. DPO after
     instruction tuning)."""
@@ -83,6 +132,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def setup(config: TrialConfig) -> Trial:
+    """Data, model, task head, method and optimizer of a trial, seeded, on its device; the task prepared."""
+    train = config.train
+    seed_everything(train.seed)
+    device = pick_device(train.device)
+    use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
+    task = get_task(config.task, dpo=config.dpo)
+    splits = task.load(get_tokenizer(), seed=SUBSET_SEED)
+    model = build_model(config.model, train.seed, None if config.dpo.init == "base" else config.dpo.init)
+    torch.manual_seed(train.seed)
+    head = task.make_head(model.config.n_embd)
+    summary = apply_method(model, config.method, config.lora, head)
+    model.to(device)
+    if head is not None:
+        head.to(device)
+    optimizer = build_optimizer([model] if head is None else [model, head], config.optim)
+    batches_per_epoch = math.ceil(len(splits["train"]) / train.batch_size)
+    total_steps = train.max_steps or train.epochs * math.ceil(batches_per_epoch / train.grad_accum)
+    trial = Trial(config, task, splits, model, head, summary, optimizer,
+                  build_scheduler(optimizer, config.schedule, total_steps), device, use_bf16, total_steps,
+                  notes={}, prepare_seconds=0.0)
+    started = time.perf_counter()
+    trial.notes = task.prepare(model, splits, device, trial.autocast(), train.eval_batch_size)  # DPO: reference
+    trial.prepare_seconds = time.perf_counter() - started
+    trial.forward_model = torch.compile(model) if train.compile else model
+    return trial
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def _rng_state() -> dict[str, Any]:
@@ -104,20 +186,159 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable_state(model: nn.Module, head: nn.Module | None) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    if head is not None:
-        tensors.update({f"head.{n}": p.detach().clone() for n, p in head.named_parameters()})
+def _trainable_state(trial: Trial) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{n}": p.detach().clone() for n, p in trial.model.named_parameters() if p.requires_grad}
+    if trial.head is not None:
+        tensors.update({f"head.{n}": p.detach().clone() for n, p in trial.head.named_parameters()})
     return tensors
 
 
-def _load_trainable_state(model: nn.Module, head: nn.Module | None, tensors: dict[str, torch.Tensor]) -> None:
-    params = {f"model.{n}": p for n, p in model.named_parameters()}
-    if head is not None:
-        params.update({f"head.{n}": p for n, p in head.named_parameters()})
+def _load_trainable_state(trial: Trial, tensors: dict[str, torch.Tensor]) -> None:
+    params = {f"model.{n}": p for n, p in trial.model.named_parameters()}
+    if trial.head is not None:
+        params.update({f"head.{n}": p for n, p in trial.head.named_parameters()})
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
+
+
+def save_checkpoint(trial: Trial, checkpoint_dir: str | Path) -> Path:
+    """Trainable weights, optimizer, scheduler, RNG states and position, written atomically."""
+    path = Path(checkpoint_dir) / f"step_{trial.state.step:07d}"
+    path.mkdir(parents=True, exist_ok=True)
+    payload = {"trainable": _trainable_state(trial), "optimizer": trial.optimizer.state_dict(),
+               "scheduler": trial.scheduler.state_dict(), "state": trial.state.to_saved(), "rng": _rng_state()}
+    torch.save(payload, path / "state.pt.tmp")
+    os.replace(path / "state.pt.tmp", path / "state.pt")
+    return path
+
+
+def load_checkpoint(trial: Trial, path: str | Path) -> None:
+    saved = torch.load(Path(path) / "state.pt", weights_only=True, map_location="cpu")
+    _load_trainable_state(trial, saved["trainable"])
+    trial.optimizer.load_state_dict(saved["optimizer"])
+    trial.scheduler.load_state_dict(saved["scheduler"])
+    trial.state = TrainState.from_saved(saved["state"])
+    _set_rng_state(saved["rng"])
+    trial.resumed_from_step = trial.state.step
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training: optimizer steps and evaluation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def step_groups(trial: Trial) -> Iterator[list[list[int]]]:
+    """The micro-batch index lists of each remaining optimizer step, epoch after epoch, from where the state is.
+
+    The order of an epoch depends on (seed, epoch) alone, so a resumed run continues the very same sequence.
+    """
+    state, train = trial.state, trial.config.train
+    lengths = trial.splits["train"].lengths
+    while state.step < trial.total_steps:
+        order = batch_order(lengths, train.batch_size, train.seed, state.epoch, group_by_length=train.group_by_length)
+        while state.batch_in_epoch < len(order) and state.step < trial.total_steps:
+            yield order[state.batch_in_epoch : state.batch_in_epoch + train.grad_accum]
+        if state.batch_in_epoch >= len(order):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+
+def optimizer_step(trial: Trial, group: list[list[int]]) -> StepRecord | None:
+    """Forward and backward over the group's micro-batches, clip, step; None when the loss is not finite."""
+    state, train = trial.state, trial.config.train
+    started = time.perf_counter()
+    trial.optimizer.zero_grad(set_to_none=True)
+    loss_value, step_tokens, padded = 0.0, 0, 0
+    for indices in group:
+        batch = trial.task.collate(trial.splits["train"], indices).to(trial.device)
+        with trial.autocast():
+            loss, _ = trial.task.loss(trial.forward_model, trial.head, batch)
+        if not torch.isfinite(loss):
+            return None
+        (loss / len(group)).backward()
+        loss_value += loss.item() / len(group)
+        step_tokens += batch.real_tokens
+        padded += batch.padded_tokens
+    if train.max_grad_norm is not None:
+        params = [p for m in trial.modules for p in m.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+    trial.optimizer.step()
+    trial.scheduler.step()
+    elapsed = time.perf_counter() - started
+    state.step += 1
+    state.batch_in_epoch += len(group)
+    state.tokens_seen += step_tokens
+    state.padded_tokens += padded
+    state.train_seconds += elapsed
+    return StepRecord(state.step, state.epoch, loss_value, trial.scheduler.get_last_lr()[0],
+                      step_tokens / max(elapsed, 1e-9), state.tokens_seen)
+
+
+def evaluate(trial: Trial, split: str) -> dict[str, float]:
+    """The task's metrics of the current weights on a split (evaluation mode, then back to training)."""
+    trial.model.eval()
+    train = trial.config.train
+    order = batch_order(trial.splits[split].lengths, train.eval_batch_size, 0, 0, shuffle=False)
+    batches = (trial.task.collate(trial.splits[split], b).to(trial.device) for b in order)
+    try:
+        with trial.autocast():
+            return trial.task.evaluate(trial.forward_model, trial.head, batches)
+    finally:
+        trial.model.train()
+
+
+def validate(trial: Trial, emit: Callback) -> EvalRecord:
+    """Validation metrics into the history and the callback."""
+    record = EvalRecord(trial.state.step, evaluate(trial, "validation"))
+    trial.state.history.append(record)
+    emit(record)
+    return record
+
+
+def should_stop(trial: Trial, record: EvalRecord) -> bool:
+    """Track the best validation metric (keeping its weights for early stopping); True when patience ran out."""
+    state, task, patience = trial.state, trial.task, trial.config.train.early_stopping_patience
+    value = record.metrics[task.primary_metric]
+    better = state.best_metric is None or (value > state.best_metric if task.higher_is_better
+                                           else value < state.best_metric)
+    if better:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        if patience:
+            trial.best_weights = _trainable_state(trial)
+        return False
+    state.evals_without_improvement += 1
+    return bool(patience) and state.evals_without_improvement >= patience
+
+
+def _due(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None) -> str:
+    """Optimizer steps until the budget is spent; returns ``completed``, ``early_stopped`` or ``diverged``."""
+    state, config = trial.state, trial.config.train
+    if config.eval_at_start and state.step == 0:
+        validate(trial, emit)
+    for module in trial.modules:
+        module.train()
+    for group in step_groups(trial):
+        record = optimizer_step(trial, group)
+        if record is None:
+            return "diverged"
+        if state.step == 1 or _due(state.step, config.log_every):
+            emit(record)
+        evaluates = _due(state.step, config.eval_every) and state.step < trial.total_steps  # the end evaluates anyway
+        if evaluates and should_stop(trial, validate(trial, emit)):
+            return "early_stopped"
+        if checkpoint_dir is not None and _due(state.step, config.checkpoint_every):
+            emit(CheckpointRecord(state.step, str(save_checkpoint(trial, checkpoint_dir))))
+    return "completed"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finish
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -127,195 +348,71 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def run_trial(
-    config: Any,
-    callback: Callback | None = None,
-    checkpoint_dir: str | Path | None = None,
-    resume_from: str | Path | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate one trial; returns the ``final`` record (also sent to ``callback``)."""
-    emit = callback or (lambda record: None)
-    train = config.train
-    wall_start = time.perf_counter()
-    seed_everything(train.seed)
-    device = pick_device(train.device)
-    use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
-
-    enc = get_tokenizer()
-    task = get_task(config.task, dpo=config.dpo)
-    splits = task.load(enc, seed=SUBSET_SEED)
-    model = build_model(config.model, train.seed, None if config.dpo.init == "base" else config.dpo.init)
-    torch.manual_seed(train.seed)
-    head = task.make_head(model.config.n_embd)
-    summary = apply_method(model, config.method, config.lora, head)
-    model.to(device)
-    if head is not None:
-        head.to(device)
-    modules = [model] if head is None else [model, head]
-    optimizer = build_optimizer(modules, config.optim)
-    prepare_started = time.perf_counter()
-    prepared = task.prepare(model, splits, device, autocast, train.eval_batch_size)  # DPO: the reference log-probs
-    prepared["prepare_seconds"] = time.perf_counter() - prepare_started
-
-    lengths = splits["train"].lengths
-    batches_per_epoch = math.ceil(len(lengths) / train.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
-    total_steps = train.max_steps or train.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, config.schedule, total_steps)
-
-    state = TrainState()
-    resumed_from_step = 0
-    if resume_from is not None:
-        saved = torch.load(Path(resume_from) / "state.pt", weights_only=True, map_location="cpu")
-        _load_trainable_state(model, head, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
-        _set_rng_state(saved["rng"])
-        resumed_from_step = state.step
-    best_weights = None
-    forward_model = torch.compile(model) if train.compile else model
-
-    def evaluate(split: str) -> dict[str, float]:
-        model.eval()
-        order = batch_order(splits[split].lengths, train.eval_batch_size, 0, 0, shuffle=False)
-        with autocast:
-            metrics = task.evaluate(forward_model, head, (task.collate(splits[split], b).to(device) for b in order))
-        model.train()
-        return metrics
-
-    def save_checkpoint() -> Path:
-        path = Path(checkpoint_dir) / f"step_{state.step:07d}"
-        path.mkdir(parents=True, exist_ok=True)
-        payload = {"trainable": _trainable_state(model, head), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": _rng_state()}
-        torch.save(payload, path / "state.pt.tmp")
-        os.replace(path / "state.pt.tmp", path / "state.pt")
-        return path
-
-    def validate() -> float:
-        """Validation metrics into the history and the callback; returns the primary metric."""
-        metrics = {f"val_{k}": v for k, v in evaluate("validation").items()}
-        state.history.append({"step": state.step, **metrics})
-        emit({"event": "eval", "step": state.step, **metrics})
-        return metrics[f"val_{task.primary_metric}"]
-
-    status = "completed"
-    if train.eval_at_start and state.step == 0:
-        validate()
-    model.train()
-    if head is not None:
-        head.train()
-    while state.step < total_steps and status == "completed":
-        order = batch_order(lengths, train.batch_size, train.seed, state.epoch, group_by_length=train.group_by_length)
-        while state.batch_in_epoch < len(order) and state.step < total_steps:
-            step_start = time.perf_counter()
-            group = order[state.batch_in_epoch : state.batch_in_epoch + train.grad_accum]
-            optimizer.zero_grad(set_to_none=True)
-            loss_value, step_tokens = 0.0, 0
-            for indices in group:
-                batch: Batch = task.collate(splits["train"], indices).to(device)
-                with autocast:
-                    loss, _ = task.loss(forward_model, head, batch)
-                if not torch.isfinite(loss):
-                    status = "diverged"
-                    break
-                (loss / len(group)).backward()
-                loss_value += loss.item() / len(group)
-                step_tokens += batch.real_tokens
-                state.padded_tokens += batch.padded_tokens
-            if status == "diverged":
-                break
-            if train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters() if p.requires_grad],
-                                               train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-            state.batch_in_epoch += len(group)
-            state.tokens_seen += step_tokens
-            elapsed = time.perf_counter() - step_start
-            state.train_seconds += elapsed
-            if state.step == 1 or state.step % train.log_every == 0:
-                emit({"event": "step", "step": state.step, "epoch": state.epoch, "loss": loss_value,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": step_tokens / max(elapsed, 1e-9),
-                      "tokens_seen": state.tokens_seen})
-            if train.eval_every and state.step % train.eval_every == 0 and state.step < total_steps:
-                value = validate()
-                better = state.best_metric is None or (value > state.best_metric if task.higher_is_better
-                                                       else value < state.best_metric)
-                if better:
-                    state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-                    if train.early_stopping_patience:
-                        best_weights = _trainable_state(model, head)
-                else:
-                    state.evals_without_improvement += 1
-                    if train.early_stopping_patience and state.evals_without_improvement >= train.early_stopping_patience:
-                        status = "early_stopped"
-                        break
-            if checkpoint_dir is not None and train.checkpoint_every and state.step % train.checkpoint_every == 0:
-                emit({"event": "checkpoint", "step": state.step, "checkpoint": str(save_checkpoint())})
-        if state.batch_in_epoch >= len(order):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-
-    final: dict[str, Any] = {
-        "event": "final", "status": status, "step": state.step, "total_steps": total_steps, "task": task.name,
-        "task_kind": task.kind, "primary_metric": task.primary_metric, "model_init": config.model.init,
-        "method": summary.method, "trainable_params": summary.trainable_params, "total_params": summary.total_params,
-        "trainable_fraction": summary.trainable_fraction, "method_notes": summary.notes,
-        "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
-        "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "padding_share": 1 - state.tokens_seen / max(state.padded_tokens, 1), "device": str(device),
-        "precision": "bf16" if use_bf16 else "fp32", "history": state.history,
-        "split_sizes": {k: len(v) for k, v in splits.items()}, "resumed_from_step": resumed_from_step,
-    }
+def finish(trial: Trial, status: str, wall_start: float) -> FinalRecord:
+    """Evaluate the final weights (the best ones after early stopping) and assemble the trial's final record."""
+    state, task, summary = trial.state, trial.task, trial.summary
+    record = FinalRecord(
+        status=status, task=task.name, task_kind=task.kind, primary_metric=task.primary_metric,
+        higher_is_better=task.higher_is_better, step=state.step, total_steps=trial.total_steps,
+        model_init=trial.config.model.init, method=summary.method, trainable_params=summary.trainable_params,
+        total_params=summary.total_params, trainable_fraction=summary.trainable_fraction,
+        method_notes=list(summary.notes), tokens_seen=state.tokens_seen, train_seconds=state.train_seconds,
+        tokens_per_s=state.tokens_seen / max(state.train_seconds, 1e-9),
+        padding_share=1 - state.tokens_seen / max(state.padded_tokens, 1), device=str(trial.device),
+        precision="bf16" if trial.use_bf16 else "fp32", prepare_seconds=trial.prepare_seconds,
+        history=list(state.history), split_sizes={k: len(v) for k, v in trial.splits.items()},
+        resumed_from_step=trial.resumed_from_step, notes=dict(trial.notes))
     if status == "diverged":
-        final["diverged_at_step"] = state.step + 1
+        record.diverged_at_step = state.step + 1
     else:
-        if status == "early_stopped" and best_weights is not None:
-            _load_trainable_state(model, head, best_weights)
-            final["best_step"] = state.best_step
-        final.update({f"val_{k}": v for k, v in evaluate("validation").items()})
-        final.update({f"test_{k}": v for k, v in evaluate("test").items()})
-        if task.generates and config.task.num_generations:
-            final["generations"] = generate_samples(model, task, splits["test"], config, device, autocast)
-    final["peak_memory_mb"] = peak_memory_mb(device)
-    final.update(prepared)
-    final["wall_seconds"] = time.perf_counter() - wall_start
-    final["model"], final["head"] = model, head  # for the caller's export; stripped before any serialisation
-    emit({k: v for k, v in final.items() if k not in ("model", "head")})
-    return final
+        if status == "early_stopped" and trial.best_weights is not None:
+            _load_trainable_state(trial, trial.best_weights)
+            record.best_step = state.best_step
+        record.validation = evaluate(trial, "validation")
+        record.test = evaluate(trial, "test")
+        if task.generates and trial.config.task.num_generations:
+            record.generations = generate_samples(trial)
+    record.peak_memory_mb = peak_memory_mb(trial.device)
+    record.wall_seconds = time.perf_counter() - wall_start
+    return record
 
 
 @torch.no_grad()
-def generate_samples(model: GPT2, task: Task, split: Any, config: Any, device: torch.device,
-                     autocast: Any) -> list[dict[str, str]]:
+def generate_samples(trial: Trial) -> list[dict[str, str]]:
     """Greedy continuations of the first test prompts (fixed across trials), decoded, with the reference answer."""
-    enc = get_tokenizer()
+    enc, model, split = get_tokenizer(), trial.model, trial.splits["test"]
     samples = []
-    model.eval()
-    for i in range(min(config.task.num_generations, len(split))):
-        prompt, reference = task.prompt_and_reference(split, i)
-        budget = min(config.train.max_new_tokens, model.config.n_positions - len(prompt))
+    for i in range(min(trial.config.task.num_generations, len(split))):
+        prompt, reference = trial.task.prompt_and_reference(split, i)
+        budget = min(trial.config.train.max_new_tokens, model.config.n_positions - len(prompt))
         if budget < 1:
             continue
-        with autocast:
-            out = model.generate(prompt[None].to(device), budget, eos_token_id=EOT_TOKEN_ID)[0, len(prompt):]
+        with trial.autocast():
+            out = model.generate(prompt[None].to(trial.device), budget, eos_token_id=EOT_TOKEN_ID)[0, len(prompt):]
         new = [t for t in out.tolist() if t != EOT_TOKEN_ID]
         samples.append({"prompt": enc.decode(prompt.tolist()), "generation": enc.decode(new),
                         "reference": enc.decode(reference)})
     return samples
 
 
-def strip_objects(record: dict[str, Any]) -> dict[str, Any]:
-    """The record without the live model objects (for JSON and Ray)."""
-    return {k: v for k, v in record.items() if k not in ("model", "head")}
+# --------------------------------------------------------------------------------------------------------------------
+# The trial
+# --------------------------------------------------------------------------------------------------------------------
 
+
+def run_trial(
+    config: TrialConfig,
+    callback: Callback | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+) -> TrialResult:
+    """Train and evaluate one trial; the final record (also sent to ``callback``) and the trained modules."""
+    emit = callback or (lambda record: None)
+    wall_start = time.perf_counter()
+    trial = setup(config)
+    if resume_from is not None:
+        load_checkpoint(trial, resume_from)
+    status = train(trial, emit, checkpoint_dir)
+    record = finish(trial, status, wall_start)
+    emit(record)
+    return TrialResult(record, trial.model, trial.head)

@@ -5,8 +5,8 @@ driver-side callback that turns Tune's events into DuckDB rows. Trials report to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,20 +18,10 @@ from ray import tune
 
 from analysis.db import ResultsWriter, trial_row
 from sweeps.config import TrialConfig
-from sweeps.loop import run_trial
+from sweeps.loop import TrialResult, run_trial
+from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, metric_key, record_from_report
 from sweeps.study import trial_id
 from sweeps.train import export
-
-FAIL_ONCE_ENV = "FINETUNE_TEST_FAIL_ONCE_DIR"  # tests only: each trial raises once after its first checkpoint
-
-
-def _scalars(record: dict[str, Any]) -> dict[str, Any]:
-    """Ray results stay flat: numbers and short strings; lists and dicts travel as one JSON string."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, bool | int | float | str) or value is None:
-            out[key] = value
-    return out
 
 
 def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
@@ -49,55 +39,44 @@ def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
 def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None) -> None:
     """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
 
-    ``finished`` (given on ``launch.py resume``) holds the final records of trials the database already has as
-    completed: Ray may schedule such a trial again when the driver died between its last report and its end; it then
-    reports its recorded result instead of training again.
+    ``finished`` (given on ``launch.py resume``) holds the final records (JSON) of trials the database already has
+    as completed: Ray may schedule such a trial again when the driver died between its last report and its end; it
+    then reports its recorded result instead of training again.
     """
     spec = spec_from_param(param)
+    node_id = ray.get_runtime_context().get_node_id()
+    ids = {"node_id": node_id, "trial_id": spec["trial_id"]}
     if finished and spec["trial_id"] in finished:
-        record = json.loads(finished[spec["trial_id"]])
-        tune.report({**_scalars(record), "event": "final", "trial_id": spec["trial_id"], "replayed": True,
-                     "final_json": finished[spec["trial_id"]]})
+        record = FinalRecord.from_dict(json.loads(finished[spec["trial_id"]]))
+        tune.report({**record.to_report(), **ids, "replayed": True})
         return
     config = TrialConfig.from_flat(spec["config"])
     checkpoint = tune.get_checkpoint()
-    node_id = ray.get_runtime_context().get_node_id()
-    fail_dir = os.environ.get(FAIL_ONCE_ENV)
+    latest: dict[str, Any] = {}  # the last validation metrics ride along on every later report (searchers want them)
+
+    def report(record: Record) -> None:
+        if isinstance(record, FinalRecord):
+            record = dataclasses.replace(record, node_id=node_id)
+        if isinstance(record, EvalRecord):
+            latest.update({metric_key(record.split, k): v for k, v in record.metrics.items()})
+        metrics = {**latest, **record.to_report(), **ids}
+        if isinstance(record, CheckpointRecord):
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(record.path))
+        else:
+            tune.report(metrics)
 
     with tempfile.TemporaryDirectory(prefix="trial-") as work, (
         checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()
     ) as resume_dir:
-        resume_from = Path(resume_dir) if resume_dir is not None else None
-
-        latest: dict[str, Any] = {}  # the last validation metrics ride along on every later report (searchers want them)
-
-        def report(record: dict[str, Any]) -> None:
-            event = record["event"]
-            if event == "eval":
-                latest.update({k: v for k, v in record.items() if k.startswith("val_")})
-            metrics = {**latest, **_scalars(record), "node_id": node_id, "trial_id": spec["trial_id"]}
-            if event == "checkpoint":
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(record["checkpoint"]))
-                marker = Path(fail_dir) / spec["trial_id"] if fail_dir else None
-                if marker is not None and not marker.exists():
-                    marker.touch()
-                    raise RuntimeError(f"injected failure after step {record['step']} (test hook {FAIL_ONCE_ENV})")
-            elif event == "final":
-                metrics["final_json"] = json.dumps(record, default=str)
-                tune.report(metrics)
-            else:
-                tune.report(metrics)
-
         try:
-            result = run_trial(config, report, checkpoint_dir=work, resume_from=resume_from)
-            if config.train.export and export_root and result["status"] in ("completed", "early_stopped"):
+            result = run_trial(config, report, checkpoint_dir=work, resume_from=resume_dir)
+            if config.train.export and export_root and result.record.db_status == "completed":
                 export_trial(result, config, Path(export_root) / spec["trial_id"])
         except (MemoryError, torch.cuda.OutOfMemoryError) as err:  # out of memory: recorded once, never retried
-            tune.report({"event": "final", "status": "failed", "node_id": node_id, "trial_id": spec["trial_id"],
-                         "error": f"out of memory: {err}", "final_json": json.dumps({"status": "failed"})})
+            report(FinalRecord.ended(config.task.name, "failed", error=f"out of memory: {err}"))
 
 
-def export_trial(result: dict[str, Any], config: TrialConfig, out: Path) -> None:
+def export_trial(result: TrialResult, config: TrialConfig, out: Path) -> None:
     """The final weights where ``dpo.init=<trial id>`` finds them (a retried trial replaces its earlier export)."""
     if out.exists():
         shutil.rmtree(out)
@@ -123,43 +102,28 @@ class DuckDBCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         spec = self._spec(trial)
-        event = result.get("event")
-        step = int(result.get("step") or 0)
-        if event == "step":
-            self.writer.write_metrics(spec["trial_id"], step, "train",
-                                      {k: result.get(k) for k in ("loss", "lr", "tokens_per_s", "tokens_seen")})
-        elif event == "eval":
-            self.writer.write_metrics(spec["trial_id"], step, "validation",
-                                      {k[4:]: v for k, v in result.items() if k.startswith("val_")})
-        elif event == "final":
+        record = record_from_report(result)
+        if record is None:
+            return
+        if isinstance(record, FinalRecord):
             self.finished.add(spec["trial_id"])
-            final = json.loads(result["final_json"])
-            final.setdefault("error", result.get("error"))
-            status = {"completed": "completed", "early_stopped": "completed", "diverged": "diverged",
-                      "failed": "failed"}[final["status"]]
-            final["node_id"] = result.get("node_id")
-            self.writer.write_trial(trial_row(spec, status, final, error=final.get("error")))
-            for split, prefix in (("validation", "val_"), ("test", "test_")):
-                self.writer.write_metrics(spec["trial_id"], int(final.get("step") or step), split,
-                                          {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)})
-            for point in final.get("history") or []:
-                self.writer.write_metrics(spec["trial_id"], int(point["step"]), "validation",
-                                          {k[4:]: v for k, v in point.items() if k.startswith("val_")})
+            self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
             if self.progress:
-                shown = final.get(f"test_{final.get('primary_metric')}")
-                print(f"trial {spec['trial_id']} {status}" + (f" test {final.get('primary_metric')}={shown:.4f}"
-                      if isinstance(shown, float) else ""), flush=True)
+                shown = record.test.get(record.primary_metric)
+                print(f"trial {spec['trial_id']} {record.db_status}" + (
+                    f" test {record.primary_metric}={shown:.4f}" if shown is not None else ""), flush=True)
+        self.writer.write_metric_rows(spec["trial_id"], record.metric_rows())
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """A trial that ended without its final record was stopped by the scheduler (ASHA) or the user."""
+        """A trial that ended without its final record was stopped by the scheduler (ASHA) or the user: recorded
+        with its task's primary metric and the last validation it reported."""
         spec = self._spec(trial)
         if spec["trial_id"] not in self.finished:
             last = trial.last_result or {}
-            seen = {k: v for k, v in last.items() if k.startswith("val_")}
-            primary = "perplexity" if "val_perplexity" in seen else "accuracy"
-            self.writer.write_trial(trial_row(spec, "stopped", {"step": last.get("step"), "primary_metric": primary,
-                                                                **seen},
-                                              error="stopped early by the scheduler (ASHA) or the user"))
+            record = FinalRecord.ended(spec["config"]["task.name"], "stopped", step=int(last.get("step") or 0),
+                                       last_eval=EvalRecord.from_report(last),
+                                       error="stopped early by the scheduler (ASHA) or the user")
+            self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error()

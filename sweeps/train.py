@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -25,11 +24,12 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from analysis.db import DatabaseError
+from analysis.db import DEFAULT_DB, DatabaseError
 from model import CheckpointError, ConfigError, TokenizerError
 from model.lora import save_merged, save_peft_adapter
 from sweeps.config import TrialConfig, flatten, read_yaml
-from sweeps.loop import run_trial, strip_objects
+from sweeps.loop import TrialResult, run_trial
+from sweeps.records import CheckpointRecord, EvalRecord, Record, StepRecord, metric_key
 from sweeps.study import resolve_init
 from tasks import DataError
 
@@ -76,14 +76,14 @@ def build_config(args: argparse.Namespace) -> TrialConfig:
     return TrialConfig.from_flat(flat)
 
 
-def export(result: dict[str, Any], config: TrialConfig, out: Path) -> None:
+def export(result: TrialResult, config: TrialConfig, out: Path) -> None:
     """Write the trial's result and weights to ``out``, through a temporary folder renamed at the end."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError([("--out", f"{out} exists and is not empty; choose a new directory")])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        model, head = result["model"], result["head"]
+        model, head = result.model, result.head
         if config.method.name == "lora":
             save_peft_adapter(model, staging / "adapter", base_model=config.model.name)
             save_merged(model, staging / "model")
@@ -92,7 +92,7 @@ def export(result: dict[str, Any], config: TrialConfig, out: Path) -> None:
         if head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                       staging / "head.safetensors", metadata={"format": "pt"})
-        (staging / "result.json").write_text(json.dumps(strip_objects(result), indent=2, default=str) + "\n")
+        (staging / "result.json").write_text(json.dumps(json.loads(result.record.to_json()), indent=2) + "\n")
         (staging / "config.yaml").write_text(yaml.safe_dump(config.to_flat(), sort_keys=True))
         if out.exists():
             out.rmdir()
@@ -102,21 +102,15 @@ def export(result: dict[str, Any], config: TrialConfig, out: Path) -> None:
         raise
 
 
-def progress(record: dict[str, Any]) -> None:
-    if record["event"] == "step":
-        print(f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-              f"{record['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
-    elif record["event"] == "eval":
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-        print(f"eval at step {record['step']}: {shown}", file=sys.stderr, flush=True)
-    elif record["event"] == "checkpoint":
-        print(f"checkpoint: {record['checkpoint']}", file=sys.stderr, flush=True)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def progress(record: Record) -> None:
+    if isinstance(record, StepRecord):
+        print(f"step {record.step:>6}  loss {record.loss:.4f}  lr {record.lr:.2e}  "
+              f"{record.tokens_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
+    elif isinstance(record, EvalRecord):
+        shown = "  ".join(f"{metric_key(record.split, k)} {v:.4f}" for k, v in record.metrics.items())
+        print(f"eval at step {record.step}: {shown}", file=sys.stderr, flush=True)
+    elif isinstance(record, CheckpointRecord):
+        print(f"checkpoint: {record.path}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any trial setting by its dotted key, e.g. lora.rank=8 (repeatable)")
     parser.add_argument("--out", type=Path, help="save result.json, config.yaml and the weights here")
-    parser.add_argument("--db", type=Path, default=Path("results/results.duckdb"),
-                        help="study database where dpo.init=<trial id> is looked up (default results/results.duckdb)")
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB,
+                        help=f"study database where dpo.init=<trial id> is looked up (default {DEFAULT_DB})")
     parser.add_argument("--checkpoint-dir", type=Path, help="write resumable checkpoints here (train.checkpoint_every)")
     parser.add_argument("--resume", type=Path, help="continue from a checkpoint folder written by --checkpoint-dir")
     parser.add_argument("--smoke", action="store_true", help="tiny random-init model and a few steps")
@@ -147,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    record = {k: _json_safe(v) for k, v in strip_objects(result).items() if k != "history"}
-    print(json.dumps(record, default=str))
+    record = {k: v for k, v in json.loads(result.record.to_json()).items() if k != "history"}
+    print(json.dumps(record))
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from analysis.db import ResultsWriter, trial_row
 from sweeps.config import TrialConfig
+from sweeps.records import FinalRecord
 
 SWEEP = "synthetic-20261126-000000-abcd"
 PARAMS = {"full": (124_439_808, 124_439_808), "lora": (442_368, 124_882_176)}
@@ -74,19 +75,20 @@ def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpac
         spec = {"trial_id": f"{task}-{group}-{lr:g}-{seed}", "sweep_id": SWEEP, "study": "synthetic",
                 "dimension": "method", "group": group, "config": config}
         trainable, total = PARAMS[group]
-        final = {"step": 100, "primary_metric": metric, f"val_{metric}": val, f"test_{metric}": test,
-                 "trainable_params": trainable, "total_params": total, "wall_seconds": 60.0 + seed,
-                 "tokens_per_s": 1000.0 * (2 if group == "lora" else 1), "peak_memory_mb": 2048.0 + seed,
-                 "tokens_seen": 100_000, "generations": GENERATIONS if task == "alpaca" else None}
+        kind = {"primary_metric": metric, "higher_is_better": metric != "perplexity", "task": task,
+                "task_kind": "lm" if task == "alpaca" else "classification"}
+        final = FinalRecord(status="completed", **kind, step=100, validation={metric: val}, test={metric: test},
+                            trainable_params=trainable, total_params=total, wall_seconds=60.0 + seed,
+                            tokens_per_s=1000.0 * (2 if group == "lora" else 1), peak_memory_mb=2048.0 + seed,
+                            tokens_seen=100_000, generations=GENERATIONS if task == "alpaca" else [])
         if status == "completed":
-            writer.write_trial(trial_row(spec, status, final))
+            writer.write_trial(trial_row(spec, status, final.to_row()))
             for step in (0, 50, 100):
                 writer.write_metrics(spec["trial_id"], step, "validation", {metric: val * (0.6 + 0.4 * step / 100)})
                 writer.write_metrics(spec["trial_id"], step, "train", {"loss": 1.0 - step / 200})
         elif status == "diverged":
-            writer.write_trial(trial_row(spec, status, {"step": 7, "primary_metric": metric,
-                                                        "error": "loss became nan at step 7"},
-                                         error="loss became nan at step 7"))
+            diverged = FinalRecord(status="diverged", **kind, step=7, error="loss became nan at step 7")
+            writer.write_trial(trial_row(spec, status, diverged.to_row(), error="loss became nan at step 7"))
         else:
             writer.write_trial(trial_row(spec, status, None, error="RuntimeError: worker died\ntraceback..."))
     writer.end_sweep(SWEEP, "completed")

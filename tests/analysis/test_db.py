@@ -11,6 +11,7 @@ import pytest
 
 from analysis.db import DatabaseError, ResultsWriter, column_name, connect, trial_row
 from sweeps.config import TrialConfig
+from sweeps.records import FinalRecord
 
 
 def _spec(seed: int = 0) -> dict:
@@ -33,10 +34,12 @@ def test_every_config_key_has_its_own_typed_column(tmp_path: Path) -> None:
 def test_replayed_writes_never_duplicate_or_regress(tmp_path: Path) -> None:
     writer = ResultsWriter(tmp_path / "db.duckdb")
     writer.plan_trials([trial_row(_spec(s), "pending") for s in (0, 1)])
-    final = {"step": 5, "primary_metric": "accuracy", "val_accuracy": 0.8, "test_accuracy": 0.75,
-             "trainable_params": 10, "total_params": 100, "val_loss": float("nan"), "generations": []}
+    final = FinalRecord.from_dict({
+        "status": "completed", "task": "sms_spam", "task_kind": "classification", "higher_is_better": True,
+        "step": 5, "primary_metric": "accuracy", "val_accuracy": 0.8, "test_accuracy": 0.75,
+        "trainable_params": 10, "total_params": 100, "val_loss": float("nan"), "generations": []})
     for _ in range(2):  # Ray replays results after a restore
-        writer.write_trial(trial_row(_spec(0), "completed", final))
+        writer.write_trial(trial_row(_spec(0), "completed", final.to_row()))
         writer.write_metrics("t0", 5, "train", {"loss": 0.3, "lr": 1e-3, "status": "x"})
     writer.write_trial(trial_row(_spec(0), "running"))  # a late replay of an earlier event
     writer.plan_trials([trial_row(_spec(s), "pending") for s in (0, 1)])  # a resumed sweep plans again

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sweeps.config import TrialConfig
-from sweeps.loop import run_trial
+from sweeps.loop import TrialResult, run_trial
+from sweeps.records import CheckpointRecord, FinalRecord
 from tasks.base import ClassificationTask
 
 TINY = {"model.init": "random", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64}
@@ -24,40 +25,40 @@ def test_sms_spam_beats_the_majority_baseline(real_data) -> None:
     config = TrialConfig.from_flat({**TINY, "model.n_embd": 128, "model.n_head": 4, "task.name": "sms_spam",
                                     "optim.lr": 1e-3, "train.epochs": 3, "train.batch_size": 16,
                                     "schedule.warmup_steps": 10})
-    result = run_trial(config)
+    result = run_trial(config).record
     majority = 151 / 300  # the larger class of the 300 test messages
-    assert result["status"] == "completed"
-    assert result["test_accuracy"] >= majority + 0.3, result["test_accuracy"]
-    assert 0 < result["padding_share"] < 0.5 and result["tokens_seen"] > 0
-    assert result["trainable_params"] == result["total_params"]
+    assert result.status == "completed"
+    assert result.test["accuracy"] >= majority + 0.3, result.test["accuracy"]
+    assert 0 < result.padding_share < 0.5 and result.tokens_seen > 0
+    assert result.trainable_params == result.total_params
 
 
 def test_alpaca_lowers_held_out_perplexity(real_data) -> None:
     config = _config(task__name="alpaca", task__max_train_examples=256, task__max_eval_examples=32,
                      task__max_length=96, optim__lr=3e-3, train__max_steps=30, train__eval_at_start=True,
                      task__num_generations=2, train__max_new_tokens=6)
-    result = run_trial(config)
-    before, after = result["history"][0]["val_perplexity"], result["val_perplexity"]
-    assert result["history"][0]["step"] == 0
+    result = run_trial(config).record
+    before, after = result.history[0].metrics["perplexity"], result.validation["perplexity"]
+    assert result.history[0].step == 0
     assert after < 0.5 * before, (before, after)
-    assert len(result["generations"]) == 2
-    assert {"prompt", "generation", "reference"} <= set(result["generations"][0])
-    assert result["generations"][0]["prompt"].endswith("### Response:\n")
+    assert len(result.generations) == 2
+    assert {"prompt", "generation", "reference"} <= set(result.generations[0])
+    assert result.generations[0]["prompt"].endswith("### Response:\n")
 
 
 @pytest.mark.parametrize("task", ["nli", "imdb"])
 def test_nli_and_imdb_complete_and_report(task: str, real_data) -> None:
     result = run_trial(_config(task__name=task, train__max_steps=6, train__batch_size=8, optim__lr=1e-3,
-                               task__max_train_examples=96, task__max_eval_examples=48, task__max_length=96))
-    assert result["status"] == "completed"
-    for split in ("val", "test"):
-        assert 0 <= result[f"{split}_accuracy"] <= 1 and 0 <= result[f"{split}_macro_f1"] <= 1
-    assert result["split_sizes"] == {"train": 96, "validation": 48, "test": 48}
+                               task__max_train_examples=96, task__max_eval_examples=48, task__max_length=96)).record
+    assert result.status == "completed"
+    for metrics in (result.validation, result.test):
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
+    assert result.split_sizes == {"train": 96, "validation": 48, "test": 48}
 
 
-def _trainable(result: dict) -> dict[str, torch.Tensor]:
-    tensors = {n: p for n, p in result["model"].named_parameters() if p.requires_grad}
-    tensors.update({f"head.{n}": p for n, p in result["head"].named_parameters()})
+def _trainable(result: TrialResult) -> dict[str, torch.Tensor]:
+    tensors = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
+    tensors.update({f"head.{n}": p for n, p in result.head.named_parameters()})
     return tensors
 
 
@@ -67,28 +68,29 @@ def test_resume_mid_run_is_bit_identical(real_data, tmp_path: Path) -> None:
                      model__dropout=0.1, method__name="lora", lora__dropout=0.1, lora__targets="all",
                      optim__lr=5e-3, train__max_steps=8, train__batch_size=8, train__checkpoint_every=3,
                      schedule__name="cosine", schedule__warmup_steps=2)
-    events: list[dict] = []
+    events: list = []
     straight = run_trial(config, events.append, checkpoint_dir=tmp_path / "ckpt")
-    checkpoints = [e["checkpoint"] for e in events if e["event"] == "checkpoint"]
+    checkpoints = [e.path for e in events if isinstance(e, CheckpointRecord)]
     assert [Path(c).name for c in checkpoints] == ["step_0000003", "step_0000006"]
     resumed = run_trial(config, checkpoint_dir=tmp_path / "ckpt2", resume_from=checkpoints[0])
     a, b = _trainable(straight), _trainable(resumed)
     assert a.keys() == b.keys() and len(a) > 4
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    flat_straight, flat_resumed = straight.record.to_dict(), resumed.record.to_dict()
     for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "tokens_seen", "step"):
-        assert straight[key] == resumed[key], key
+        assert flat_straight[key] == flat_resumed[key], key
 
 
 def test_nan_loss_stops_the_trial_as_diverged(real_data) -> None:
-    events: list[dict] = []
+    events: list = []
     result = run_trial(_config(task__name="sms_spam", **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()},
                                optim__name="sgd", optim__lr=1e30, train__max_grad_norm=None, train__max_steps=20),
-                       events.append)
-    assert result["status"] == "diverged"
-    assert 1 < result["diverged_at_step"] <= 20
-    assert "test_accuracy" not in result
-    assert events[-1]["event"] == "final" and events[-1]["status"] == "diverged"
+                       events.append).record
+    assert result.status == "diverged"
+    assert 1 < result.diverged_at_step <= 20
+    assert "test_accuracy" not in result.to_dict()
+    assert isinstance(events[-1], FinalRecord) and events[-1].status == "diverged"
 
 
 def test_early_stopping_restores_the_best_weights(real_data, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,8 +105,8 @@ def test_early_stopping_restores_the_best_weights(real_data, monkeypatch: pytest
     result = run_trial(_config(task__name="sms_spam", **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()},
                                optim__lr=1e-2, train__max_steps=50, train__eval_every=1,
                                train__early_stopping_patience=2))
-    assert result["status"] == "early_stopped" and result["step"] == 4 and result["best_step"] == 2
-    assert torch.equal(result["head"].weight, seen_heads[1])  # the weights evaluated at step 2
+    assert result.record.status == "early_stopped" and result.record.step == 4 and result.record.best_step == 2
+    assert torch.equal(result.head.weight, seen_heads[1])  # the weights evaluated at step 2
     assert not torch.equal(seen_heads[1], seen_heads[3])
 
 
@@ -113,7 +115,7 @@ def test_early_stopping_restores_the_best_weights(real_data, monkeypatch: pytest
 def test_every_method_on_every_task_runs(task: str, method: str, real_data) -> None:
     result = run_trial(_config(task__name=task, method__name=method, method__k=1, train__max_steps=2,
                                train__batch_size=4, task__num_generations=1, train__max_new_tokens=4,
-                               **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()}))
-    assert result["status"] == "completed" and result["step"] == 2
-    assert f"test_{result['primary_metric']}" in result
-    assert 0 < result["trainable_params"] <= result["total_params"]
+                               **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()})).record
+    assert result.status == "completed" and result.step == 2
+    assert f"test_{result.primary_metric}" in result.to_dict()
+    assert 0 < result.trainable_params <= result.total_params

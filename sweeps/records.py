@@ -1,0 +1,247 @@
+"""What a trial reports, as typed records: the one home of their fields from the training loop to Ray and DuckDB.
+
+The loop (``sweeps/loop.py``) emits a ``StepRecord`` per logged optimizer step, an ``EvalRecord`` per validation,
+a ``CheckpointRecord`` per checkpoint and one ``FinalRecord`` at the end. Each record has one way to become a Ray
+report (``to_report``: flat scalars, what Tune's schedulers and searchers read) and one way back
+(``record_from_report``, on the driver), and the records that carry measurements have one way to become database
+rows (``metric_rows`` for the ``metrics`` table, ``FinalRecord.to_row`` for the measured columns of ``trials``).
+Metric names are the task's own (``accuracy``, ``perplexity``); the ``val_``/``test_`` prefix of flat keys is added
+and removed by ``metric_key``/``split_metrics`` alone. Records hold no live objects: ``run_trial`` returns the
+trained model beside its final record. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from analysis.db import json_text
+from tasks import TASKS
+
+SPLIT_PREFIX = {"validation": "val", "test": "test"}
+ROW_METRICS = ("accuracy", "macro_f1", "loss", "perplexity")  # metrics with their own trials columns (schema.sql)
+FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
+DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
+
+MetricRow = tuple[int, str, str, float]  # (step, split, name, value): one row of the metrics table
+
+
+def metric_key(split: str, name: str) -> str:
+    """The flat key of a split's metric: ``("validation", "accuracy")`` -> ``val_accuracy``."""
+    return f"{SPLIT_PREFIX[split]}_{name}"
+
+
+def split_metrics(flat: Mapping[str, Any], split: str) -> dict[str, float]:
+    """The inverse of ``metric_key`` over a flat mapping: a split's metrics by their own names."""
+    prefix = SPLIT_PREFIX[split] + "_"
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and _is_number(v)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of ``cls`` (Ray adds keys of its own to every report)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _metric_rows(step: int, split: str, values: Mapping[str, Any]) -> list[MetricRow]:
+    return [(step, split, name, float(v)) for name, v in values.items() if _is_number(v) and math.isfinite(v)]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One logged optimizer step."""
+
+    event: ClassVar[str] = "step"
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    tokens_seen: int
+
+    def to_report(self) -> dict[str, Any]:
+        return {"event": self.event, **asdict(self)}
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> StepRecord:
+        return cls(**_known(cls, report))
+
+    def metric_rows(self) -> list[MetricRow]:
+        values = {"loss": self.loss, "lr": self.lr, "tokens_per_s": self.tokens_per_s, "tokens_seen": self.tokens_seen}
+        return _metric_rows(self.step, "train", values)
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """The metrics of one evaluation of a split, by the task's own metric names."""
+
+    event: ClassVar[str] = "eval"
+    step: int
+    metrics: dict[str, float]
+    split: str = "validation"
+
+    def to_report(self) -> dict[str, Any]:
+        return {"event": self.event, "step": self.step,
+                **{metric_key(self.split, k): v for k, v in self.metrics.items()}}
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any], split: str = "validation") -> EvalRecord:
+        return cls(int(report.get("step") or 0), split_metrics(report, split), split)
+
+    def metric_rows(self) -> list[MetricRow]:
+        return _metric_rows(self.step, self.split, self.metrics)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A resumable checkpoint folder written after ``step``."""
+
+    event: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+    def to_report(self) -> dict[str, Any]:
+        return {"event": self.event, "step": self.step, "checkpoint": self.path}
+
+    def metric_rows(self) -> list[MetricRow]:
+        return []
+
+
+@dataclass
+class FinalRecord:
+    """How a trial ended and everything it measured. The task's primary metric and its direction travel with it,
+    so nothing downstream guesses which way is better."""
+
+    event: ClassVar[str] = "final"
+    status: str
+    """``completed``, ``early_stopped`` (best weights restored), ``diverged``, ``failed`` or ``stopped`` (by the
+    scheduler, e.g. ASHA)."""
+    task: str
+    task_kind: str
+    primary_metric: str
+    higher_is_better: bool
+    step: int = 0
+    total_steps: int | None = None
+    model_init: str | None = None
+    method: str | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_fraction: float | None = None
+    method_notes: list[str] = field(default_factory=list)
+    tokens_seen: int | None = None
+    train_seconds: float | None = None
+    tokens_per_s: float | None = None
+    padding_share: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    peak_memory_mb: float | None = None
+    prepare_seconds: float | None = None
+    """Task preparation before training (DPO: the reference log-probs)."""
+    wall_seconds: float | None = None
+    validation: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    history: list[EvalRecord] = field(default_factory=list)
+    """Validation evaluations during training, in step order."""
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    resumed_from_step: int = 0
+    diverged_at_step: int | None = None
+    best_step: int | None = None
+    generations: list[dict[str, str]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the task's preparation says about the run (e.g. how DPO's reference was computed)."""
+    error: str | None = None
+    node_id: str | None = None
+    """The Ray node that ran the trial (sweeps only)."""
+
+    def __post_init__(self) -> None:
+        if self.status not in FINAL_STATUSES:
+            raise ValueError(f"unknown final status {self.status!r}; expected one of {FINAL_STATUSES}")
+
+    @classmethod
+    def ended(cls, task: str, status: str, step: int = 0, last_eval: EvalRecord | None = None,
+              error: str | None = None) -> FinalRecord:
+        """A trial that ended before its own final record (stopped by the scheduler, out of memory): the task's
+        metric and direction from the task registry, and the last validation it reported, if any."""
+        task_cls = TASKS[task]
+        return cls(status=status, task=task, task_kind=task_cls.kind, primary_metric=task_cls.primary_metric,
+                   higher_is_better=task_cls.higher_is_better, step=step,
+                   validation=dict(last_eval.metrics) if last_eval else {}, error=error)
+
+    @property
+    def db_status(self) -> str:
+        """The status the ``trials`` table records."""
+        return DB_STATUS.get(self.status, self.status)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form: scalars, ``val_``/``test_`` metrics, and the lists (history as flat eval reports). It is
+        what ``result.json``, the CLI's JSON line and the ``trials.result`` column hold."""
+        out: dict[str, Any] = {"event": self.event}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("validation", "test"):
+                out.update({metric_key(f.name, k): v for k, v in value.items()})
+            elif f.name == "history":
+                out["history"] = [e.to_report() for e in value]
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FinalRecord:
+        known = _known(cls, data)
+        known["validation"] = split_metrics(data, "validation")
+        known["test"] = split_metrics(data, "test")
+        known["history"] = [EvalRecord.from_report(e) for e in data.get("history") or []]
+        return cls(**known)
+
+    def to_json(self) -> str:
+        """The flat form as JSON; a non-finite number (a diverged loss) is ``null``."""
+        return json_text(self.to_dict())
+
+    def to_report(self) -> dict[str, Any]:
+        """Scalars for Ray (lists stay out of Tune's result table) and the whole record as JSON for the driver."""
+        flat = {k: v for k, v in self.to_dict().items() if v is None or isinstance(v, bool | int | float | str)}
+        return {**flat, "final_json": self.to_json()}
+
+    def metric_rows(self) -> list[MetricRow]:
+        rows = _metric_rows(self.step, "validation", self.validation) + _metric_rows(self.step, "test", self.test)
+        for evaluation in self.history:
+            rows += evaluation.metric_rows()
+        return rows
+
+    def to_row(self) -> dict[str, Any]:
+        """The measured columns of the trial's ``trials`` row (analysis/schema.sql), the record itself as JSON."""
+        row = {"steps": self.step, "primary_metric": self.primary_metric, "higher_is_better": self.higher_is_better,
+               "val_primary": self.validation.get(self.primary_metric),
+               "test_primary": self.test.get(self.primary_metric), "result": self.to_json()}
+        for name in ("trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share",
+                     "peak_memory_mb", "wall_seconds"):
+            row[name] = getattr(self, name)
+        for split in ("validation", "test"):
+            metrics = getattr(self, split)
+            row.update({metric_key(split, name): metrics.get(name) for name in ROW_METRICS})
+        return row
+
+
+Record = StepRecord | EvalRecord | CheckpointRecord | FinalRecord
+
+
+def record_from_report(report: Mapping[str, Any]) -> Record | None:
+    """The record a Ray report carries (None for a report without an event, e.g. Ray's own)."""
+    event = report.get("event")
+    if event == StepRecord.event:
+        return StepRecord.from_report(report)
+    if event == EvalRecord.event:
+        return EvalRecord.from_report(report)
+    if event == CheckpointRecord.event:
+        return CheckpointRecord(int(report["step"]), str(report["checkpoint"]))
+    if event == FinalRecord.event:
+        return FinalRecord.from_dict(json.loads(report["final_json"]))
+    return None

@@ -1,0 +1,38 @@
+"""The driver-side callback: records from Ray's results into DuckDB rows, with the task's own metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import duckdb
+
+from sweeps.config import TrialConfig
+from sweeps.ray_trial import DuckDBCallback
+from sweeps.records import EvalRecord, StepRecord
+
+
+def test_asha_stopped_dpo_trial_stores_preference_accuracy(tmp_path: Path) -> None:
+    """ASHA ends a trial between reports, so no final record arrives: the row must still name the task's primary
+    metric (not a guess) and keep the last validation value. The stop is forced here, not left to the scheduler."""
+    config = TrialConfig.from_flat({"task.name": "preference", "method.name": "lora", "dpo.beta": 0.3}).to_flat()
+    spec = {"trial_id": "search-lora-1", "sweep_id": "s", "study": "smoke", "dimension": "search",
+            "group": "lora", "config": config}
+    db = tmp_path / "db.duckdb"
+    callback = DuckDBCallback(db, {spec["trial_id"]: spec}, progress=False)
+    trial = SimpleNamespace(config={"trial": spec}, last_result=None)
+    callback.on_trial_start(0, [], trial)
+    evaluation = EvalRecord(4, {"preference_accuracy": 0.625, "reward_margin": 0.2, "loss": 0.68}).to_report()
+    step = StepRecord(6, 0, 0.61, 1e-3, 900.0, 1536).to_report()
+    latest = {k: v for k, v in evaluation.items() if k.startswith("val_")}  # what the trainable carries along
+    for report in (evaluation, {**latest, **step}):
+        callback.on_trial_result(0, [], trial, {**report, "trial_id": spec["trial_id"], "training_iteration": 1})
+        trial.last_result = {**report, "trial_id": spec["trial_id"]}
+    callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    con = duckdb.connect(str(db), read_only=True)
+    row = con.execute("SELECT status, primary_metric, higher_is_better, val_primary, steps, error FROM trials"
+                      ).fetchone()
+    assert row[:5] == ("stopped", "preference_accuracy", True, 0.625, 6) and "ASHA" in row[5]
+    curves = con.execute("SELECT split, name, step FROM metrics ORDER BY split, name").fetchall()
+    assert ("validation", "preference_accuracy", 4) in curves and ("train", "loss", 6) in curves

@@ -1,0 +1,75 @@
+"""Typed trial records: one way to a Ray report and back, one way to database rows, no live objects."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from analysis.db import connect
+from sweeps.records import (
+    CheckpointRecord,
+    EvalRecord,
+    FinalRecord,
+    StepRecord,
+    metric_key,
+    record_from_report,
+    split_metrics,
+)
+
+
+def _final(**changes) -> FinalRecord:
+    base = {"status": "completed", "task": "alpaca", "task_kind": "lm", "primary_metric": "perplexity",
+            "higher_is_better": False, "step": 12, "trainable_params": 10, "total_params": 100,
+            "validation": {"perplexity": 30.0, "loss": 3.4}, "test": {"perplexity": 31.0, "loss": float("nan")},
+            "history": [EvalRecord(6, {"perplexity": 40.0, "loss": 3.7})], "method_notes": ["wte is frozen"],
+            "generations": [{"prompt": "p", "generation": "g", "reference": "r"}], "notes": {"k": "v"}}
+    return FinalRecord(**{**base, **changes})
+
+
+def test_every_record_survives_its_ray_report() -> None:
+    records = [StepRecord(3, 0, 0.5, 1e-3, 1234.5, 96), EvalRecord(3, {"accuracy": 0.75, "loss": 0.6}),
+               CheckpointRecord(3, "/tmp/ckpt/step_0000003")]
+    for record in records:
+        ray_result = {**record.to_report(), "training_iteration": 4, "time_this_iter_s": 0.1}  # Ray adds its keys
+        assert record_from_report(ray_result) == record
+    final = _final()
+    back = record_from_report({**final.to_report(), "training_iteration": 9})
+    sent = json.loads(final.to_json())
+    assert sent.pop("test_loss") is None  # a non-finite metric travels as null, and comes back as not measured
+    assert back.to_dict() == sent
+    assert back.test == {"perplexity": 31.0} and back.history == final.history
+    assert all(not isinstance(v, list | dict) for v in final.to_report().values())  # Tune's table stays flat
+
+
+def test_metric_prefix_is_added_and_removed_in_one_place() -> None:
+    assert metric_key("validation", "accuracy") == "val_accuracy" and metric_key("test", "loss") == "test_loss"
+    flat = {"val_accuracy": 0.5, "val_note": "x", "test_accuracy": 0.4, "validation_size": 3}
+    assert split_metrics(flat, "validation") == {"accuracy": 0.5}
+    assert split_metrics(flat, "test") == {"accuracy": 0.4}
+
+
+def test_final_row_fits_the_schema_and_carries_direction(tmp_path: Path) -> None:
+    row = _final().to_row()
+    columns = {r[0] for r in connect(tmp_path / "db.duckdb").execute("DESCRIBE trials").fetchall()}
+    assert set(row) <= columns
+    assert row["primary_metric"] == "perplexity" and row["higher_is_better"] is False
+    assert row["val_primary"] == 30.0 and row["test_primary"] == 31.0 and math.isnan(row["test_loss"])
+    assert json.loads(row["result"])["test_loss"] is None  # the JSON stays valid
+    assert _final(status="early_stopped").db_status == "completed"
+
+
+def test_ended_record_takes_metric_and_direction_from_the_task_registry() -> None:
+    record = FinalRecord.ended("preference", "stopped", step=6,
+                               last_eval=EvalRecord(4, {"preference_accuracy": 0.625}))
+    assert (record.primary_metric, record.higher_is_better, record.task_kind) == (
+        "preference_accuracy", True, "preference")
+    assert record.to_row()["val_primary"] == 0.625
+    assert FinalRecord.ended("alpaca", "failed").higher_is_better is False
+
+
+def test_metric_rows_cover_final_history_and_skip_non_finite() -> None:
+    rows = _final().metric_rows()
+    assert (12, "validation", "perplexity", 30.0) in rows and (6, "validation", "perplexity", 40.0) in rows
+    assert (12, "test", "perplexity", 31.0) in rows
+    assert not any(name == "loss" and split == "test" for _, split, name, _ in rows)
