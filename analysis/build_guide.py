@@ -8,27 +8,22 @@ guide as it was. A missing or locked database, an unknown sweep, or no completed
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import jinja2
+
+from analysis import figures, queries
+from analysis.db import DEFAULT_DB, DatabaseError, connect
+from analysis.guide import Guide, collect, task_title
+
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts analysis/ itself first on sys.path; the repository root is what the imports need.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "analysis"]
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import jinja2  # noqa: E402
-
-from analysis import figures, queries  # noqa: E402
-from analysis.db import DatabaseError, connect  # noqa: E402
-from analysis.guide import Guide, collect, task_title  # noqa: E402
-
 TEMPLATES = ROOT / "report_templates"
-DEFAULT_DB = "results/results.duckdb"  # launch.py's default
 DEFAULT_OUT = "reports"
 
 

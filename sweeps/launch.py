@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Experiment state saved at every controller step: a killed driver loses at most the result in flight.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
@@ -36,15 +37,21 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry unless the user opts in
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent saves are deliberate
 
-from analysis.db import DatabaseError, ResultsWriter, connect, trial_row
+from analysis import queries
+from analysis.db import DEFAULT_DB, DatabaseError, ResultsWriter, connect, trial_row
 from model import CheckpointError, ConfigError, TokenizerError
 from model.checkpoint import resolve_checkpoint
-from sweeps.study import PlannedTrial, estimate_hours, estimate_tokens, load_study, plan, resolve_init
+from model.methods import METHODS
+from sweeps.config import TrialConfig
+from sweeps.records import metric_key
+from sweeps.study import PlannedTrial, Study, estimate_hours, estimate_tokens, load_study, plan, resolve_init
 from sweeps.train import parse_sets
 from tasks import TASKS, DataError
 
+if TYPE_CHECKING:
+    from ray.tune import Tuner
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DB = Path("results/results.duckdb")
 DEFAULT_STORAGE = Path("results/ray")
 PACKAGES = ("torch", "ray", "transformers", "peft", "tiktoken", "duckdb", "optuna", "numpy")
 
@@ -139,11 +146,32 @@ def print_plan(trials: list[PlannedTrial], gpus_per_trial: float) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Ray's driver uploads its experiment state (<storage>/<sweep>: experiment_state-*.json, the searcher's state) from a
+# staging directory in a background thread, while the next controller step (every step: TUNE_GLOBAL_CHECKPOINT_S=0)
+# writes it again. Ray writes the searcher's state as ".<uuid>-tmp-<name>" and renames it into place
+# (ray/tune/utils/util.py _atomic_save); an upload that listed the directory before that rename fails on the vanished
+# file with FileNotFoundError, and Ray logs the traceback (ray/train/_internal/syncer.py _launch_sync_process;
+# ray/tune/execution/experiment_state.py wait_for_sync). Harmless: the file is there under its final name, Ray starts
+# the next upload at once, and a run ends with an upload it waits for; trial checkpoints never go this way (trials
+# write them to storage themselves). Only that failure is hidden; every other sync error still shows.
+_RAY_TEMP_FILE_GONE = re.compile(r"FileNotFoundError\b.*[/\\]\.[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-")
+
+
+def _not_a_vanished_ray_temp_file(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += f"\n{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+    last = text.strip().splitlines()[-1:]  # the exception a traceback ends with
+    return not (last and _RAY_TEMP_FILE_GONE.search(last[0]))
+
+
 def start_ray(address: str | None, node_ip_address: str | None = None) -> None:
     import ray
 
     # Tune's end-of-run analysis looks for its CSV/JSON logs, which are off (results live in DuckDB)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    for name in ("ray.train._internal.syncer", "ray.tune.execution.experiment_state"):
+        logging.getLogger(name).addFilter(_not_a_vanished_ray_temp_file)
     if ray.is_initialized():
         return
     # address "local": without --address always start a fresh Ray here, never attach to a cluster left behind
@@ -185,18 +213,40 @@ def check_resources(cpus: float, gpus: float) -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: str, storage: str) -> None:
+def check_trial_resources(args: argparse.Namespace, gpus: float) -> None:
+    """Without --address, refuse what this machine cannot give before anything (data, Ray) starts."""
+    if args.address is None:
+        check_local_resources(args.cpus_per_trial, gpus)
+
+
+def start_cluster(args: argparse.Namespace, gpus: float) -> dict[str, float]:
+    """Start or join Ray, then refuse a per-trial request no node can satisfy; the cluster's resources."""
+    start_ray(args.address, args.node_ip_address)
+    return check_resources(args.cpus_per_trial, gpus)
+
+
+def trial_trainable(finished: dict[str, str], storage: str, resources: dict[str, float]) -> Any:
+    """The shipped trainable with its resources; imported when called, so a test wrapper installed there is used."""
     from ray import tune
 
-    from sweeps.ray_trial import DuckDBCallback, trainable
+    from sweeps.ray_trial import trainable
 
-    specs = {t.trial_id: t.as_spec() for t in trials}
-    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, finished={}, export_root=export_root(storage)),
-                            resources),
-        param_space={"trial": tune.grid_search(list(specs.values()))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True),
+    return tune.with_resources(tune.with_parameters(trainable, finished=finished, export_root=export_root(storage)),
+                               resources)
+
+
+def make_tuner(args: argparse.Namespace, sweep_id: str, storage: str, param_space: dict[str, Any],
+               specs: dict[str, Any], **tune_options: Any) -> Tuner:
+    """The Tuner every sweep kind shares (retries from checkpoints, one checkpoint kept, results into DuckDB);
+    ``tune_options`` add to its TuneConfig (a search's metric, algorithm and scheduler)."""
+    from ray import tune
+
+    from sweeps.ray_trial import DuckDBCallback
+
+    return tune.Tuner(
+        trial_trainable({}, storage, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True, **tune_options),
         run_config=tune.RunConfig(
             name=sweep_id, storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -204,7 +254,14 @@ def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: st
             callbacks=[DuckDBCallback(args.db, specs)],
         ),
     )
-    tuner.fit()
+
+
+def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: str, storage: str) -> None:
+    """Run planned trials as one grid (each trial's spec is one grid point)."""
+    from ray import tune
+
+    specs = {t.trial_id: t.as_spec() for t in trials}
+    make_tuner(args, sweep_id, storage, {"trial": tune.grid_search(list(specs.values()))}, specs).fit()
 
 
 def export_root(storage: str) -> str | None:
@@ -223,50 +280,67 @@ def default_gpus_per_trial() -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
+def trial_gpus(args: argparse.Namespace) -> float:
+    """GPUs per trial: --gpus-per-trial, else 1 where this machine has a GPU. Written back into ``args``, where the
+    Tuner and the sweep row read it."""
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = default_gpus_per_trial()
+    return args.gpus_per_trial
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def cmd_grid(args: argparse.Namespace) -> int:
-    study = load_study(args.study)
+def sweep_row(args: argparse.Namespace, sweep_id: str, study: str, kind: str, planned: int, model_init: str,
+              resources: dict[str, float], storage: str) -> dict[str, Any]:
+    """The ``sweeps`` row a new sweep starts with: what it plans, and the provenance that makes it reproducible."""
+    return {
+        "id": sweep_id, "study": study, "kind": kind, "started_at": datetime.now(UTC).replace(tzinfo=None),
+        "ended_at": None, "status": "running", "planned_trials": planned, "model_init": model_init,
+        "git_commit": git_commit(), "package_versions": package_versions(),
+        "hardware": {**hardware(resources), "per_trial": {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}},
+        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "storage_path": storage,
+    }
+
+
+def grid_overrides(args: argparse.Namespace, study: Study) -> dict[str, Any]:
+    """--set and --model for every trial; ``dpo.init=<trial id>`` (there or in the study) becomes that trial's
+    exported weights, so a missing export stops the sweep here."""
     overrides = parse_sets(args.set)
     if args.model:
         overrides["model.name"] = args.model
     for flat in (overrides, study.base, *study.tasks.values(),
                  *(variant for variants in study.dimensions.values() for variant in variants.values())):
-        resolve_init(flat, args.db)  # dpo.init=<trial id> -> that trial's exported weights
+        resolve_init(flat, args.db)
+    return overrides
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    study = load_study(args.study)
+    overrides = grid_overrides(args, study)
     sweep_id = args.name or f"{study.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     selection = {"tasks": _split(args.tasks), "dimensions": _split(args.dimensions),
                  "seeds": [int(s) for s in _split(args.seeds)] if args.seeds else None}
     trials = plan(study, sweep_id, overrides=overrides, **selection)
-    if any(t.config["train.export"] for t in trials) and export_root(_storage(args)) is None:
+    storage = _storage(args)
+    if any(t.config["train.export"] for t in trials) and export_root(storage) is None:
         raise ConfigError([("train.export", f"keeping weights needs --storage on a filesystem the nodes share; "
-                                            f"{_storage(args)} is a URI")])
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else default_gpus_per_trial()
+                                            f"{storage} is a URI")])
+    gpus = trial_gpus(args)
     if args.dry_run:
         print_plan(trials, gpus)
         return 0
     if not pretrained_available(trials):
-        fallback = {**overrides, "model.init": "random"}
-        trials = plan(study, sweep_id, overrides=fallback, **selection)
-    args.gpus_per_trial = gpus
-    if args.address is None:
-        check_local_resources(args.cpus_per_trial, gpus)
+        trials = plan(study, sweep_id, overrides={**overrides, "model.init": "random"}, **selection)
+    check_trial_resources(args, gpus)
     prepare_data(trials)
-    start_ray(args.address, args.node_ip_address)
-    resources = check_resources(args.cpus_per_trial, gpus)
+    resources = start_cluster(args, gpus)
     inits = {t.config["model.init"] for t in trials}
-    storage = _storage(args)
     writer = ResultsWriter(args.db)
-    writer.start_sweep({
-        "id": sweep_id, "study": study.name, "kind": "grid", "started_at": datetime.now(UTC).replace(tzinfo=None),
-        "ended_at": None, "status": "running", "planned_trials": len(trials),
-        "model_init": inits.pop() if len(inits) == 1 else "mixed", "git_commit": git_commit(),
-        "package_versions": package_versions(),
-        "hardware": {**hardware(resources), "per_trial": {"cpu": args.cpus_per_trial, "gpu": gpus}},
-        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "storage_path": storage,
-    })
+    writer.start_sweep(sweep_row(args, sweep_id, study.name, "grid", len(trials),
+                                 inits.pop() if len(inits) == 1 else "mixed", resources, storage))
     writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
     writer.close()  # the Tune callback holds the file from here on
     print(f"sweep {sweep_id}: {len(trials)} trials, database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
@@ -275,6 +349,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
+    """Run the Tuner and record how the sweep ended: interrupted (and re-raise) or completed, with trial counts."""
     started = time.perf_counter()
     try:
         run()
@@ -285,8 +360,7 @@ def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
         raise
     writer = ResultsWriter(db)
     writer.end_sweep(sweep_id, "completed")
-    counts = dict(writer.con.execute("SELECT status, count(*) FROM trials WHERE sweep_id = ? GROUP BY status",
-                                     [sweep_id]).fetchall())
+    counts = writer.trial_counts(sweep_id)
     writer.close()
     print(f"sweep {sweep_id} ended after {time.perf_counter() - started:.0f} s: {counts}; database {db}", flush=True)
 
@@ -309,99 +383,81 @@ def search_space(method: str, n_layer: int, task: str = "") -> dict[str, Any]:
     return space
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    """Optuna (Ray Tune's OptunaSearch) proposes configurations; ASHA stops the poor ones at evaluation points."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from sweeps.config import TrialConfig
-    from sweeps.ray_trial import DuckDBCallback, spec_from_param, trainable
-
-    study = load_study(args.study)
+def search_base(args: argparse.Namespace, study: Study) -> TrialConfig:
+    """The TrialConfig every proposal starts from: the study's base and task settings, the method, --set; evaluated
+    at the start and every ``train.eval_every`` steps, the points where ASHA compares trials. Bad keys stop here."""
     if args.task not in study.tasks:
         raise ConfigError([("--task", f"{args.task!r} is not in study {study.name} ({', '.join(study.tasks)})")])
     base = {**study.base, **study.tasks[args.task], "task.name": args.task, "method.name": args.method,
             "train.eval_at_start": True, **parse_sets(args.set)}
     base.setdefault("train.eval_every", base.get("train.log_every", 10))
-    config = TrialConfig.from_flat(base)  # bad keys stop here, before Ray starts
+    return TrialConfig.from_flat(base)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Optuna (Ray Tune's OptunaSearch) proposes configurations; ASHA stops the poor ones at evaluation points."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.ray_trial import spec_from_param
+
+    study = load_study(args.study)
+    config = search_base(args, study)
     sweep_id = args.name or f"search-{args.task}-{args.method}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     search = {"base": config.to_flat(), "sweep_id": sweep_id, "study": study.name, "group": args.method}
     space = search_space(args.method, config.model.n_layer_known or 12, args.task)
     task_cls = TASKS[args.task]
-    metric = f"val_{task_cls.primary_metric}"
-    mode = "max" if task_cls.higher_is_better else "min"
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else default_gpus_per_trial()
-    if args.address is None:
-        check_local_resources(args.cpus_per_trial, gpus)
+    metric, mode = metric_key("validation", task_cls.primary_metric), "max" if task_cls.higher_is_better else "min"
+    gpus = trial_gpus(args)
+    check_trial_resources(args, gpus)
     example = spec_from_param({"search": search, **{k: v.sample() for k, v in space.items()}})
     prepare_data([PlannedTrial(**example)])
     scheduler = ASHAScheduler(time_attr="step", max_t=max(config.train.max_steps or 100_000, config.train.eval_every),
                               grace_period=config.train.eval_every, reduction_factor=2,
                               stop_last_trials=False)  # a trial that reaches the end finishes with its final record
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # step reports carry no validation metric
-    start_ray(args.address, args.node_ip_address)
-    resources = check_resources(args.cpus_per_trial, gpus)
+    resources = start_cluster(args, gpus)
     storage = _storage(args)
     writer = ResultsWriter(args.db)
-    writer.start_sweep({
-        "id": sweep_id, "study": study.name, "kind": "search", "started_at": datetime.now(UTC).replace(tzinfo=None),
-        "ended_at": None, "status": "running", "planned_trials": args.num_samples,
-        "model_init": config.model.init, "git_commit": git_commit(), "package_versions": package_versions(),
-        "hardware": {**hardware(resources), "per_trial": {"cpu": args.cpus_per_trial, "gpu": gpus}},
-        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "storage_path": storage,
-    })
+    writer.start_sweep(sweep_row(args, sweep_id, study.name, "search", args.num_samples, config.model.init,
+                                 resources, storage))
     writer.close()
     print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising {metric} "
           f"({mode}), database {args.db}", flush=True)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, finished={}, export_root=export_root(storage)),
-                            {"cpu": args.cpus_per_trial, "gpu": gpus}),
-        param_space={"search": search, **space},
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=OptunaSearch(seed=args.seed),
-                                    scheduler=scheduler, num_samples=args.num_samples,
-                                    max_concurrent_trials=args.max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=storage, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[DuckDBCallback(args.db, {})]),
-    )
+    tuner = make_tuner(args, sweep_id, storage, {"search": search, **space}, {}, metric=metric, mode=mode,
+                       search_alg=OptunaSearch(seed=args.seed), scheduler=scheduler, num_samples=args.num_samples)
     _run_and_close(tuner.fit, args.db, sweep_id)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a sweep from Ray's experiment state; trials the database has as finished are not run again."""
     from ray import tune
 
-    from sweeps.ray_trial import trainable
-
     con = connect(args.db, read_only=True)
-    query = "SELECT id, storage_path, status, hardware FROM sweeps " + ("WHERE id = ?" if args.sweep else
-                                                                        "ORDER BY started_at DESC LIMIT 1")
-    row = con.execute(query, [args.sweep] if args.sweep else []).fetchone()
+    row = queries.sweep_to_resume(con, args.sweep)
     con.close()
     if row is None:
         raise LaunchError(f"no sweep {'named ' + args.sweep if args.sweep else 'at all'} in {args.db}")
-    sweep_id, storage, status, hw = row
-    per_trial = json.loads(hw or "{}").get("per_trial", {"cpu": 1.0, "gpu": 0.0})
+    sweep_id, storage = row["id"], row["storage_path"]
     path = f"{storage}/{sweep_id}"
-    if status == "completed":
+    if row["status"] == "completed":
         print(f"sweep {sweep_id} already completed; nothing to resume")
         return 0
     if not tune.Tuner.can_restore(path):
         raise LaunchError(f"{path}: no Ray experiment state to restore from")
     start_ray(args.address, args.node_ip_address)
     writer = ResultsWriter(args.db)
-    writer.con.execute("UPDATE sweeps SET status = 'running', ended_at = NULL WHERE id = ?", [sweep_id])
+    writer.reopen_sweep(sweep_id)
     finished = writer.finished_results(sweep_id)
     writer.close()
     print(f"resuming sweep {sweep_id} from {path}", flush=True)
+    per_trial = json.loads(row["hardware"] or "{}").get("per_trial", {"cpu": 1.0, "gpu": 0.0})
     resources = {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
     args.cpus_per_trial, args.gpus_per_trial = resources["cpu"], resources["gpu"]
     if ray_state_readable(path):
-        restored = tune.Tuner.restore(path, tune.with_resources(
-            tune.with_parameters(trainable, finished=finished, export_root=export_root(storage)), resources),
-            resume_unfinished=True, resume_errored=True)
+        restored = tune.Tuner.restore(path, trial_trainable(finished, storage, resources),
+                                      resume_unfinished=True, resume_errored=True)
         _run_and_close(restored.fit, args.db, sweep_id)
         return 0
     # Ray writes its experiment state in place; a driver killed mid-write leaves it torn (and Ray would then restart
@@ -431,24 +487,19 @@ def ray_state_readable(path: str) -> bool:
 def unfinished_trials(db: Path, sweep_id: str) -> list[PlannedTrial]:
     """The sweep's planned trials that did not complete or diverge, rebuilt from the ``trials`` table."""
     con = connect(db, read_only=True)
-    rows = con.execute("""SELECT id, sweep_id, study, dimension, "group", config FROM trials
-                          WHERE sweep_id = ? AND status NOT IN ('completed', 'diverged') ORDER BY id""",
-                       [sweep_id]).fetchall()
-    con.close()
-    return [PlannedTrial(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+    try:
+        rows = queries.unfinished_trials(con, sweep_id)
+    finally:
+        con.close()
+    return [PlannedTrial(**{**r, "config": json.loads(r["config"])}) for r in rows]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     con = connect(args.db, read_only=True)
-    sweeps = con.execute("""
-        SELECT s.id, s.study, s.status, s.model_init, s.planned_trials,
-               count(*) FILTER (WHERE t.status = 'completed') AS completed,
-               count(*) FILTER (WHERE t.status IN ('failed', 'diverged', 'stopped')) AS ended_badly,
-               count(*) FILTER (WHERE t.status IN ('pending', 'running')) AS open,
-               s.started_at
-        FROM sweeps s LEFT JOIN trials t ON t.sweep_id = s.id
-        GROUP BY ALL ORDER BY s.started_at""").fetchall()
-    con.close()
+    try:
+        sweeps = queries.sweep_progress(con)
+    finally:
+        con.close()
     if not sweeps:
         print(f"{args.db}: no sweeps yet")
         return 0
@@ -473,7 +524,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"!! model_init={rows[0][-1]}: these numbers check the pipeline; they are no finding about pretrained GPT-2")
     print(f"{'task':<10} {'dimension':<13} {'group':<11} {'lr':>8} {'done':>4} {'test metric (mean ± sd)':>28} "
           f"{'trainable':>12} {'s/trial':>8}")
-    for task, dim, group, _, lr, done, other, metric, mean, sd, params, wall, _ in rows:
+    for task, dim, group, _, lr, done, other, metric, _, mean, sd, params, wall, _ in rows:
         shown = f"{metric} {mean:.4f} ± {sd:.4f}" if mean is not None and sd is not None else (
             f"{metric} {mean:.4f} (1 seed)" if mean is not None else "-")
         print(f"{task:<10} {dim:<13} {group:<11} {lr:>8.1e} {done:>4} {shown:>28} {params or 0:>12,.0f} "
@@ -514,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="Optuna search with ASHA over one method's hyperparameters")
     search.add_argument("--task", required=True)
-    search.add_argument("--method", required=True, choices=["full", "last_k", "head_only", "bitfit", "lora"])
+    search.add_argument("--method", required=True, choices=METHODS)
     search.add_argument("--num-samples", type=int, default=16)
     search.add_argument("--study", default="demo", help="the study whose base config and task settings to start from")
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +79,28 @@ class Study:
         return self.learning_rates.get(method) or self.learning_rates.get("default") or []
 
 
+def shipped_studies() -> list[str]:
+    return [p.stem for p in sorted(STUDIES_DIR.glob("*.yaml"))]
+
+
 def resolve_study_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    return STUDIES_DIR / f"{name_or_path}.yaml"
+    """A shipped study's name (``guide``) or a path that looks like one (has a separator or a .yaml/.yml suffix).
+
+    A bare name never means a file or folder of the working directory: ``--study guide`` run next to a rendered
+    guide folder named ``guide`` still gets the shipped study. Neither kind found: a ConfigError naming both.
+    """
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if any(sep in name_or_path for sep in separators) or Path(name_or_path).suffix in (".yaml", ".yml"):
+        path = Path(name_or_path)
+        if path.is_file():
+            return path
+        raise ConfigError([("--study", f"{path}: no such study file (shipped studies: "
+                                       f"{', '.join(shipped_studies())})")])
+    shipped = STUDIES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError([("--study", f"{name_or_path!r}: no such study file (shipped studies: "
+                                   f"{', '.join(shipped_studies())}; a path to a study needs a / or a .yaml suffix)")])
 
 
 def _flat(data: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
@@ -95,64 +113,88 @@ def _flat(data: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, A
     return flatten(data)
 
 
-def load_study(name_or_path: str) -> Study:
-    """Read and check a study file; every problem (YAML line, unknown section, bad value) is reported at once."""
-    path = resolve_study_path(name_or_path)
-    if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(STUDIES_DIR.glob("*.yaml")))
-        raise ConfigError([("--study", f"{path}: no such study file (shipped studies: {known})")])
-    data = read_yaml(path, "--study")
-    problems: list[tuple[str, str]] = []
-    if not isinstance(data, dict):
-        raise ConfigError([(str(path), f"expected a mapping with {', '.join(sorted(TOP_LEVEL))}")])
-    for key in sorted(set(data) - TOP_LEVEL):
-        problems.append((f"{path}: {key}", f"unknown section; a study has {', '.join(sorted(TOP_LEVEL))}"))
-    for key in ("tasks", "dimensions"):
-        if not data.get(key):
-            problems.append((f"{path}: {key}", "missing or empty"))
-    tasks = {}
-    for task, overrides in (data.get("tasks") or {}).items():
-        tasks[str(task)] = _flat(overrides, f"{path}: tasks.{task}", problems)
-    dimensions: dict[str, dict[str, dict[str, Any]]] = {}
-    raw_dims = data.get("dimensions") or {}
-    if not isinstance(raw_dims, dict):
-        problems.append((f"{path}: dimensions", "expected a mapping of dimension -> variants"))
-        raw_dims = {}
-    for dim, variants in raw_dims.items():
+def _tasks(raw: Any, path: Path, problems: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        if raw:
+            problems.append((f"{path}: tasks", "expected a mapping of task -> overrides"))
+        return {}
+    return {str(task): _flat(overrides, f"{path}: tasks.{task}", problems) for task, overrides in raw.items()}
+
+
+def _dimensions(raw: Any, path: Path, problems: list[tuple[str, str]]) -> dict[str, dict[str, dict[str, Any]]]:
+    if not isinstance(raw, dict):
+        if raw:
+            problems.append((f"{path}: dimensions", "expected a mapping of dimension -> variants"))
+        return {}
+    dimensions = {}
+    for dim, variants in raw.items():
         if not isinstance(variants, dict) or not variants:
             problems.append((f"{path}: dimensions.{dim}", "expected a non-empty mapping of variant -> settings"))
             continue
         dimensions[str(dim)] = {str(v): _flat(s, f"{path}: dimensions.{dim}.{v}", problems)
                                 for v, s in variants.items()}
-    seeds = data.get("seeds", [0])
+    return dimensions
+
+
+def _seeds(seeds: Any, path: Path, problems: list[tuple[str, str]]) -> list[int]:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         problems.append((f"{path}: seeds", f"expected a list of integers >= 0, got {seeds!r}"))
-        seeds = [0]
-    rates = data.get("learning_rates") or {}
+        return [0]
+    return seeds
+
+
+def _learning_rates(raw: Any, path: Path, problems: list[tuple[str, str]]) -> dict[str, list[float]]:
+    if not isinstance(raw, dict):
+        if raw:
+            problems.append((f"{path}: learning_rates", "expected a mapping of method -> list of learning rates"))
+        return {}
     learning_rates = {}
-    if not isinstance(rates, dict):
-        problems.append((f"{path}: learning_rates", "expected a mapping of method -> list of learning rates"))
-        rates = {}
-    for method, grid in rates.items():
+    for method, grid in raw.items():
         if not isinstance(grid, list) or not grid or not all(isinstance(x, int | float) and x > 0 for x in grid):
             problems.append((f"{path}: learning_rates.{method}", f"expected a list of positive numbers, got {grid!r}"))
         else:
             learning_rates[str(method)] = [float(x) for x in grid]
-    restrictions = {}
-    for key, outer, inner in (("dimension_tasks", dimensions, tasks), ("task_dimensions", tasks, dimensions)):
-        raw = data.get(key) or {}
-        restrictions[key] = {}
-        if not isinstance(raw, dict):
+    return learning_rates
+
+
+def _restriction(raw: Any, key: str, outer: Mapping[str, Any], inner: Mapping[str, Any], path: Path,
+                 problems: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """``dimension_tasks`` or ``task_dimensions``: names of ``outer`` -> lists drawn from ``inner``."""
+    if not isinstance(raw, dict):
+        if raw:
             problems.append((f"{path}: {key}", "expected a mapping of name -> list of names"))
-            continue
-        for name, listed in raw.items():
-            if name not in outer:
-                problems.append((f"{path}: {key}.{name}", f"unknown; known: {', '.join(outer)}"))
-            elif not isinstance(listed, list) or not all(x in inner for x in listed):
-                problems.append((f"{path}: {key}.{name}", f"expected a list drawn from {', '.join(inner)}, "
-                                                          f"got {listed!r}"))
-            else:
-                restrictions[key][str(name)] = [str(x) for x in listed]
+        return {}
+    restriction = {}
+    for name, listed in raw.items():
+        if name not in outer:
+            problems.append((f"{path}: {key}.{name}", f"unknown; known: {', '.join(outer)}"))
+        elif not isinstance(listed, list) or not all(x in inner for x in listed):
+            problems.append((f"{path}: {key}.{name}", f"expected a list drawn from {', '.join(inner)}, "
+                                                      f"got {listed!r}"))
+        else:
+            restriction[str(name)] = [str(x) for x in listed]
+    return restriction
+
+
+def load_study(name_or_path: str) -> Study:
+    """Read and check a study file; every problem (YAML line, unknown section, bad value) is reported at once."""
+    path = resolve_study_path(name_or_path)
+    data = read_yaml(path, "--study")
+    if not isinstance(data, dict):
+        raise ConfigError([(str(path), f"expected a mapping with {', '.join(sorted(TOP_LEVEL))}")])
+    problems: list[tuple[str, str]] = []
+    for key in sorted(set(data) - TOP_LEVEL):
+        problems.append((f"{path}: {key}", f"unknown section; a study has {', '.join(sorted(TOP_LEVEL))}"))
+    for key in ("tasks", "dimensions"):
+        if not data.get(key):
+            problems.append((f"{path}: {key}", "missing or empty"))
+    tasks = _tasks(data.get("tasks"), path, problems)
+    dimensions = _dimensions(data.get("dimensions"), path, problems)
+    seeds = _seeds(data.get("seeds", [0]), path, problems)
+    learning_rates = _learning_rates(data.get("learning_rates"), path, problems)
+    restrictions = {key: _restriction(data.get(key), key, outer, inner, path, problems)
+                    for key, outer, inner in (("dimension_tasks", dimensions, tasks),
+                                              ("task_dimensions", tasks, dimensions))}
     study = Study(name=str(data.get("name") or path.stem), path=path, base=_flat(data.get("base"), f"{path}: base",
                   problems), tasks=tasks, seeds=seeds, learning_rates=learning_rates, dimensions=dimensions,
                   description=str(data.get("description") or ""), **restrictions)
@@ -248,16 +290,15 @@ def resolve_init(flat: dict[str, Any], db: Path) -> None:
     value = flat.get("dpo.init")
     if not isinstance(value, str) or value == "base" or Path(value).is_dir():
         return
-    from analysis.queries import EXPORTED_TRIAL
-
     if not Path(db).is_file():
         raise ConfigError([("dpo.init", f"{value!r} is neither 'base', a directory, nor a trial id ({db} does not "
                                         "exist to look it up)")])
     from analysis.db import connect
+    from analysis.queries import exported_trial
 
     con = connect(db, read_only=True)
     try:
-        row = con.execute(EXPORTED_TRIAL, [value]).fetchone()
+        row = exported_trial(con, value)
     finally:
         con.close()
     if row is None:

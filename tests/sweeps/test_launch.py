@@ -97,7 +97,17 @@ def _alive_nodes(address: str, env: dict) -> int:
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0
 
 
+def _launch_wrapped(sessions: Sessions, *args: str, env: dict | None = None):
+    """``sweeps/launch.py`` through the test-only wrapper trainable (tests/sweeps/wrapped_launch.py): fault injection
+    and the start barrier, switched on by the FINETUNE_TEST_* variables in ``env``."""
+    return sessions.start([PY, "-m", "tests.sweeps.wrapped_launch", *args], cwd=REPO_ROOT,
+                          env={**os.environ, **(env or {})})
+
+
 def test_two_node_cluster_runs_trials_on_both_nodes(real_data, tmp_path: Path, sessions) -> None:
+    """Each node offers 1 CPU and each trial takes 1, so two trials running at once are on different nodes. The test
+    barrier holds the first trial until a second one runs beside it: both nodes are needed whatever the machine's load
+    (left to the scheduler, all ten trials could run one after another on one node)."""
     import secrets
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -114,9 +124,10 @@ def test_two_node_cluster_runs_trials_on_both_nodes(real_data, tmp_path: Path, s
         assert time.monotonic() < deadline, "second node did not join"
         time.sleep(2)
     db = tmp_path / "results.duckdb"
-    _finish(_launch(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam,nli", "--dimensions", "method",
-                    "--address", address, "--node-ip-address", NODE_IP, "--db", str(db),
-                    "--storage", str(tmp_path / "storage"), env=env))
+    barrier = {"FINETUNE_TEST_BARRIER_DIR": str(tmp_path / "barrier"), "FINETUNE_TEST_BARRIER_COUNT": "2"}
+    _finish(_launch_wrapped(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam,nli", "--dimensions", "method",
+                            "--address", address, "--node-ip-address", NODE_IP, "--db", str(db),
+                            "--storage", str(tmp_path / "storage"), env={**env, **barrier}))
     con = _db(db)
     assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 10)]
     nodes = {r[0] for r in con.execute("SELECT result->>'$.node_id' FROM trials").fetchall()}
@@ -211,8 +222,8 @@ def test_failed_trial_retries_from_checkpoint_and_diverged_one_is_recorded(real_
     markers = tmp_path / "markers"
     markers.mkdir()
     db = tmp_path / "results.duckdb"
-    _finish(_launch(sessions, "grid", "--study", str(path), "--db", str(db), "--storage", str(tmp_path / "ray"),
-                    env={"FINETUNE_TEST_FAIL_ONCE_DIR": str(markers)}))
+    _finish(_launch_wrapped(sessions, "grid", "--study", str(path), "--db", str(db), "--storage", str(tmp_path / "ray"),
+                            env={"FINETUNE_TEST_FAIL_ONCE_DIR": str(markers)}))
     con = _db(db)
     rows = {g: (s, json.loads(r) if r else None) for g, s, r in
             con.execute('SELECT "group", status, result FROM trials').fetchall()}
@@ -295,3 +306,54 @@ def test_status_reads_the_database_and_reports_a_held_file(tmp_path: Path, capsy
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_resume_and_status_ask_the_database_through_analysis(tmp_path: Path, capsys) -> None:
+    """What resume reads (the sweep, its unfinished trials) and writes (reopening it), and the driver's closing
+    counts, go through analysis/ (queries.py and ResultsWriter); the trials come back as they were planned."""
+    from analysis import queries
+    from analysis.db import ResultsWriter, connect, trial_row
+    from sweeps.launch import unfinished_trials
+    from sweeps.study import load_study, plan
+
+    db = tmp_path / "results.duckdb"
+    trials = plan(load_study("smoke"), "s1", tasks=["sms_spam"], dimensions=["method"])[:3]
+    writer = ResultsWriter(db)
+    for sweep_id, started in (("s0", "2026-01-01 00:00:00"), ("s1", "2026-01-02 00:00:00")):
+        writer.start_sweep({"id": sweep_id, "study": "smoke", "kind": "grid", "started_at": started,
+                            "status": "running", "planned_trials": 3, "storage_path": str(tmp_path / "ray"),
+                            "hardware": {"per_trial": {"cpu": 1.0, "gpu": 0.0}}})
+    writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
+    writer.write_trial(trial_row(trials[0].as_spec(), "completed"))
+    writer.end_sweep("s1", "interrupted")
+    writer.reopen_sweep("s1")
+    assert writer.trial_counts("s1") == {"completed": 1, "pending": 2}
+    writer.close()
+    con = connect(db, read_only=True)
+    latest, named, missing = (queries.sweep_to_resume(con, s) for s in (None, "s0", "nope"))
+    con.close()
+    assert latest["id"] == "s1" and latest["status"] == "running" and named["id"] == "s0" and missing is None
+    assert json.loads(latest["hardware"])["per_trial"] == {"cpu": 1.0, "gpu": 0.0}
+    assert unfinished_trials(db, "s1") == sorted(trials[1:], key=lambda t: t.trial_id)
+    assert main(["status", "--db", str(db)]) == 0
+    assert "s1" in capsys.readouterr().out
+
+
+def test_only_the_vanished_ray_temp_file_sync_error_is_hidden() -> None:
+    """Ray's upload of the experiment state can race its own temp-file rename (sweeps/launch.py says why that is
+    harmless); that one traceback is filtered, every other sync error still shows."""
+    import logging
+
+    from sweeps.launch import _not_a_vanished_ray_temp_file as shown
+
+    def record(err: Exception) -> logging.LogRecord:
+        try:
+            raise err
+        except Exception:
+            return logging.LogRecord("ray.train._internal.syncer", logging.WARNING, __file__, 1,
+                                     "Last sync command failed with the following error:", None, sys.exc_info())
+
+    temp = "/tmp/ray/session_1/artifacts/driver_artifacts/.0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0-tmp-basic-variant-state.json"
+    assert not shown(record(FileNotFoundError(2, "No such file or directory", temp)))
+    assert shown(record(FileNotFoundError(2, "No such file or directory", "/data/ray/sweep/experiment_state.json")))
+    assert shown(record(PermissionError(13, "Permission denied", temp)))
