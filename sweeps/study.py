@@ -113,21 +113,23 @@ def _flat(data: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, A
     return flatten(data)
 
 
+def _mapping(raw: Any, where: str, shape: str, problems: list[tuple[str, str]]) -> dict[Any, Any]:
+    """A study section that must be a mapping (``shape`` says of what); absent is empty, anything else a problem."""
+    if isinstance(raw, dict):
+        return raw
+    if raw:
+        problems.append((where, f"expected a mapping of {shape}"))
+    return {}
+
+
 def _tasks(raw: Any, path: Path, problems: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
-    if not isinstance(raw, dict):
-        if raw:
-            problems.append((f"{path}: tasks", "expected a mapping of task -> overrides"))
-        return {}
+    raw = _mapping(raw, f"{path}: tasks", "task -> overrides", problems)
     return {str(task): _flat(overrides, f"{path}: tasks.{task}", problems) for task, overrides in raw.items()}
 
 
 def _dimensions(raw: Any, path: Path, problems: list[tuple[str, str]]) -> dict[str, dict[str, dict[str, Any]]]:
-    if not isinstance(raw, dict):
-        if raw:
-            problems.append((f"{path}: dimensions", "expected a mapping of dimension -> variants"))
-        return {}
     dimensions = {}
-    for dim, variants in raw.items():
+    for dim, variants in _mapping(raw, f"{path}: dimensions", "dimension -> variants", problems).items():
         if not isinstance(variants, dict) or not variants:
             problems.append((f"{path}: dimensions.{dim}", "expected a non-empty mapping of variant -> settings"))
             continue
@@ -144,12 +146,8 @@ def _seeds(seeds: Any, path: Path, problems: list[tuple[str, str]]) -> list[int]
 
 
 def _learning_rates(raw: Any, path: Path, problems: list[tuple[str, str]]) -> dict[str, list[float]]:
-    if not isinstance(raw, dict):
-        if raw:
-            problems.append((f"{path}: learning_rates", "expected a mapping of method -> list of learning rates"))
-        return {}
     learning_rates = {}
-    for method, grid in raw.items():
+    for method, grid in _mapping(raw, f"{path}: learning_rates", "method -> list of learning rates", problems).items():
         if not isinstance(grid, list) or not grid or not all(isinstance(x, int | float) and x > 0 for x in grid):
             problems.append((f"{path}: learning_rates.{method}", f"expected a list of positive numbers, got {grid!r}"))
         else:
@@ -160,12 +158,8 @@ def _learning_rates(raw: Any, path: Path, problems: list[tuple[str, str]]) -> di
 def _restriction(raw: Any, key: str, outer: Mapping[str, Any], inner: Mapping[str, Any], path: Path,
                  problems: list[tuple[str, str]]) -> dict[str, list[str]]:
     """``dimension_tasks`` or ``task_dimensions``: names of ``outer`` -> lists drawn from ``inner``."""
-    if not isinstance(raw, dict):
-        if raw:
-            problems.append((f"{path}: {key}", "expected a mapping of name -> list of names"))
-        return {}
     restriction = {}
-    for name, listed in raw.items():
+    for name, listed in _mapping(raw, f"{path}: {key}", "name -> list of names", problems).items():
         if name not in outer:
             problems.append((f"{path}: {key}.{name}", f"unknown; known: {', '.join(outer)}"))
         elif not isinstance(listed, list) or not all(x in inner for x in listed):
