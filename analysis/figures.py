@@ -100,8 +100,8 @@ def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
     groups: list[Group] = fig_spec["groups"]
     metric = groups[0].metric
     axes_spec = (("trainable_params", "trainable parameters (log)", True),
-                 ("wall_seconds", "wall time per trial, s (log)", True),
-                 ("peak_memory_mb", "peak memory, MB", False))
+                 ("train_seconds", "training time per trial, s (log)", True),
+                 ("peak_memory_mb", "memory per trial, MB", False))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
     for ax, (attr, label, log) in zip(axes, axes_spec, strict=True):
         usable = [g for g in groups if getattr(g, attr)]

@@ -122,8 +122,14 @@ def fmt_rate(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f}"
 
 
-def fmt_mb(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.0f} MB"
+MEMORY_SOURCES = {"cuda_peak": "CUDA peak", "account": "account"}
+
+
+def fmt_memory(group: Group) -> str:
+    """A group's memory, saying whether it is the measured CUDA peak or the per-trial account."""
+    if group.peak_memory_mb is None:
+        return "–"
+    return f"{group.peak_memory_mb:,.0f} MB ({MEMORY_SOURCES.get(group.memory_source or '', 'unknown')})"
 
 
 def fmt_lr(value: float | None) -> str:
@@ -157,8 +163,10 @@ class Group:
     trainable_params: float | None
     total_params: float | None
     wall_seconds: float | None
+    train_seconds: float | None
     tokens_per_s: float | None
     peak_memory_mb: float | None
+    memory_source: str | None
     iv: Interval = field(init=False)
 
     def __post_init__(self) -> None:
@@ -349,19 +357,19 @@ def summary_table(groups: Sequence[Group]) -> Table:
     for g in groups:
         rows.append([g.group, g.method, fmt_lr(g.lr), g.shown, str(g.n_completed),
                      fmt_count(g.trainable_params), fmt_share(g.trainable_params, g.total_params),
-                     fmt_seconds(g.wall_seconds), fmt_rate(g.tokens_per_s), fmt_mb(g.peak_memory_mb)])
+                     fmt_seconds(g.train_seconds), fmt_rate(g.tokens_per_s), fmt_memory(g)])
     return Table(["group", "method", "best LR", f"test {metric} (mean ± 95% CI)", "seeds", "trainable",
-                  "% of model", "wall time", "tokens/s", "peak memory"], rows,
+                  "% of model", "train time", "tokens/s", "memory"], rows,
                  align=["l", "l", "r", "r", "r", "r", "r", "r", "r", "r"])
 
 
 def dimension_table(groups: Sequence[Group]) -> Table:
     metric = metric_title(groups[0].metric)
     rows = [[g.group, g.method, fmt_lr(g.lr), fmt_metric(g.val_mean, g.metric), g.shown,
-             f"{g.n_completed}/{g.n_trials}", fmt_count(g.trainable_params), fmt_seconds(g.wall_seconds)]
+             f"{g.n_completed}/{g.n_trials}", fmt_count(g.trainable_params), fmt_seconds(g.train_seconds)]
             for g in groups]
     return Table(["group", "method", "best LR", f"validation {metric}", f"test {metric} (mean ± 95% CI)",
-                  "completed", "trainable", "wall time"], rows, align=["l", "l", "r", "r", "r", "r", "r", "r"])
+                  "completed", "trainable", "train time"], rows, align=["l", "l", "r", "r", "r", "r", "r", "r"])
 
 
 def _by_task(items: Iterable[Any]) -> dict[str, list[Any]]:
@@ -382,8 +390,10 @@ HOW_TO_READ = (
     "has at most 10 distinct resamples and undercovers.",
     "A recommendation is made only when two intervals do not overlap (stricter than a t-test); otherwise the "
     "guide says the difference is within noise. A group with a single seed gets no interval and no conclusion.",
-    "Peak memory is the CUDA peak allocated by PyTorch on a GPU, and the peak resident memory of the whole trial "
-    "process (runtime included) on a CPU. Wall time covers training and evaluation of one trial.",
+    "Memory is each trial's own: on a GPU the CUDA peak allocated by PyTorch (reset at the trial's start), marked "
+    "'CUDA peak'; elsewhere the trial's memory account, marked 'account': weights, gradients, optimizer state and "
+    "the activations autograd saves for one training micro-batch, counted from the tensors (sweeps/memory.py). "
+    "Train time counts optimizer steps only, without setup and evaluation; tokens/s and the time Pareto front use it.",
 )
 FINDING_ORDER = {"better": 0, "within_noise": 1, "cheapest_tie": 2, "single_seed": 3, "diverged": 4}
 
@@ -598,8 +608,8 @@ def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> lis
             continue
         hib = gs[0].higher_is_better
         sentences, fronts = [], {}
-        for axis, label in (("trainable_params", "trainable parameters"), ("wall_seconds", "wall time"),
-                            ("peak_memory_mb", "peak memory")):
+        for axis, label in (("trainable_params", "trainable parameters"), ("train_seconds", "training time"),
+                            ("peak_memory_mb", "memory")):
             usable = [g for g in gs if getattr(g, axis)]
             front = [usable[i] for i in pareto_front([(getattr(g, axis), g.test_mean) for g in usable], hib)]
             fronts[axis] = [g.group for g in front]

@@ -7,7 +7,7 @@ build on it, so each query below stays short and readable, and people can run th
 - ``guide_trials``   the selected sweeps' trials; a configuration run again in a later sweep of the same study counts
                      once (its completed run, else its latest);
 - ``guide_lr_stats`` per task, dimension, group and learning rate: trial counts by outcome, validation and test metric
-                     means, the test SD over seeds, and cost (trainable parameters, wall time, throughput, memory);
+                     means, the test SD over seeds, and cost (trainable parameters, wall and training time, throughput, memory);
 - ``guide_best``     per task, dimension and group, the learning rate the guide reports: among the learning rates with
                      no diverged or failed seed, the best mean *validation* metric (the test metric is only reported,
                      never used to choose).
@@ -49,6 +49,8 @@ SELECT task, dimension, "group",
        avg(trainable_params) FILTER (WHERE status = 'completed')           AS trainable_params,
        avg(total_params) FILTER (WHERE status = 'completed')               AS total_params,
        avg(wall_seconds) FILTER (WHERE status = 'completed')               AS wall_seconds,
+       avg(train_seconds) FILTER (WHERE status = 'completed')              AS train_seconds,
+       any_value(memory_source) FILTER (WHERE status = 'completed')        AS memory_source,
        avg(tokens_per_s) FILTER (WHERE status = 'completed')               AS tokens_per_s,
        avg(peak_memory_mb) FILTER (WHERE status = 'completed')             AS peak_memory_mb
 FROM guide_trials
@@ -99,8 +101,8 @@ SELECT model, model_n_layer, model_n_embd, count(*) AS trials FROM guide_trials 
 BEST = """
 -- Each group of one dimension at its chosen learning rate (the summary table, the dimension sections, Pareto fronts).
 SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
-       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s,
-       peak_memory_mb
+       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, train_seconds,
+       tokens_per_s, peak_memory_mb, memory_source
 FROM guide_best
 WHERE dimension = $dimension
 ORDER BY task, CASE WHEN higher_is_better THEN -test_mean ELSE test_mean END, "group"
@@ -109,8 +111,8 @@ ORDER BY task, CASE WHEN higher_is_better THEN -test_mean ELSE test_mean END, "g
 BEST_ALL = """
 -- Every group of every dimension at its chosen learning rate.
 SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
-       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, tokens_per_s,
-       peak_memory_mb
+       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, train_seconds,
+       tokens_per_s, peak_memory_mb, memory_source
 FROM guide_best
 ORDER BY task, dimension, "group"
 """

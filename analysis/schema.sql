@@ -99,7 +99,19 @@ CREATE TABLE IF NOT EXISTS trials (
     tokens_seen              BIGINT,
     tokens_per_s             DOUBLE,
     padding_share            DOUBLE,
-    peak_memory_mb           DOUBLE,
+    peak_memory_mb           DOUBLE,            -- measured CUDA peak allocated on a GPU, else the memory account
+    memory_source            VARCHAR,           -- cuda_peak | account
+    weight_bytes             BIGINT,            -- memory account (sweeps/memory.py): parameters of model and head
+    gradient_bytes           BIGINT,            --   gradients of the trainable parameters
+    optimizer_state_bytes    BIGINT,            --   optimizer state tensors
+    activation_bytes         BIGINT,            --   what autograd saved for the first micro-batch's backward pass
+    memory_account_bytes     BIGINT,            --   their sum
+    cuda_peak_allocated_bytes BIGINT,           -- CUDA only, peaks reset at the trial's start
+    cuda_peak_reserved_bytes BIGINT,
+    kept_bytes               BIGINT,            -- what a user keeps: the trainable tensors (LoRA: adapters + head)
+    setup_seconds            DOUBLE,            -- model, data, method, task preparation, before the first step
+    train_seconds            DOUBLE,            -- optimizer steps only (tokens_per_s divides by this)
+    eval_seconds             DOUBLE,            -- evaluations and generations
     wall_seconds             DOUBLE,
     primary_metric           VARCHAR,           -- the task's own: accuracy, perplexity, preference_accuracy, ...
     higher_is_better         BOOLEAN,           -- the primary metric's direction, as the task declares it
@@ -124,6 +136,18 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_loss VARCHAR;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_label_smoothing DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_init VARCHAR;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS memory_source VARCHAR;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS weight_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS gradient_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS optimizer_state_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS activation_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS memory_account_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS cuda_peak_allocated_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS cuda_peak_reserved_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS kept_bytes BIGINT;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS setup_seconds DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_seconds DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS eval_seconds DOUBLE;
 
 -- Learning curves: every reported value of every trial.
 CREATE TABLE IF NOT EXISTS metrics (

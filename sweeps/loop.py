@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import random
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from torch import nn
 from model import GPT2, GPT2Config, get_tokenizer
 from model.methods import MethodSummary, apply_method
 from model.tokenizer import EOT_TOKEN_ID
+from sweeps import memory
 from sweeps.config import ModelConfig, TrialConfig
 from sweeps.optim import build_optimizer, build_scheduler
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, StepRecord
@@ -80,6 +80,8 @@ class Trial:
     resumed_from_step: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
     forward_model: nn.Module | None = None  # the model as called in forward passes (compiled or not)
+    activation_bytes: int | None = None  # saved for backward by the first micro-batch of this run (memory account)
+    eval_seconds: float = 0.0
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -139,6 +141,7 @@ def setup(config: TrialConfig) -> Trial:
     train = config.train
     seed_everything(train.seed)
     device = pick_device(train.device)
+    memory.reset_cuda_peak(device)
     use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
     task = get_task(config.task, dpo=config.dpo)
     splits = task.load(get_tokenizer(), seed=SUBSET_SEED)
@@ -250,10 +253,13 @@ def optimizer_step(trial: Trial, group: list[list[int]]) -> StepRecord | None:
     started = time.perf_counter()
     trial.optimizer.zero_grad(set_to_none=True)
     loss_value, step_tokens, padded = 0.0, 0, 0
+    measure = trial.activation_bytes is None and not train.compile  # saved-tensor hooks do not trace under compile
     for indices in group:
         batch = trial.task.collate(trial.splits["train"], indices).to(trial.device)
-        with trial.autocast():
+        with trial.autocast(), memory.measure_saved(trial.modules) if measure else contextlib.nullcontext() as saved:
             loss, _ = trial.task.loss(trial.forward_model, trial.head, batch)
+        if measure:
+            trial.activation_bytes = max(trial.activation_bytes or 0, saved.nbytes)
         if not torch.isfinite(loss):
             return None
         (loss / len(group)).backward()
@@ -281,11 +287,13 @@ def evaluate(trial: Trial, split: str) -> dict[str, float]:
     train = trial.config.train
     order = batch_order(trial.splits[split].lengths, train.eval_batch_size, 0, 0, shuffle=False)
     batches = (trial.task.collate(trial.splits[split], b).to(trial.device) for b in order)
+    started = time.perf_counter()
     try:
         with trial.autocast():
             return trial.task.evaluate(trial.forward_model, trial.head, batches)
     finally:
         trial.model.train()
+        trial.eval_seconds += time.perf_counter() - started
 
 
 def validate(trial: Trial, emit: Callback) -> EvalRecord:
@@ -341,14 +349,24 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; peak resident memory of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def account_memory(trial: Trial, record: FinalRecord) -> None:
+    """The trial's memory account and, on CUDA, its measured peaks (``sweeps/memory.py``); ``peak_memory_mb`` is
+    the measured peak where there is one, else the account."""
+    trainable = memory.weight_bytes(trial.modules, trainable_only=True)
+    record.weight_bytes = memory.weight_bytes(trial.modules)
+    record.gradient_bytes = trainable
+    record.kept_bytes = trainable
+    record.optimizer_state_bytes = memory.optimizer_state_bytes(trial.optimizer)
+    record.activation_bytes = trial.activation_bytes
+    record.memory_account_bytes = (record.weight_bytes + record.gradient_bytes + record.optimizer_state_bytes
+                                   + (record.activation_bytes or 0))
+    record.cuda_peak_allocated_bytes, record.cuda_peak_reserved_bytes = memory.cuda_peaks(trial.device)
+    measured = record.cuda_peak_allocated_bytes
+    record.memory_source = "account" if measured is None else "cuda_peak"
+    record.peak_memory_mb = (record.memory_account_bytes if measured is None else measured) / 2**20
 
 
-def finish(trial: Trial, status: str, wall_start: float) -> FinalRecord:
+def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -> FinalRecord:
     """Evaluate the final weights (the best ones after early stopping) and assemble the trial's final record."""
     state, task, summary = trial.state, trial.task, trial.summary
     record = FinalRecord(
@@ -371,8 +389,11 @@ def finish(trial: Trial, status: str, wall_start: float) -> FinalRecord:
         record.validation = evaluate(trial, "validation")
         record.test = evaluate(trial, "test")
         if task.generates and trial.config.task.num_generations:
+            started = time.perf_counter()
             record.generations = generate_samples(trial)
-    record.peak_memory_mb = peak_memory_mb(trial.device)
+            trial.eval_seconds += time.perf_counter() - started
+    account_memory(trial, record)
+    record.setup_seconds, record.eval_seconds = setup_seconds, trial.eval_seconds
     record.wall_seconds = time.perf_counter() - wall_start
     return record
 
@@ -412,7 +433,8 @@ def run_trial(
     trial = setup(config)
     if resume_from is not None:
         load_checkpoint(trial, resume_from)
+    setup_seconds = time.perf_counter() - wall_start
     status = train(trial, emit, checkpoint_dir)
-    record = finish(trial, status, wall_start)
+    record = finish(trial, status, wall_start, setup_seconds)
     emit(record)
     return TrialResult(record, trial.model, trial.head)

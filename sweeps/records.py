@@ -23,6 +23,10 @@ from tasks import TASKS
 
 SPLIT_PREFIX = {"validation": "val", "test": "test"}
 ROW_METRICS = ("accuracy", "macro_f1", "loss", "perplexity")  # metrics with their own trials columns (schema.sql)
+ROW_FIELDS = ("trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share", "peak_memory_mb",
+              "memory_source", "weight_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes",
+              "memory_account_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes", "kept_bytes",
+              "setup_seconds", "train_seconds", "eval_seconds", "wall_seconds")  # FinalRecord fields with a column
 FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
 DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
 
@@ -142,8 +146,31 @@ class FinalRecord:
     device: str | None = None
     precision: str | None = None
     peak_memory_mb: float | None = None
+    """The trial's memory in MiB: the measured CUDA peak allocated on a GPU, else the memory account's total
+    (``memory_source`` says which)."""
+    memory_source: str | None = None
+    """``cuda_peak`` or ``account``."""
+    weight_bytes: int | None = None
+    """Memory account (``sweeps/memory.py``): every parameter of model and head."""
+    gradient_bytes: int | None = None
+    """Memory account: one gradient per trainable parameter."""
+    optimizer_state_bytes: int | None = None
+    """Memory account: the optimizer's state tensors after it stepped."""
+    activation_bytes: int | None = None
+    """Memory account: what autograd saved for the backward pass of the first training micro-batch (None when not
+    measured, e.g. under ``torch.compile``)."""
+    memory_account_bytes: int | None = None
+    """Sum of the measured parts of the memory account."""
+    cuda_peak_allocated_bytes: int | None = None
+    cuda_peak_reserved_bytes: int | None = None
+    kept_bytes: int | None = None
+    """What a user keeps from the trial: the trainable tensors (for LoRA the adapters and the task head)."""
+    setup_seconds: float | None = None
+    """From the trial's start to its first step: model, data, method, task preparation (and a checkpoint's load)."""
     prepare_seconds: float | None = None
-    """Task preparation before training (DPO: the reference log-probs)."""
+    """Task preparation before training (DPO: the reference log-probs); part of ``setup_seconds``."""
+    eval_seconds: float | None = None
+    """Every evaluation and the kept generations."""
     wall_seconds: float | None = None
     validation: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
@@ -221,8 +248,7 @@ class FinalRecord:
         row = {"steps": self.step, "primary_metric": self.primary_metric, "higher_is_better": self.higher_is_better,
                "val_primary": self.validation.get(self.primary_metric),
                "test_primary": self.test.get(self.primary_metric), "result": self.to_json()}
-        for name in ("trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share",
-                     "peak_memory_mb", "wall_seconds"):
+        for name in ROW_FIELDS:
             row[name] = getattr(self, name)
         for split in ("validation", "test"):
             metrics = getattr(self, split)

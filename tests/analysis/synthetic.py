@@ -79,7 +79,8 @@ def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpac
                 "task_kind": "lm" if task == "alpaca" else "classification"}
         final = FinalRecord(status="completed", **kind, step=100, validation={metric: val}, test={metric: test},
                             trainable_params=trainable, total_params=total, wall_seconds=60.0 + seed,
-                            tokens_per_s=1000.0 * (2 if group == "lora" else 1), peak_memory_mb=2048.0 + seed,
+                            train_seconds=40.0 + seed, tokens_per_s=1000.0 * (2 if group == "lora" else 1),
+                            peak_memory_mb=2048.0 + seed, memory_source="account",
                             tokens_seen=100_000, generations=GENERATIONS if task == "alpaca" else [])
         if status == "completed":
             writer.write_trial(trial_row(spec, status, final.to_row()))

@@ -357,3 +357,25 @@ def test_only_the_vanished_ray_temp_file_sync_error_is_hidden() -> None:
     assert not shown(record(FileNotFoundError(2, "No such file or directory", temp)))
     assert shown(record(FileNotFoundError(2, "No such file or directory", "/data/ray/sweep/experiment_state.json")))
     assert shown(record(PermissionError(13, "Permission denied", temp)))
+
+
+def test_a_reused_worker_reports_each_trials_own_memory(real_data, tmp_path: Path, sessions) -> None:
+    """One trial at a time, actors reused (the launcher's setting): full fine-tuning of a wider tiny model runs first,
+    then head-only on a narrower one. The second reports less memory; a process-wide peak would report at least the
+    first trial's."""
+    base = {k: v for k, v in SMOKE.items() if k not in ("dimension_tasks", "task_dimensions")}
+    study = {**base, "name": "memory", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
+             "dimensions": {"m": {"big_full": {"method.name": "full", "model.n_embd": 128},
+                                  "small_head": {"method.name": "head_only", "model.n_embd": 32}}}}
+    path = tmp_path / "memory.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    db = tmp_path / "results.duckdb"
+    _finish(_launch(sessions, "grid", "--study", str(path), "--db", str(db), "--storage", str(tmp_path / "ray"),
+                    "--max-concurrent", "1"))
+    con = _db(db)
+    rows = con.execute("""SELECT "group", peak_memory_mb, memory_source, memory_account_bytes, optimizer_state_bytes,
+                                 trainable_params FROM trials ORDER BY updated_at""").fetchall()
+    assert [r[0] for r in rows] == ["big_full", "small_head"]  # the order the grid plans, one at a time
+    (_, big_mb, source, big_bytes, big_optim, big_params), (_, small_mb, _, small_bytes, small_optim, small_params) = rows
+    assert source == "account" and small_mb < big_mb and small_bytes < big_bytes
+    assert big_optim == 8 * big_params and small_optim == 8 * small_params  # AdamW, float32

@@ -119,3 +119,23 @@ def test_every_method_on_every_task_runs(task: str, method: str, real_data) -> N
     assert result.status == "completed" and result.step == 2
     assert f"test_{result.primary_metric}" in result.to_dict()
     assert 0 < result.trainable_params <= result.total_params
+
+
+def test_memory_account_and_time_split_per_trial(real_data) -> None:
+    """The trial's own memory, from its tensors: AdamW in float32 keeps exactly 8 bytes per trainable parameter;
+    head-only trains and keeps far less than full fine-tuning; time is split into setup, training and evaluation."""
+    small = {k.replace(".", "__"): v for k, v in SMALL_DATA.items()}
+    full = run_trial(_config(task__name="sms_spam", method__name="full", train__max_steps=2, **small)).record
+    head = run_trial(_config(task__name="sms_spam", method__name="head_only", train__max_steps=2, **small)).record
+    for r in (full, head):
+        assert r.optimizer_state_bytes == 8 * r.trainable_params
+        assert r.gradient_bytes == r.kept_bytes == 4 * r.trainable_params
+        assert r.weight_bytes == 4 * r.total_params and r.activation_bytes > 0
+        assert r.memory_account_bytes == (r.weight_bytes + r.gradient_bytes + r.optimizer_state_bytes
+                                          + r.activation_bytes)
+        assert r.memory_source == "account" and r.peak_memory_mb == r.memory_account_bytes / 2**20
+        assert r.setup_seconds > 0 and r.train_seconds > 0 and r.eval_seconds > 0
+        assert r.setup_seconds + r.train_seconds + r.eval_seconds <= r.wall_seconds
+    assert head.memory_account_bytes < full.memory_account_bytes and head.kept_bytes < full.kept_bytes / 100
+    # a frozen body saves fewer activations: no gradient flows into the blocks' weights
+    assert head.activation_bytes < full.activation_bytes
