@@ -164,6 +164,13 @@ class ResultsWriter:
         self.write_metric_rows(trial_id, [(step, split, name, v) for name, v in values.items()
                                           if isinstance(v, int | float) and not isinstance(v, bool)])
 
+    def write_predictions(self, trial_id: str, rows: Iterable[tuple]) -> None:
+        """A trial's per-example outcomes ``(split, example, label, prediction, correct, loss, tokens)``; a replayed
+        row replaces itself."""
+        data = [(trial_id, *row) for row in rows]
+        if data:
+            self.con.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", data)
+
     def write_metric_rows(self, trial_id: str, rows: Iterable[tuple[int, str, str, float]]) -> None:
         """Learning-curve rows ``(step, split, name, value)``; a replayed row replaces itself."""
         data = [(trial_id, step, split, name, float(v)) for step, split, name, v in rows if math.isfinite(v)]

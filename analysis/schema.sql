@@ -149,6 +149,20 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS setup_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS eval_seconds DOUBLE;
 
+-- Per-example outcomes of each trial's final weights on validation and test: what paired comparisons (A and B on the
+-- same examples) and questions like "which messages does LoRA get wrong that full fine-tuning gets right?" read.
+CREATE TABLE IF NOT EXISTS predictions (
+    trial_id    VARCHAR NOT NULL,
+    split       VARCHAR NOT NULL,   -- validation | test
+    example     INTEGER NOT NULL,   -- index of the example in the split the trial evaluated
+    label       INTEGER,            -- classification: the class id; preference pairs: 0 (the chosen answer)
+    prediction  INTEGER,            -- the class (pair: 0 chosen, 1 rejected) the model preferred
+    correct     BOOLEAN,            -- prediction = label
+    loss        DOUBLE,             -- language modelling: the example's summed response-token loss, nats
+    tokens      INTEGER,            -- language modelling: its scored response tokens
+    PRIMARY KEY (trial_id, split, example)
+);
+
 -- Learning curves: every reported value of every trial.
 CREATE TABLE IF NOT EXISTS metrics (
     trial_id  VARCHAR NOT NULL,

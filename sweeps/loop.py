@@ -30,7 +30,7 @@ from sweeps import memory
 from sweeps.config import ModelConfig, TrialConfig
 from sweeps.optim import build_optimizer, build_scheduler
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, StepRecord
-from tasks import EncodedSplit, Task, batch_order, get_task
+from tasks import EncodedSplit, ExampleResults, Task, batch_order, get_task
 
 Callback = Callable[[Record], None]
 SUBSET_SEED = 123  # subsets of the data are the same for every trial seed: seeds vary init and order, not data
@@ -281,16 +281,19 @@ def optimizer_step(trial: Trial, group: list[list[int]]) -> StepRecord | None:
                       step_tokens / max(elapsed, 1e-9), state.tokens_seen)
 
 
-def evaluate(trial: Trial, split: str) -> dict[str, float]:
-    """The task's metrics of the current weights on a split (evaluation mode, then back to training)."""
+def evaluate(trial: Trial, split: str, examples: ExampleResults | None = None) -> dict[str, float]:
+    """The task's metrics of the current weights on a split (evaluation mode, then back to training); with
+    ``examples``, each example's outcome under its index in the split."""
     trial.model.eval()
     train = trial.config.train
     order = batch_order(trial.splits[split].lengths, train.eval_batch_size, 0, 0, shuffle=False)
     batches = (trial.task.collate(trial.splits[split], b).to(trial.device) for b in order)
     started = time.perf_counter()
+    if examples is not None:
+        examples.example += [i for indices in order for i in indices]
     try:
         with trial.autocast():
-            return trial.task.evaluate(trial.forward_model, trial.head, batches)
+            return trial.task.evaluate(trial.forward_model, trial.head, batches, examples=examples)
     finally:
         trial.model.train()
         trial.eval_seconds += time.perf_counter() - started
@@ -386,8 +389,10 @@ def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -
         if status == "early_stopped" and trial.best_weights is not None:
             _load_trainable_state(trial, trial.best_weights)
             record.best_step = state.best_step
-        record.validation = evaluate(trial, "validation")
-        record.test = evaluate(trial, "test")
+        outcomes = {split: ExampleResults() for split in ("validation", "test")}
+        record.validation = evaluate(trial, "validation", outcomes["validation"])
+        record.test = evaluate(trial, "test", outcomes["test"])
+        record.predictions = {split: results.columns() for split, results in outcomes.items()}
         if task.generates and trial.config.task.num_generations:
             started = time.perf_counter()
             record.generations = generate_samples(trial)

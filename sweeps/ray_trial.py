@@ -108,6 +108,7 @@ class DuckDBCallback(tune.Callback):
         if isinstance(record, FinalRecord):
             self.finished.add(spec["trial_id"])
             self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
+            self.writer.write_predictions(spec["trial_id"], record.prediction_rows())
             if self.progress:
                 shown = record.test.get(record.primary_metric)
                 print(f"trial {spec['trial_id']} {record.db_status}" + (

@@ -31,6 +31,7 @@ FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
 DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
 
 MetricRow = tuple[int, str, str, float]  # (step, split, name, value): one row of the metrics table
+PredictionRow = tuple[str, int, int | None, int | None, bool | None, float | None, int | None]
 
 
 def metric_key(split: str, name: str) -> str:
@@ -181,6 +182,10 @@ class FinalRecord:
     diverged_at_step: int | None = None
     best_step: int | None = None
     generations: list[dict[str, str]] = field(default_factory=list)
+    predictions: dict[str, dict[str, list]] = field(default_factory=dict)
+    """Per split (validation, test), the final weights' outcome on every example, as columns: ``example`` (index in
+    the split), ``label`` and ``prediction`` (classification, preference pairs) or ``loss`` and ``tokens``
+    (language modelling); see ``tasks.ExampleResults``. Rows of the ``predictions`` table, not of ``result``."""
     notes: dict[str, Any] = field(default_factory=dict)
     """What the task's preparation says about the run (e.g. how DPO's reference was computed)."""
     error: str | None = None
@@ -206,12 +211,15 @@ class FinalRecord:
         """The status the ``trials`` table records."""
         return DB_STATUS.get(self.status, self.status)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, predictions: bool = True) -> dict[str, Any]:
         """The flat form: scalars, ``val_``/``test_`` metrics, and the lists (history as flat eval reports). It is
-        what ``result.json``, the CLI's JSON line and the ``trials.result`` column hold."""
+        what ``result.json`` and the Ray report hold; the ``trials.result`` column holds it without the per-example
+        ``predictions``, which have a table of their own."""
         out: dict[str, Any] = {"event": self.event}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "predictions" and not predictions:
+                continue
             if f.name in ("validation", "test"):
                 out.update({metric_key(f.name, k): v for k, v in value.items()})
             elif f.name == "history":
@@ -237,6 +245,18 @@ class FinalRecord:
         flat = {k: v for k, v in self.to_dict().items() if v is None or isinstance(v, bool | int | float | str)}
         return {**flat, "final_json": self.to_json()}
 
+    def prediction_rows(self) -> list[PredictionRow]:
+        """Rows of the ``predictions`` table: (split, example, label, prediction, correct, loss, tokens)."""
+        rows = []
+        for split, columns in self.predictions.items():
+            n = len(columns.get("example", []))
+            label, prediction, loss, tokens = (columns.get(k, [None] * n) for k in ("label", "prediction", "loss",
+                                                                                   "tokens"))
+            rows += [(split, columns["example"][i], label[i], prediction[i],
+                      None if label[i] is None or prediction[i] is None else label[i] == prediction[i],
+                      loss[i], tokens[i]) for i in range(n)]
+        return rows
+
     def metric_rows(self) -> list[MetricRow]:
         rows = _metric_rows(self.step, "validation", self.validation) + _metric_rows(self.step, "test", self.test)
         for evaluation in self.history:
@@ -247,7 +267,8 @@ class FinalRecord:
         """The measured columns of the trial's ``trials`` row (analysis/schema.sql), the record itself as JSON."""
         row = {"steps": self.step, "primary_metric": self.primary_metric, "higher_is_better": self.higher_is_better,
                "val_primary": self.validation.get(self.primary_metric),
-               "test_primary": self.test.get(self.primary_metric), "result": self.to_json()}
+               "test_primary": self.test.get(self.primary_metric),
+               "result": json_text(self.to_dict(predictions=False))}
         for name in ROW_FIELDS:
             row[name] = getattr(self, name)
         for split in ("validation", "test"):

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    record = {k: v for k, v in json.loads(result.record.to_json()).items() if k != "history"}
+    record = {k: v for k, v in json.loads(result.record.to_json()).items() if k not in ("history", "predictions")}
     print(json.dumps(record))
     return 0
 

@@ -14,7 +14,7 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,6 +35,24 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "tokens"
 CACHE_ENV = "FINETUNE_CACHE_DIR"
 _CACHE_VERSION = 2  # bump when encoding or the cached layout changes, so stale caches are never read
+
+
+@dataclass
+class ExampleResults:
+    """Per-example outcomes of one evaluation, in the order its batches came; whoever made the batches fills in
+    ``example`` (the examples' indices in the split). Classification and preference pairs fill ``label`` and
+    ``prediction`` (pairs: 0 is the chosen answer); language modelling fills ``loss`` (summed over the example's
+    scored tokens, nats) and ``tokens``."""
+
+    example: list[int] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    prediction: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def columns(self) -> dict[str, list]:
+        """The filled columns by name (what a final record carries)."""
+        return {k: v for k, v in vars(self).items() if v}
 
 
 @dataclass
@@ -316,7 +334,9 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
+    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch],
+                 examples: ExampleResults | None = None) -> dict[str, float]:
+        """The split's metrics; with ``examples``, each example's outcome appended there too."""
         raise NotImplementedError
 
 
@@ -351,7 +371,8 @@ class ClassificationTask(Task):
         return F.cross_entropy(self.logits(model, head, batch).float(), batch.labels), len(batch.labels)
 
     @torch.no_grad()
-    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
+    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch],
+                 examples: ExampleResults | None = None) -> dict[str, float]:
         preds, labels, loss_sum, n = [], [], 0.0, 0
         for batch in batches:
             logits = self.logits(model, head, batch).float()
@@ -361,6 +382,9 @@ class ClassificationTask(Task):
             labels.append(batch.labels.cpu())
         metrics = classification_metrics(torch.cat(preds), torch.cat(labels), self.label_names)
         metrics["loss"] = loss_sum / n
+        if examples is not None:
+            examples.label += torch.cat(labels).tolist()
+            examples.prediction += torch.cat(preds).tolist()
         return metrics
 
 
@@ -410,13 +434,20 @@ class LanguageModelingTask(Task):
         return F.cross_entropy(logits.float(), targets), len(targets)
 
     @torch.no_grad()
-    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
+    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch],
+                 examples: ExampleResults | None = None) -> dict[str, float]:
         """Perplexity of held-out responses (always response tokens only, whatever the training loss used)."""
         total, count = 0.0, 0
         for batch in batches:
-            logits, targets = self._scored(model, batch, prompt_loss=False)
-            total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            logits, targets, scored = scored_logits(model, batch, batch.prompt_lengths)  # responses only
+            token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+            total += float(token_loss.sum())
             count += len(targets)
+            if examples is not None:
+                rows = scored.nonzero()[:, 0]  # the row of each scored token
+                per_row = torch.zeros(len(scored), device=token_loss.device).index_add_(0, rows, token_loss)
+                examples.loss += per_row.tolist()
+                examples.tokens += scored.sum(1).tolist()
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}
 

@@ -41,7 +41,7 @@ from model.gpt2 import GPT2, eval_mode
 from model.lora import disable_lora, lora_layers
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.alpaca import format_prompt
-from tasks.base import Batch, EncodedSplit, Example, Task, pad_right, scored_logits
+from tasks.base import Batch, EncodedSplit, Example, ExampleResults, Task, pad_right, scored_logits
 from tasks.data import DataError, Source, open_text, read_json_list
 from tasks.dpo import DPOConfig, dpo_loss
 
@@ -235,7 +235,8 @@ class Preference(Task):
         return loss.mean(), len(loss)
 
     @torch.no_grad()
-    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch]) -> dict[str, float]:
+    def evaluate(self, model: GPT2, head: nn.Module | None, batches: Iterator[Batch],
+                 examples: ExampleResults | None = None) -> dict[str, float]:
         """Held-out pairs: preference accuracy (chosen reward > rejected), mean reward margin, log-prob drift of the
         chosen and rejected responses from the reference (summed over tokens), and the DPO loss."""
         sums = {"loss": 0.0, "preference_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
@@ -251,4 +252,7 @@ class Preference(Task):
             sums["chosen_logp_drift"] += float((policy[0] - ref[:, 0]).sum())
             sums["rejected_logp_drift"] += float((policy[1] - ref[:, 1]).sum())
             n += len(loss)
+            if examples is not None:  # label 0: the chosen answer; predicted when its reward is higher
+                examples.label += [0] * len(loss)
+                examples.prediction += (cr <= rr).long().tolist()
         return {k: v / max(n, 1) for k, v in sums.items()}

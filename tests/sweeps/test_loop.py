@@ -97,7 +97,7 @@ def test_early_stopping_restores_the_best_weights(real_data, monkeypatch: pytest
     scores = iter([0.5, 0.7, 0.6, 0.65])
     seen_heads: list[torch.Tensor] = []
 
-    def scripted(self, model, head, batches):
+    def scripted(self, model, head, batches, examples=None):
         seen_heads.append(head.weight.detach().clone())
         return {"accuracy": next(scores, 0.0), "macro_f1": 0.0, "loss": 1.0}
 
@@ -139,3 +139,23 @@ def test_memory_account_and_time_split_per_trial(real_data) -> None:
     assert head.memory_account_bytes < full.memory_account_bytes and head.kept_bytes < full.kept_bytes / 100
     # a frozen body saves fewer activations: no gradient flows into the blocks' weights
     assert head.activation_bytes < full.activation_bytes
+
+
+@pytest.mark.parametrize("task", ["sms_spam", "alpaca", "preference"])
+def test_per_example_results_add_up_to_the_metrics(task: str, real_data) -> None:
+    """Every validation and test example once, under its index in the split; their outcomes give the split's
+    metric back (accuracy from right/wrong, perplexity's loss from summed losses over tokens)."""
+    record = run_trial(_config(task__name=task, train__max_steps=2, train__batch_size=4, task__num_generations=0,
+                               task__max_train_examples=24, task__max_eval_examples=20,
+                               task__max_length=128 if task != "sms_spam" else 48)).record
+    for split, metrics in (("validation", record.validation), ("test", record.test)):
+        columns = record.predictions[split]
+        assert sorted(columns["example"]) == list(range(record.split_sizes[split]))
+        if task == "alpaca":
+            assert sum(columns["loss"]) / sum(columns["tokens"]) == pytest.approx(metrics["loss"], rel=1e-5)
+        else:
+            right = [a == b for a, b in zip(columns["label"], columns["prediction"], strict=True)]
+            assert sum(right) / len(right) == pytest.approx(metrics[record.primary_metric])
+    rows = record.prediction_rows()
+    assert len(rows) == record.split_sizes["validation"] + record.split_sizes["test"]
+    assert "predictions" not in record.to_row()["result"]  # a table of their own, not inside trials.result

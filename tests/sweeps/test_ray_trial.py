@@ -36,3 +36,24 @@ def test_asha_stopped_dpo_trial_stores_preference_accuracy(tmp_path: Path) -> No
     assert row[:5] == ("stopped", "preference_accuracy", True, 0.625, 6) and "ASHA" in row[5]
     curves = con.execute("SELECT split, name, step FROM metrics ORDER BY split, name").fetchall()
     assert ("validation", "preference_accuracy", 4) in curves and ("train", "loss", 6) in curves
+
+
+def test_final_record_writes_predictions_once_even_when_replayed(tmp_path: Path) -> None:
+    from sweeps.records import FinalRecord
+
+    config = TrialConfig.from_flat({"task.name": "sms_spam"}).to_flat()
+    spec = {"trial_id": "method-full-1", "sweep_id": "s", "study": "smoke", "dimension": "method",
+            "group": "full", "config": config}
+    db = tmp_path / "db.duckdb"
+    callback = DuckDBCallback(db, {spec["trial_id"]: spec}, progress=False)
+    trial = SimpleNamespace(config={"trial": spec}, last_result=None)
+    record = FinalRecord(status="completed", task="sms_spam", task_kind="classification", primary_metric="accuracy",
+                         higher_is_better=True, step=3, test={"accuracy": 2 / 3},
+                         predictions={"test": {"example": [0, 1, 2], "label": [1, 0, 1], "prediction": [1, 1, 1]}})
+    for _ in range(2):  # Ray replays results after a restore
+        callback.on_trial_result(0, [], trial, {**record.to_report(), "trial_id": spec["trial_id"]})
+    callback.on_experiment_end([])
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT split, example, label, prediction, correct FROM predictions ORDER BY example").fetchall()
+    assert rows == [("test", 0, 1, 1, True), ("test", 1, 0, 1, False), ("test", 2, 1, 1, True)]
+    assert con.execute("SELECT result->'predictions' FROM trials").fetchone()[0] is None
