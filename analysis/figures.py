@@ -1,9 +1,15 @@
-"""The guide's figures (matplotlib, Agg): one colour per method everywhere, log axes where ranges span decades."""
+"""The guide's figures (matplotlib, Agg): one colour per method everywhere, log axes where ranges span decades.
+
+Every figure fits the HTML page's text column (at most ``PAGE_INCHES`` wide at ``DPI``), so it is read at its own
+resolution, and every metric axis says which way is better."""
 
 from __future__ import annotations
 
+import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,11 @@ from analysis.guide import METHOD_COLOURS, OTHER_COLOUR, Group, metric_title, ta
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
 DPI = 110
+PAGE_INCHES = 10.3  # report_templates/guide.html.j2: body max-width 1180px less its padding, at DPI
+# What one training-loss value averages over, by what a training example is for the task (see guide.section).
+LOSS_UNITS = {"token": "nats/token", "example": "nats/example", "pair": "DPO, per pair"}
+# A LoRA-rank group's rank, from its study name (r8, lora_r8, rank8): the guide's rows do not carry lora_rank.
+RANK_NAME = re.compile(r"(?:^|[^a-z0-9])r(?:ank)?[_=-]?(\d+)$", re.IGNORECASE)
 
 
 def colour(method: str) -> str:
@@ -39,21 +50,59 @@ def _spans_decades(values: Sequence[float]) -> bool:
     return len(values) > 1 and max(values) / min(values) >= 20
 
 
-def _metric_axis(ax: Any, metric: str, higher_is_better: bool, values: Sequence[float]) -> None:
-    ax.set_ylabel(f"{metric_title(metric)} ({'higher' if higher_is_better else 'lower'} is better)")
+def direction(higher_is_better: bool | None) -> str:
+    """The words every metric axis carries, so no reader has to know which way perplexity goes."""
+    return f"{'higher' if higher_is_better else 'lower'} is better"
+
+
+def _metric_axis(ax: Any, metric: str, higher_is_better: bool, values: Sequence[float], axis: str = "y",
+                 prefix: str = "", sep: str = " ") -> None:
+    """Label a metric axis with its direction; log for perplexity spanning decades; shares clipped near [0, 1]."""
+    label = f"{prefix}{metric_title(metric)}{sep}({direction(higher_is_better)})"
+    set_label, set_scale, get_lim, set_lim = ((ax.set_ylabel, ax.set_yscale, ax.get_ylim, ax.set_ylim) if axis == "y"
+                                              else (ax.set_xlabel, ax.set_xscale, ax.get_xlim, ax.set_xlim))
+    set_label(label)
     if metric == "perplexity" and _spans_decades(values):
-        ax.set_yscale("log")
+        set_scale("log")
     elif metric != "perplexity":  # shares: an interval wider than [0, 1] is drawn cut at the bounds
-        low, high = ax.get_ylim()
-        ax.set_ylim(max(low, -0.02), min(high, 1.02))
+        low, high = get_lim()
+        set_lim(max(low, -0.02), min(high, 1.02))
 
 
-def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
+def lora_ranks(groups: Sequence[Group]) -> dict[str, int] | None:
+    """Each group's LoRA rank parsed from its name, or None (categories are drawn instead) unless every name parses,
+    the ranks are distinct, and they order the groups as their trainable parameters do (a check on the parse)."""
+    found = {g.group: RANK_NAME.search(g.group) for g in groups}
+    if not groups or not all(found.values()):
+        return None
+    ranks = {name: int(m.group(1)) for name, m in found.items()}
+    if len(set(ranks.values())) != len(ranks) or min(ranks.values()) < 1:
+        return None
+    params = [g.trainable_params for g in sorted(groups, key=lambda g: ranks[g.group])]
+    if all(params) and any(a >= b for a, b in pairwise(params)):
+        return None
+    return ranks
+
+
+def _group_positions(left: Any, groups: Sequence[Group], fig_spec: dict[str, Any]) -> list[float]:
+    """x of each group on the left panel: its LoRA rank on a log2 axis in the rank section, else its index."""
+    ranks = lora_ranks(groups) if fig_spec.get("dimension") == "lora_rank" else None
+    if ranks is None:
+        left.set_xticks(range(len(groups)), [g.group for g in groups], rotation=30, ha="right")
+        return list(range(len(groups)))
+    xs = [float(ranks[g.group]) for g in groups]
+    left.set_xscale("log", base=2)
+    left.set_xticks(xs, [str(ranks[g.group]) for g in groups])
+    left.minorticks_off()
+    left.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+    left.set_xlabel("LoRA rank (log2 axis)")
+    return xs
+
+
+def _seed_panel(left: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[str, str, str]]) -> None:
+    """Left panel: each group's test mean with its 95% t interval, and the seeds as faint dots."""
     groups: list[Group] = fig_spec["groups"]
-    styles = _styles(groups)
-    metric = groups[0].metric
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
-    xs = range(len(groups))
+    xs = _group_positions(left, groups, fig_spec)
     for x, g in zip(xs, groups, strict=True):
         c, m, _ = styles[g.group]
         if g.test_mean is None:
@@ -61,11 +110,18 @@ def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
         left.errorbar([x], [g.test_mean], yerr=None if g.iv.half is None else [[g.iv.half], [g.iv.half]],
                       fmt=m, color=c, capsize=5, markersize=8, elinewidth=2)
         left.scatter([x] * len(g.test_values), g.test_values, color=c, alpha=0.35, s=14, zorder=3)
-    left.set_xticks(list(xs), [g.group for g in groups], rotation=30, ha="right")
+    if fig_spec.get("dimension") == "lora_rank" and xs != list(range(len(groups))):
+        done = sorted((x, g.test_mean) for x, g in zip(xs, groups, strict=True) if g.test_mean is not None)
+        left.plot([x for x, _ in done], [y for _, y in done], color=styles[groups[0].group][0], alpha=0.4, lw=1)
+    metric = groups[0].metric
     _metric_axis(left, metric, groups[0].higher_is_better, [g.test_mean for g in groups if g.test_mean])
     left.set_title(f"test {metric_title(metric)}: mean ± 95% CI (dots: seeds)", fontsize=10)
     left.grid(axis="y", alpha=0.3)
 
+
+def _curve_panel(right: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[str, str, str]]) -> None:
+    """Right panel: validation metric by step (left axis) and training loss in the task's own unit (right axis)."""
+    groups: list[Group] = fig_spec["groups"]
     curves = fig_spec["curves"]
     loss_ax = None
     plotted = False
@@ -81,28 +137,37 @@ def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
             loss_ax = loss_ax or right.twinx()
             loss_ax.plot([s for s, _ in loss], [v for _, v in loss], color=c, linestyle="--", alpha=0.45,
                          linewidth=1)
-    if plotted:
-        right.set_xlabel("optimizer step")
-        _metric_axis(right, metric, groups[0].higher_is_better, [r["value"] for r in curves if r["split"] == "validation"])
-        right.set_title(f"validation {metric_title(metric)} (markers) and training loss (faint dashed)", fontsize=10)
-        right.legend(fontsize=8, loc="best")
-        right.grid(alpha=0.3)
-        if loss_ax is not None:
-            loss_ax.set_ylabel("training loss (nats/token)")
-    else:
+    if not plotted:
         right.text(0.5, 0.5, "no learning curves recorded", ha="center", va="center", transform=right.transAxes)
         right.set_axis_off()
+        return
+    metric = groups[0].metric
+    right.set_xlabel("optimizer step")
+    _metric_axis(right, metric, groups[0].higher_is_better, [r["value"] for r in curves if r["split"] == "validation"])
+    right.set_title(f"validation {metric_title(metric)} (markers) and training loss (faint dashed)", fontsize=10)
+    right.legend(fontsize=8, loc="best")
+    right.grid(alpha=0.3)
+    if loss_ax is not None:
+        loss_ax.set_ylabel(f"training loss ({LOSS_UNITS[fig_spec.get('loss_per', 'example')]})")
+
+
+def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
+    styles = _styles(fig_spec["groups"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(PAGE_INCHES, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    _seed_panel(left, fig_spec, styles)
+    _curve_panel(right, fig_spec, styles)
     fig.suptitle(fig_spec["title"], fontsize=11)
     _save(fig, path)
 
 
 def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
+    """Metric against three costs; each group's 95% t interval as a vertical bar, the front as a staircase."""
     groups: list[Group] = fig_spec["groups"]
     metric = groups[0].metric
     axes_spec = (("trainable_params", "trainable parameters (log)", True),
                  ("train_seconds", "training time per trial, s (log)", True),
                  ("peak_memory_mb", "memory per trial, MB", False))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(PAGE_INCHES, 4.0), sharey=True)
     for ax, (attr, label, log) in zip(axes, axes_spec, strict=True):
         usable = [g for g in groups if getattr(g, attr)]
         if not usable:
@@ -110,10 +175,13 @@ def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
             ax.set_xlabel(label)
             continue
         for g in usable:
-            ax.scatter([getattr(g, attr)], [g.test_mean], color=colour(g.method), s=40, zorder=3,
+            x = getattr(g, attr)
+            if g.iv.half is not None:
+                ax.errorbar([x], [g.test_mean], yerr=[[g.iv.half], [g.iv.half]], fmt="none", ecolor=colour(g.method),
+                            elinewidth=1.2, capsize=3, alpha=0.7, zorder=2)
+            ax.scatter([x], [g.test_mean], color=colour(g.method), s=40, zorder=3,
                        edgecolor="black" if g.group in fig_spec["fronts"][attr] else "none")
-            ax.annotate(g.group, (getattr(g, attr), g.test_mean), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            ax.annotate(g.group, (x, g.test_mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
         front = [g for name in fig_spec["fronts"][attr] for g in usable if g.group == name]
         if len(front) > 1:
             ax.step([getattr(g, attr) for g in front], [g.test_mean for g in front], where="post", color="black",
@@ -126,62 +194,131 @@ def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour(m), label=m)
                for m in dict.fromkeys(g.method for g in groups)]
     axes[-1].legend(handles=handles, fontsize=8, title="method", loc="best")
-    fig.suptitle(fig_spec["title"], fontsize=11)
+    fig.suptitle(fig_spec["title"] + " (bars: 95% t interval over seeds)", fontsize=11)
     _save(fig, path)
 
 
-def lr_figure(fig_spec: dict[str, Any], path: Path) -> None:
-    rows = fig_spec["rows"]
-    metric = fig_spec["metric"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def _lr_by_group(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_group[r["group"]].append(r)
+    return {name: sorted(rs, key=lambda r: r["lr"]) for name, rs in by_group.items()}
+
+
+def _lr_style(rows_by_group: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[str, str, str]]:
     seen: dict[str, int] = defaultdict(int)
-    values = [r["val_mean"] for r in rows if r["val_mean"] is not None]
-    floor = min(values) if values else 0
+    out = {}
+    for name, rs in rows_by_group.items():
+        i = seen[rs[0]["method"]]
+        seen[rs[0]["method"]] += 1
+        out[name] = (colour(rs[0]["method"]), MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)])
+    return out
+
+
+def _lr_metric_panel(ax: Any, by_group: dict[str, list[dict[str, Any]]], styles: dict[str, tuple[str, str, str]],
+                     key: str) -> None:
+    """One split's mean per learning rate. A learning rate where a seed diverged or failed is drawn hollow (the mean
+    of its completed seeds; never eligible as best); one with no completed seed has no point here at all. On the
+    test panel, bars are ±1 SD over the completed seeds (from test_sd; none with one seed)."""
     for name, rs in by_group.items():
-        method = rs[0]["method"]
-        i = seen[method]
-        seen[method] += 1
-        rs = sorted(rs, key=lambda r: r["lr"])
-        pts = [(r["lr"], r["val_mean"]) for r in rs if r["val_mean"] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour(method), marker=MARKERS[i % len(MARKERS)],
-                linestyle=LINESTYLES[i % len(LINESTYLES)], label=name)
-        bad = [r["lr"] for r in rs if r["n_diverged"]]
-        if bad:
-            ax.scatter(bad, [floor] * len(bad), marker="x", color=colour(method), s=60, zorder=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate (log)")
-    _metric_axis(ax, metric, fig_spec["higher_is_better"], values)
-    ax.set_title(fig_spec["title"], fontsize=11)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        c, m, ls = styles[name]
+        pts = [r for r in rs if r[key] is not None]
+        ax.plot([r["lr"] for r in pts], [r[key] for r in pts], color=c, linestyle=ls, alpha=0.8)
+        for r in pts:
+            clean = not r["n_diverged"] and not r["n_other"]
+            sd = r.get("test_sd") if key == "test_mean" and (r.get("n_completed") or 0) > 1 else None
+            ax.errorbar([r["lr"]], [r[key]], yerr=None if sd is None else [[sd], [sd]], fmt=m, color=c, capsize=3,
+                        markerfacecolor=c if clean else "white", markeredgecolor=c, markersize=6)
+
+
+def _lr_band(band: Any, by_group: dict[str, list[dict[str, Any]]], styles: dict[str, tuple[str, str, str]]) -> None:
+    """A band under the curves: where seeds diverged (x) or failed (hollow square), with how many of how many (the
+    count is written towards the middle of the grid so it is never cut at the figure's edge)."""
+    bad = [name for name, rs in by_group.items() if any(r["n_diverged"] or r["n_other"] for r in rs)]
+    lrs = sorted(r["lr"] for rs in by_group.values() for r in rs)
+    middle = math.sqrt(lrs[0] * lrs[-1]) if lrs and lrs[0] > 0 else 0
+    for y, name in enumerate(bad):
+        c = styles[name][0]
+        for r in (r for r in by_group[name] if r["n_diverged"] or r["n_other"]):
+            words = []
+            if r["n_diverged"]:
+                band.scatter([r["lr"]], [y], marker="x", s=50, color=c, zorder=3)
+                words.append(f"{r['n_diverged']}/{r['n_trials']} diverged")
+            if r["n_other"]:
+                band.scatter([r["lr"]], [y], marker="s", s=60, facecolor="none", edgecolor=c, zorder=3)
+                words.append(f"{r['n_other']}/{r['n_trials']} failed")
+            right = r["lr"] <= middle
+            band.annotate(", ".join(words), (r["lr"], y), fontsize=7, xytext=(7 if right else -7, 0),
+                          textcoords="offset points", ha="left" if right else "right", va="center")
+    if not bad:
+        band.text(0.5, 0.5, "every seed completed at every learning rate", ha="center", va="center", fontsize=8,
+                  transform=band.transAxes)
+    band.set_yticks(range(len(bad)), bad, fontsize=7)
+    band.set_ylim(-0.6, max(len(bad), 1) - 0.4)
+    band.set_ylabel("not\ncompleted", fontsize=8)
+    band.grid(axis="x", alpha=0.3)
+
+
+def lr_figure(fig_spec: dict[str, Any], path: Path) -> None:
+    """Validation (which chooses) and test (± SD over seeds) per learning rate, and a band for failed seeds."""
+    rows = fig_spec["rows"]
+    metric, hib = fig_spec["metric"], fig_spec["higher_is_better"]
+    by_group = _lr_by_group(rows)
+    styles = _lr_style(by_group)
+    n_bad = sum(any(r["n_diverged"] or r["n_other"] for r in rs) for rs in by_group.values())
+    fig, (val_ax, test_ax, band) = plt.subplots(3, 1, figsize=(7.5, 6.4 + 0.2 * n_bad), sharex=True,
+                                                gridspec_kw={"height_ratios": [3, 3, 0.6 + 0.25 * n_bad]})
+    for ax, key, prefix in ((val_ax, "val_mean", "validation "), (test_ax, "test_mean", "test ")):
+        _lr_metric_panel(ax, by_group, styles, key)
+        _metric_axis(ax, metric, hib, [r[key] for r in rows if r[key] is not None], prefix=prefix, sep="\n")
+        ax.grid(alpha=0.3)
+    val_ax.set_title("validation: mean over completed seeds (chooses the best LR); hollow: some seeds did not "
+                     "complete", fontsize=9)
+    test_ax.set_title("test: mean ± 1 SD over completed seeds", fontsize=9)
+    val_ax.legend(handles=[plt.Line2D([], [], color=c, marker=m, linestyle=ls, label=name)
+                           for name, (c, m, ls) in styles.items()], fontsize=8)
+    _lr_band(band, by_group, styles)
+    band.set_xscale("log")
+    band.set_xlabel("peak learning rate (log)")
+    fig.suptitle(fig_spec["title"], fontsize=11)
     _save(fig, path)
 
 
 def across_figure(fig_spec: dict[str, Any], path: Path) -> None:
+    """One panel per task, two per row, so the figure keeps the page's width however many tasks there are."""
     by_task: dict[str, list[Group]] = fig_spec["by_task"]
     names: list[str] = fig_spec["names"]
-    fig, axes = plt.subplots(1, len(by_task), figsize=(max(4.0 * len(by_task), 6), 4.2), squeeze=False)
-    for ax, (task, gs) in zip(axes[0], by_task.items(), strict=True):
-        here = [n for n in names if any(g.group == n for g in gs)]  # each panel lists only its own groups
-        for y, name in enumerate(here):
-            g = next((g for g in gs if g.group == name), None)
-            if g is None or g.test_mean is None:
-                continue
-            ax.errorbar([g.test_mean], [y], xerr=None if g.iv.half is None else [[g.iv.half], [g.iv.half]],
-                        fmt="o", color=colour(g.method), capsize=4)
-        ax.set_yticks(range(len(here)), here)
-        ax.invert_yaxis()
-        metric = gs[0].metric
-        ax.set_xlabel(f"test {metric_title(metric)}")
-        if metric == "perplexity" and _spans_decades([g.test_mean for g in gs if g.test_mean]):
-            ax.set_xscale("log")
-        ax.set_title(task_title(task), fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(fig_spec["title"], fontsize=11)
+    ncols = 1 if len(by_task) == 1 else 2
+    nrows = math.ceil(len(by_task) / ncols)
+    tallest = max(sum(any(g.group == n for g in gs) for n in names) for gs in by_task.values())
+    row_inches = 1.3 + 0.32 * tallest
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_INCHES if ncols == 2 else 6.0, 0.5 + row_inches * nrows),
+                             squeeze=False)
+    flat = list(axes.flat)
+    for ax, (task, gs) in zip(flat, by_task.items(), strict=False):
+        _across_panel(ax, task, gs, names)
+    for ax in flat[len(by_task):]:
+        ax.set_axis_off()
+    fig.suptitle(fig_spec["title"] + ": test metric, mean ± 95% t interval over seeds", fontsize=11)
     _save(fig, path)
+
+
+def _across_panel(ax: Any, task: str, gs: Sequence[Group], names: Sequence[str]) -> None:
+    here = [n for n in names if any(g.group == n for g in gs)]  # each panel lists only its own groups
+    for y, name in enumerate(here):
+        g = next(g for g in gs if g.group == name)
+        if g.test_mean is None:
+            continue
+        ax.errorbar([g.test_mean], [y], xerr=None if g.iv.half is None else [[g.iv.half], [g.iv.half]],
+                    fmt="o", color=colour(g.method), capsize=4)
+    ax.set_yticks(range(len(here)), here, fontsize=8)
+    ax.set_ylim(len(here) - 0.5, -0.5)
+    metric = gs[0].metric
+    ax.set_xlabel(f"test {metric_title(metric)} ({direction(gs[0].higher_is_better)})", fontsize=9)
+    if metric == "perplexity" and _spans_decades([g.test_mean for g in gs if g.test_mean]):
+        ax.set_xscale("log")
+    ax.set_title(task_title(task), fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -202,4 +339,3 @@ def render(figure_specs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         DRAW[spec["kind"]](spec, path)
         written.append(path)
     return written
-

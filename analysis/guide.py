@@ -475,6 +475,10 @@ def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Se
             texts += found.add(diverged_findings([r for r in lr_rows if r["task"] == task and r["group"] in names],
                                                  spec["dimension"]))
         fig = {"kind": "dimension", "file": f"figures/{spec['key']}_{task}.png", "task": task,
+               "dimension": spec["dimension"],  # the LoRA-rank section draws rank on a numeric axis
+               # what one training-loss value averages over: the rows carry no task kind, but the primary metric
+               # names it (perplexity: language modelling; preference accuracy: DPO pairs; else classification)
+               "loss_per": {"perplexity": "token", "preference_accuracy": "pair"}.get(gs[0].metric, "example"),
                "title": f"{spec['title']}: {task_title(task)}", "groups": gs,
                "curves": [c for c in curves if c["task"] == task and c["group"] in names]}
         figures.append(fig)
@@ -560,7 +564,39 @@ def main_dimensions(groups: Iterable[Group]) -> dict[str, str]:
     return {task: next((d for d in ("method", "dpo") if d in dims), min(dims)) for task, dims in found.items()}
 
 
+def _best_and_rest(done: Sequence[Group]) -> tuple[list[Group], list[Group], list[Group]]:
+    """(best, within noise of a best, not comparable): every group sharing the best mean is a best, so a tie is
+    never broken by the groups' names; the others are compared with each best as ``compare`` does."""
+    top = max(g.score() for g in done)
+    best = [g for g in done if math.isclose(g.score(), top, rel_tol=1e-12, abs_tol=1e-12)]
+    near, unknown = [], []
+    for g in (g for g in done if g not in best):
+        seps = [separated(b.iv, g.iv) for b in best]
+        if False in seps:
+            near.append(g)
+        elif None in seps:
+            unknown.append(g)
+    return best, near, unknown
+
+
+def _across_sentence(task: str, best: Sequence[Group], near: Sequence[Group], unknown: Sequence[Group]) -> str:
+    kind = TASK_KINDS.get(task, task)
+    text = f"{kind[:1].upper() + kind[1:]} ({task}): "
+    if len(best) == 1:
+        text += f"{best[0].group} is best ({best[0].shown})"
+    else:
+        shown = (f"{best[0].shown} each" if len({g.shown for g in best}) == 1
+                 else "; ".join(f"{g.group} {g.shown}" for g in best))
+        text += f"{', '.join(g.group for g in best[:-1])} and {best[-1].group} tie for best ({shown})"
+    if near:
+        text += f"; within noise of {'it' if len(best) == 1 else 'them'}: {', '.join(g.group for g in near)}"
+    if unknown:
+        text += f"; not comparable (single seed): {', '.join(g.group for g in unknown)}"
+    return text + "."
+
+
 def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) -> Block | None:
+    """Each main-dimension group on every task; groups sharing the best mean are all marked tied-best."""
     by_task = _by_task(method_groups)
     if not by_task:
         return None
@@ -568,22 +604,15 @@ def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) 
     rows, sentences = [], []
     marks: dict[tuple[str, str], str] = {}
     for task, gs in by_task.items():
-        done = sorted((g for g in gs if g.test_mean is not None), key=lambda g: (-g.score(), g.group))
+        done = sorted((g for g in gs if g.test_mean is not None), key=lambda g: (-g.score(), names.index(g.group)))
         if not done:
             continue
-        best = done[0]
-        tied = [g for g in done[1:] if separated(best.iv, g.iv) is False]
-        unknown = [g for g in done[1:] if separated(best.iv, g.iv) is None]
-        marks[(task, best.group)] = " (best)"
-        for g in tied:
+        best, near, unknown = _best_and_rest(done)
+        for g in best:
+            marks[(task, g.group)] = " (best)" if len(best) == 1 else " (tied best)"
+        for g in near:
             marks[(task, g.group)] = " (≈ best)"
-        kind = TASK_KINDS.get(task, task)
-        text = f"{kind[:1].upper() + kind[1:]} ({task}): {best.group} is best ({best.shown})"
-        if tied:
-            text += f"; within noise of it: {', '.join(g.group for g in tied)}"
-        if unknown:
-            text += f"; not comparable (single seed): {', '.join(g.group for g in unknown)}"
-        sentences.append(text + ".")
+        sentences.append(_across_sentence(task, best, near, unknown))
     for name in names:
         row = [name]
         for task, gs in by_task.items():
@@ -601,6 +630,7 @@ def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) 
 
 
 def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> list[Block]:
+    """Per task, the groups no other group beats on both metric and a cost, for three costs."""
     blocks = []
     for task, gs in _by_task(groups).items():
         gs = [g for g in gs if g.test_mean is not None]
@@ -621,13 +651,55 @@ def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> lis
         figures.append(fig)
         blocks.append(Block(task, task_title(task),
                             Figure(fig["file"], fig["title"],
-                                   f"Test {metric_title(gs[0].metric)} (mean over seeds) against cost; the line joins "
-                                   "the groups no other group beats on both axes. Log axes for parameters and time."),
+                                   f"Test {metric_title(gs[0].metric)} (mean over seeds; bars: {LEVEL:.0%} t interval) "
+                                   "against cost; the line joins the groups no other group beats on both axes. Log "
+                                   "axes for parameters and time."),
                             None, sentences))
     return blocks
 
 
+def _grid_edge(lrs: Sequence[dict[str, Any]], best: dict[str, Any]) -> str | None:
+    """``lowest``/``highest`` when the best learning rate is at that end of the group's grid (several tried): the
+    metric may still improve beyond it, so the optimum may lie outside the grid."""
+    tried = sorted({r["lr"] for r in lrs})
+    if len(tried) < 2:
+        return None
+    return "lowest" if best["lr"] == tried[0] else "highest" if best["lr"] == tried[-1] else None
+
+
+def _lr_group(task: str, name: str, lrs: Sequence[dict[str, Any]], metric: str | None,
+              hib: bool | None) -> tuple[list[str], list[str]]:
+    """One group's row of the learning-rate table and its sentences (best LR, sensitivity, an edge-of-grid best)."""
+    ok = [r for r in lrs if r["val_mean"] is not None and not r["n_diverged"] and not r["n_other"]]
+    tried = ", ".join(fmt_lr(r["lr"]) for r in lrs)
+    if not ok:
+        return [name, tried, "–", "–", "–", "no learning rate completed every seed"], []
+    best = (max if hib else min)(ok, key=lambda r: r["val_mean"])
+    worst = (min if hib else max)(ok, key=lambda r: r["val_mean"])
+    extra = "".join(f"; at {fmt_lr(r['lr'])} " + " and ".join(
+        part for part in (f"{r['n_diverged']} of {r['n_trials']} seeds diverged" if r["n_diverged"] else "",
+                          f"{r['n_other']} of {r['n_trials']} failed or did not finish" if r["n_other"]
+                          else "") if part)
+        for r in lrs if r not in ok)
+    if len(ok) == 1:
+        note = "one learning rate completed every seed: sensitivity not measured" + extra
+    else:
+        spread = fmt_metric(abs(best["val_mean"] - worst["val_mean"]), metric)
+        note = f"validation {metric_title(metric)} moves by {spread} across {len(ok)} learning rates" + extra
+    sentences = [f"{name} on {task}: best learning rate {fmt_lr(best['lr'])}; {note}."] if len(lrs) > 1 else []
+    edge = _grid_edge(lrs, best)
+    if edge:
+        side = "below" if edge == "lowest" else "above"
+        note += f"; best at the grid's {edge} learning rate ({fmt_lr(best['lr'])}): the optimum may lie {side} the grid"
+        sentences.append(f"{name} on {task}: the best learning rate, {fmt_lr(best['lr'])}, is the {edge} one tried, "
+                         f"so the optimum may lie outside the grid ({side} {fmt_lr(best['lr'])}); extend the grid "
+                         f"{side} it to find out.")
+    return [name, tried, fmt_lr(best["lr"]), fmt_metric(best["val_mean"], metric),
+            fmt_metric(worst["val_mean"], metric), note], sentences
+
+
 def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> list[Block]:
+    """Per task, each group's best learning rate and how much the metric moves across the grid, with a figure."""
     blocks = []
     for task, rs in _by_task(rows).items():
         metric = next((r["metric"] for r in rs if r["metric"]), None)
@@ -637,35 +709,20 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> 
         for r in rs:
             groups[r["group"]].append(r)
         for name, lrs in groups.items():
-            ok = [r for r in lrs if r["val_mean"] is not None and not r["n_diverged"] and not r["n_other"]]
-            tried = ", ".join(fmt_lr(r["lr"]) for r in lrs)
-            if not ok:
-                table_rows.append([name, tried, "–", "–", "–", "no learning rate completed every seed"])
-                continue
-            best = (max if hib else min)(ok, key=lambda r: r["val_mean"])
-            worst = (min if hib else max)(ok, key=lambda r: r["val_mean"])
-            extra = "".join(f"; at {fmt_lr(r['lr'])} " + " and ".join(
-                part for part in (f"{r['n_diverged']} of {r['n_trials']} seeds diverged" if r["n_diverged"] else "",
-                                  f"{r['n_other']} of {r['n_trials']} failed or did not finish" if r["n_other"]
-                                  else "") if part)
-                for r in lrs if r not in ok)
-            if len(ok) == 1:
-                note = "one learning rate completed every seed: sensitivity not measured" + extra
-            else:
-                spread = fmt_metric(abs(best["val_mean"] - worst["val_mean"]), metric)
-                note = f"validation {metric_title(metric)} moves by {spread} across {len(ok)} learning rates" + extra
-            if len(lrs) > 1:
-                sentences.append(f"{name} on {task}: best learning rate {fmt_lr(best['lr'])}; {note}.")
-            table_rows.append([name, tried, fmt_lr(best["lr"]), fmt_metric(best["val_mean"], metric),
-                               fmt_metric(worst["val_mean"], metric), note])
+            row, said = _lr_group(task, name, lrs, metric, hib)
+            table_rows.append(row)
+            sentences += said
         fig = {"kind": "lr", "file": f"figures/lr_{task}.png", "task": task, "metric": metric,
                "higher_is_better": hib,
                "title": f"Learning rate: {task_title(task)}", "rows": rs}
         figures.append(fig)
         blocks.append(Block(task, task_title(task),
                             Figure(fig["file"], fig["title"],
-                                   f"Validation {metric_title(metric)} (mean over seeds) at every learning rate tried, "
-                                   "per method; a cross marks a learning rate where a seed diverged."),
+                                   f"Top: validation {metric_title(metric)} (mean over completed seeds; it chooses the "
+                                   f"best learning rate) at every learning rate tried, per group; hollow where some "
+                                   f"seeds did not complete. Middle: test {metric_title(metric)}, mean ± 1 SD over "
+                                   "seeds. Bottom band: learning rates where seeds diverged (cross) or failed (square), "
+                                   "with how many."),
                             Table(["group", "learning rates tried", "best LR", f"validation {metric_title(metric)}",
                                    "worst completed", "sensitivity"], table_rows,
                                   align=["l", "l", "r", "r", "r", "l"]),
