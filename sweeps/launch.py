@@ -43,7 +43,7 @@ from model import CheckpointError, ConfigError, TokenizerError
 from model.checkpoint import resolve_checkpoint
 from model.methods import METHODS
 from sweeps.config import TrialConfig
-from sweeps.records import metric_key
+from sweeps.records import EVAL_STEP, metric_key
 from sweeps.study import PlannedTrial, Study, estimate_hours, estimate_tokens, load_study, plan, resolve_init
 from sweeps.train import parse_sets
 from tasks import TASKS, DataError
@@ -412,10 +412,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_trial_resources(args, gpus)
     example = spec_from_param({"search": search, **{k: v.sample() for k, v in space.items()}})
     prepare_data([PlannedTrial(**example)])
-    scheduler = ASHAScheduler(time_attr="step", max_t=max(config.train.max_steps or 100_000, config.train.eval_every),
-                              grace_period=config.train.eval_every, reduction_factor=2,
-                              stop_last_trials=False)  # a trial that reaches the end finishes with its final record
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # step reports carry no validation metric
+    # Decisions at evaluations only (EVAL_STEP is in eval reports alone): step reports carry the last validation
+    # metric along for the searcher, and a decision on one could stop a trial after its last step, before its final
+    # evaluation. A trial that reaches the end finishes with its final record.
+    scheduler = ASHAScheduler(time_attr=EVAL_STEP, max_t=max(config.train.max_steps or 100_000, config.train.eval_every),
+                              grace_period=config.train.eval_every, reduction_factor=2, stop_last_trials=False)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # step reports before the first evaluation have none
     resources = start_cluster(args, gpus)
     storage = _storage(args)
     writer = ResultsWriter(args.db)

@@ -30,6 +30,7 @@ ROW_FIELDS = ("trainable_params", "total_params", "tokens_seen", "tokens_per_s",
 FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
 DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
 
+EVAL_STEP = "eval_step"  # the step of an evaluation, in eval reports only: schedulers decide at evaluations alone
 MetricRow = tuple[int, str, str, float]  # (step, split, name, value): one row of the metrics table
 PredictionRow = tuple[str, int, int | None, int | None, bool | None, float | None, int | None]
 
@@ -93,7 +94,7 @@ class EvalRecord:
     split: str = "validation"
 
     def to_report(self) -> dict[str, Any]:
-        return {"event": self.event, "step": self.step,
+        return {"event": self.event, "step": self.step, EVAL_STEP: self.step,
                 **{metric_key(self.split, k): v for k, v in self.metrics.items()}}
 
     @classmethod

@@ -73,3 +73,13 @@ def test_metric_rows_cover_final_history_and_skip_non_finite() -> None:
     assert (12, "validation", "perplexity", 30.0) in rows and (6, "validation", "perplexity", 40.0) in rows
     assert (12, "test", "perplexity", 31.0) in rows
     assert not any(name == "loss" and split == "test" for _, split, name, _ in rows)
+
+
+def test_only_evaluations_carry_the_schedulers_time() -> None:
+    """ASHA decides on reports that carry EVAL_STEP: evaluations, never a step report (which carries the last
+    validation metric along for the searcher and could otherwise stop a trial before its final evaluation)."""
+    from sweeps.records import EVAL_STEP
+
+    assert EvalRecord(4, {"accuracy": 0.5}).to_report()[EVAL_STEP] == 4
+    for record in (StepRecord(5, 0, 0.5, 1e-3, 10.0, 40), CheckpointRecord(5, "/tmp/x"), _final()):
+        assert EVAL_STEP not in record.to_report()
