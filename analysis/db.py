@@ -97,6 +97,13 @@ def trial_row(spec: Mapping[str, Any], status: str, measured: Mapping[str, Any] 
     return row
 
 
+PREDICTIONS_INSERT = """
+INSERT OR REPLACE INTO predictions
+SELECT ?, unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::INTEGER[]), unnest(?::INTEGER[]),
+       unnest(?::BOOLEAN[]), unnest(?::DOUBLE[]), unnest(?::INTEGER[])
+"""
+
+
 class ResultsWriter:
     """The driver's handle on the database. Picklable (Ray pickles callbacks with the experiment); the connection is
     opened on first use and held until ``close``, so readers get the clear lock message instead of a torn read."""
@@ -167,9 +174,9 @@ class ResultsWriter:
     def write_predictions(self, trial_id: str, rows: Iterable[tuple]) -> None:
         """A trial's per-example outcomes ``(split, example, label, prediction, correct, loss, tokens)``; a replayed
         row replaces itself."""
-        data = [(trial_id, *row) for row in rows]
-        if data:
-            self.con.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", data)
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        if columns:  # one statement over list parameters: executemany takes ~40 s for IMDB's 25,000 test rows
+            self.con.execute(PREDICTIONS_INSERT, [trial_id, *columns])
 
     def write_metric_rows(self, trial_id: str, rows: Iterable[tuple[int, str, str, float]]) -> None:
         """Learning-curve rows ``(step, split, name, value)``; a replayed row replaces itself."""
