@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS trials (
     train_max_grad_norm      DOUBLE,
     train_eval_every         INTEGER,
     train_eval_at_start      BOOLEAN,
+    train_baseline_eval      BOOLEAN,
     train_eval_batch_size    INTEGER,
     train_early_stopping_patience INTEGER,
     train_seed               INTEGER,
@@ -117,6 +118,11 @@ CREATE TABLE IF NOT EXISTS trials (
     higher_is_better         BOOLEAN,           -- the primary metric's direction, as the task declares it
     val_primary              DOUBLE,
     test_primary             DOUBLE,
+    baseline_majority        DOUBLE,            -- test primary metric of always predicting the training split's most
+                                                --   frequent class (ties: smallest id); null without class labels
+                                                --   (alpaca, preference)
+    baseline_step0           DOUBLE,            -- test primary metric before any training (step 0: base weights,
+                                                --   fresh head); null with train_baseline_eval = false
     val_accuracy             DOUBLE,
     val_macro_f1             DOUBLE,
     val_loss                 DOUBLE,
@@ -148,6 +154,9 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS kept_bytes BIGINT;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS setup_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS eval_seconds DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_baseline_eval BOOLEAN;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_majority DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_step0 DOUBLE;
 
 -- Per-example outcomes of each trial's final weights on validation and test: what paired comparisons (A and B on the
 -- same examples) and questions like "which messages does LoRA get wrong that full fine-tuning gets right?" read.
@@ -168,7 +177,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     trial_id  VARCHAR NOT NULL,
     step      INTEGER NOT NULL,
     split     VARCHAR NOT NULL,   -- train | validation | test
-    name      VARCHAR NOT NULL,   -- loss, lr, tokens_per_s, accuracy, perplexity, ...
+    name      VARCHAR NOT NULL,   -- loss, lr, tokens_per_s, accuracy, perplexity, ...; test at step 0: before training
     value     DOUBLE,
     PRIMARY KEY (trial_id, step, split, name)
 );

@@ -1,10 +1,11 @@
 """The one training loop: every task, every method, CPU or GPU, with or without Ray around it.
 
 ``run_trial(config, callback)`` reads top to bottom as four steps: ``setup`` builds the model, task head, method,
-optimizer and data from a ``TrialConfig``; ``train`` takes optimizer steps (``optimizer_step``) and evaluates
-(``validate``, with early stopping) until the step budget is spent or the trial stops; ``finish`` evaluates the
-final weights and returns the ``FinalRecord``. Everything reported goes through ``callback(record)`` as a typed
-record of ``sweeps/records.py``. Ray Tune's trainable is a thin adapter over this function; nothing here imports Ray.
+optimizer and data from a ``TrialConfig``; ``train`` evaluates the untrained model on test once
+(``evaluate_baseline``), then takes optimizer steps (``optimizer_step``) and evaluates (``validate``, with early
+stopping) until the step budget is spent or the trial stops; ``finish`` evaluates the final weights and returns the
+``FinalRecord``. Everything reported goes through ``callback(record)`` as a typed record of ``sweeps/records.py``.
+Ray Tune's trainable is a thin adapter over this function; nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[EvalRecord] = field(default_factory=list)
+    baseline_test: dict[str, float] = field(default_factory=dict)  # test metrics before step 1 (baseline_eval)
 
     def to_saved(self) -> dict[str, Any]:
         return asdict(self)  # history as plain dicts: what torch.load(weights_only=True) reads back
@@ -307,6 +309,13 @@ def validate(trial: Trial, emit: Callback) -> EvalRecord:
     return record
 
 
+def evaluate_baseline(trial: Trial) -> None:
+    """The test metrics of the model before any training (base weights, freshly initialised head; LoRA's B = 0
+    leaves the base model), kept in the state so a checkpoint carries them to a resumed run. Evaluation time, not
+    setup or training time."""
+    trial.state.baseline_test = evaluate(trial, "test")
+
+
 def should_stop(trial: Trial, record: EvalRecord) -> bool:
     """Track the best validation metric (keeping its weights for early stopping); True when patience ran out."""
     state, task, patience = trial.state, trial.task, trial.config.train.early_stopping_patience
@@ -329,6 +338,8 @@ def _due(step: int, every: int | None) -> bool:
 def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None) -> str:
     """Optimizer steps until the budget is spent; returns ``completed``, ``early_stopped`` or ``diverged``."""
     state, config = trial.state, trial.config.train
+    if config.baseline_eval and state.step == 0:
+        evaluate_baseline(trial)
     if config.eval_at_start and state.step == 0:
         validate(trial, emit)
     for module in trial.modules:
@@ -382,7 +393,8 @@ def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -
         padding_share=1 - state.tokens_seen / max(state.padded_tokens, 1), device=str(trial.device),
         precision="bf16" if trial.use_bf16 else "fp32", prepare_seconds=trial.prepare_seconds,
         history=list(state.history), split_sizes={k: len(v) for k, v in trial.splits.items()},
-        resumed_from_step=trial.resumed_from_step, notes=dict(trial.notes))
+        resumed_from_step=trial.resumed_from_step, notes=dict(trial.notes), baseline_test=dict(state.baseline_test),
+        baseline_majority=task.majority_baseline(trial.splits["train"], trial.splits["test"]))
     if status == "diverged":
         record.diverged_at_step = state.step + 1
     else:

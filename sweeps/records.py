@@ -26,7 +26,8 @@ ROW_METRICS = ("accuracy", "macro_f1", "loss", "perplexity")  # metrics with the
 ROW_FIELDS = ("trainable_params", "total_params", "tokens_seen", "tokens_per_s", "padding_share", "peak_memory_mb",
               "memory_source", "weight_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes",
               "memory_account_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes", "kept_bytes",
-              "setup_seconds", "train_seconds", "eval_seconds", "wall_seconds")  # FinalRecord fields with a column
+              "setup_seconds", "train_seconds", "eval_seconds", "wall_seconds",
+              "baseline_majority")  # FinalRecord fields with a column
 FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
 DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
 
@@ -176,6 +177,13 @@ class FinalRecord:
     wall_seconds: float | None = None
     validation: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
+    baseline_test: dict[str, float] = field(default_factory=dict)
+    """Test metrics, by the task's own names, of the model before any training (step 0: base weights, freshly
+    initialised head; LoRA's B = 0 leaves the base model): what training gained is ``test`` minus this. Empty with
+    ``train.baseline_eval=false`` and for trials that ended before their own final record."""
+    baseline_majority: float | None = None
+    """Test primary metric of always predicting the most frequent class of the trial's training split
+    (``Task.majority_baseline``); None for tasks without class labels (language modelling, preference pairs)."""
     history: list[EvalRecord] = field(default_factory=list)
     """Validation evaluations during training, in step order."""
     split_sizes: dict[str, int] = field(default_factory=dict)
@@ -234,6 +242,7 @@ class FinalRecord:
         known = _known(cls, data)
         known["validation"] = split_metrics(data, "validation")
         known["test"] = split_metrics(data, "test")
+        known["baseline_test"] = {k: v for k, v in (data.get("baseline_test") or {}).items() if _is_number(v)}
         known["history"] = [EvalRecord.from_report(e) for e in data.get("history") or []]
         return cls(**known)
 
@@ -259,7 +268,10 @@ class FinalRecord:
         return rows
 
     def metric_rows(self) -> list[MetricRow]:
+        """The final evaluations at the last step, the validation history, and the step-0 test baseline."""
         rows = _metric_rows(self.step, "validation", self.validation) + _metric_rows(self.step, "test", self.test)
+        if self.baseline_test:
+            rows += EvalRecord(0, self.baseline_test, split="test").metric_rows()
         for evaluation in self.history:
             rows += evaluation.metric_rows()
         return rows
@@ -269,6 +281,7 @@ class FinalRecord:
         row = {"steps": self.step, "primary_metric": self.primary_metric, "higher_is_better": self.higher_is_better,
                "val_primary": self.validation.get(self.primary_metric),
                "test_primary": self.test.get(self.primary_metric),
+               "baseline_step0": self.baseline_test.get(self.primary_metric),
                "result": json_text(self.to_dict(predictions=False))}
         for name in ROW_FIELDS:
             row[name] = getattr(self, name)

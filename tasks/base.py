@@ -339,6 +339,13 @@ class Task:
         """The split's metrics; with ``examples``, each example's outcome appended there too."""
         raise NotImplementedError
 
+    def majority_baseline(self, train: EncodedSplit, test: EncodedSplit) -> float | None:
+        """The primary metric on ``test`` of always predicting the most frequent class of ``train``: the floor a
+        trained classifier must clear, since a model that learned nothing but the class prior scores it. None for
+        tasks without class labels (language modelling; preference pairs, whose "label" is always the chosen
+        answer)."""
+        return None
+
 
 class ClassificationTask(Task):
     """Reads the last real token's hidden state through a new ``num_classes`` linear head."""
@@ -386,6 +393,16 @@ class ClassificationTask(Task):
             examples.label += torch.cat(labels).tolist()
             examples.prediction += torch.cat(preds).tolist()
         return metrics
+
+    def majority_baseline(self, train: EncodedSplit, test: EncodedSplit) -> float:
+        """The primary metric (accuracy) on ``test`` of always predicting the most frequent label of ``train`` (the
+        split the trial trained on, after subsetting; ties go to the smallest label id). The majority comes from the
+        training split, never from the test split, as a trained model's would. Near 1 / classes on balanced data; on
+        imbalanced data it shows how much of a model's accuracy the class prior alone earns."""
+        counts = torch.bincount(train.labels, minlength=self.num_classes).tolist()
+        majority = max(range(len(counts)), key=lambda label: (counts[label], -label))
+        predictions = torch.full_like(test.labels, majority)
+        return classification_metrics(predictions, test.labels, self.label_names)[self.primary_metric]
 
 
 def scored_logits(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
@@ -72,3 +73,65 @@ def test_a_database_held_by_another_process_gives_a_clear_message(tmp_path: Path
 def test_missing_database_for_readers(tmp_path: Path) -> None:
     with pytest.raises(DatabaseError, match="no such database"):
         connect(tmp_path / "none.duckdb", read_only=True)
+
+
+def test_an_older_database_gains_the_baseline_columns(tmp_path: Path) -> None:
+    path = tmp_path / "db.duckdb"
+    con = connect(path)
+    for column in ("baseline_majority", "baseline_step0", "train_baseline_eval"):
+        con.execute(f"ALTER TABLE trials DROP COLUMN {column}")  # as a database from before them
+    con.close()
+    columns = {r[0]: r[1] for r in connect(path).execute("DESCRIBE trials").fetchall()}
+    assert (columns["baseline_majority"], columns["baseline_step0"], columns["train_baseline_eval"]) == (
+        "DOUBLE", "DOUBLE", "BOOLEAN")
+
+
+def test_baselines_per_task_over_the_selected_completed_trials(tmp_path: Path) -> None:
+    """The BASELINES query averages what each trial recorded, per task; trials that did not complete and sweeps not
+    selected stay out."""
+    from analysis.queries import baselines, select_sweeps
+
+    # (sweep, task, group, seed, status, majority, step-0 test primary metric)
+    planted = [
+        ("s1", "sms_spam", "full", 0, "completed", 0.5, 0.40),
+        ("s1", "sms_spam", "full", 1, "completed", 0.5, 0.55),
+        ("s1", "sms_spam", "lora", 0, "completed", 0.5, 0.40),  # same seed, same untrained model
+        ("s1", "sms_spam", "lora", 1, "diverged", 0.5, 0.99),  # not completed: left out
+        ("s1", "alpaca", "full", 0, "completed", None, 950.0),
+        ("s1", "alpaca", "full", 1, "completed", None, 1010.0),
+        ("s1", "alpaca", "lora", 0, "completed", None, None),  # train.baseline_eval=false
+        ("s2", "sms_spam", "full", 0, "completed", 0.9, 0.10),  # another sweep, not selected
+    ]
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    for sweep, task, group, seed, status, majority, step0 in planted:
+        config = TrialConfig.from_flat({"task.name": task, "method.name": group, "train.seed": seed,
+                                        "train.baseline_eval": step0 is not None}).to_flat()
+        spec = {"trial_id": f"{sweep}-{task}-{group}-{seed}", "sweep_id": sweep, "study": "x", "dimension": "method",
+                "group": group, "config": config}
+        metric = "perplexity" if task == "alpaca" else "accuracy"
+        record = FinalRecord(status=status, task=task, task_kind="x", primary_metric=metric,
+                             higher_is_better=task != "alpaca", step=10, test={metric: 1.0},
+                             baseline_test={} if step0 is None else {metric: step0, "loss": 2.0},
+                             baseline_majority=majority)
+        writer.write_trial(trial_row(spec, record.db_status, record.to_row()))
+        writer.write_metric_rows(spec["trial_id"], record.metric_rows())
+    con = writer.con
+    stored = con.execute("SELECT baseline_majority, baseline_step0, train_baseline_eval FROM trials "
+                         "WHERE id IN ('s1-sms_spam-full-1', 's1-alpaca-lora-0') ORDER BY id").fetchall()
+    assert stored == [(None, None, False), (0.5, 0.55, True)]
+    assert con.execute("SELECT value FROM metrics WHERE trial_id = 's1-alpaca-full-1' AND step = 0 AND split = 'test' "
+                       "AND name = 'perplexity'").fetchone() == (1010.0,)
+    select_sweeps(con, ["s1"])
+    rows = {r["task"]: r for r in baselines(con)}
+    assert list(rows) == ["alpaca", "sms_spam"]
+    sms, alpaca = rows["sms_spam"], rows["alpaca"]
+    assert (sms["metric"], sms["higher_is_better"], alpaca["metric"], alpaca["higher_is_better"]) == (
+        "accuracy", True, "perplexity", False)
+    assert sms["majority"] == pytest.approx(0.5) and sms["n_majority"] == 3
+    assert sms["step0_mean"] == pytest.approx(statistics.mean([0.40, 0.55, 0.40]))
+    assert sms["step0_sd"] == pytest.approx(statistics.stdev([0.40, 0.55, 0.40]))
+    assert (sms["n_step0"], sms["n_step0_seeds"]) == (3, 2)
+    assert alpaca["majority"] is None and alpaca["n_majority"] == 0
+    assert alpaca["step0_mean"] == pytest.approx(980.0) and alpaca["step0_sd"] == pytest.approx(
+        statistics.stdev([950.0, 1010.0]))
+    assert (alpaca["n_step0"], alpaca["n_step0_seeds"]) == (2, 2)

@@ -59,6 +59,9 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     assert con.execute("SELECT count(DISTINCT task), count(DISTINCT dimension) FROM trials").fetchone() == (5, 7)
     assert con.execute("SELECT count(*) FROM trials WHERE test_primary IS NULL OR trainable_params IS NULL"
                        ).fetchone()[0] == 0
+    # baselines: every trial scored its untrained model on test; only tasks with class labels have a majority class
+    assert con.execute("""SELECT count(*) FROM trials WHERE baseline_step0 IS NULL
+                          OR (baseline_majority IS NULL) <> (task IN ('alpaca', 'preference'))""").fetchone()[0] == 0
     # learning curves: one train loss per step (max_steps 3, log_every 1) and final validation/test values
     per_trial = con.execute("""SELECT trial_id, count(*) FILTER (WHERE split = 'train' AND name = 'loss'),
                                       count(*) FILTER (WHERE split = 'test') FROM metrics GROUP BY trial_id""").fetchall()

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sweeps import loop
 from sweeps.config import TrialConfig
-from sweeps.loop import TrialResult, run_trial
+from sweeps.loop import TrialResult, run_trial, setup
 from sweeps.records import CheckpointRecord, FinalRecord
 from tasks.base import ClassificationTask
 
@@ -104,7 +105,7 @@ def test_early_stopping_restores_the_best_weights(real_data, monkeypatch: pytest
     monkeypatch.setattr(ClassificationTask, "evaluate", scripted)
     result = run_trial(_config(task__name="sms_spam", **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()},
                                optim__lr=1e-2, train__max_steps=50, train__eval_every=1,
-                               train__early_stopping_patience=2))
+                               train__early_stopping_patience=2, train__baseline_eval=False))  # scripts validation only
     assert result.record.status == "early_stopped" and result.record.step == 4 and result.record.best_step == 2
     assert torch.equal(result.head.weight, seen_heads[1])  # the weights evaluated at step 2
     assert not torch.equal(seen_heads[1], seen_heads[3])
@@ -159,3 +160,63 @@ def test_per_example_results_add_up_to_the_metrics(task: str, real_data) -> None
     rows = record.prediction_rows()
     assert len(rows) == record.split_sizes["validation"] + record.split_sizes["test"]
     assert "predictions" not in record.to_row()["result"]  # a table of their own, not inside trials.result
+
+
+def _untrained_test_metrics(config: TrialConfig) -> tuple[float, float]:
+    """Accuracy and mean loss on test of the model and head exactly as ``setup`` builds them, before any step,
+    scored one unpadded example at a time (none of ``evaluate``'s batching)."""
+    trial = setup(config)
+    trial.model.eval()
+    split, right, loss = trial.splits["test"], 0, 0.0
+    with torch.no_grad():
+        for i in range(len(split)):
+            ids = split.ids(i)[None]
+            logits = trial.head(trial.model.hidden_states(ids, torch.ones_like(ids))[0, -1])
+            label = split.labels[i]
+            right += int(logits.argmax()) == int(label)
+            loss += float(torch.nn.functional.cross_entropy(logits[None], label[None]))
+    return right / len(split), loss / len(split)
+
+
+def test_the_untrained_model_is_the_step_0_baseline(real_data) -> None:
+    """``baseline_test`` is the test score of the model before training (an independent evaluation of a freshly
+    built model and head agrees), it reaches the metrics table at step 0, and the majority baseline comes with it."""
+    small = {k.replace(".", "__"): v for k, v in SMALL_DATA.items()}
+    config = _config(task__name="sms_spam", optim__lr=1e-2, train__max_steps=3, model__dropout=0.1, **small)
+    record = run_trial(config).record
+    accuracy, loss = _untrained_test_metrics(config)
+    assert record.baseline_test["loss"] == pytest.approx(loss, rel=1e-4)
+    assert abs(record.baseline_test["accuracy"] - accuracy) <= 1 / record.split_sizes["test"]  # a near-tie may flip
+    assert record.test["loss"] != pytest.approx(record.baseline_test["loss"], rel=1e-3)  # training moved it
+    assert (0, "test", "loss", record.baseline_test["loss"]) in record.metric_rows()
+    assert record.to_row()["baseline_step0"] == record.baseline_test["accuracy"]
+    assert record.baseline_majority == pytest.approx(0.5)  # the 24 test messages hold 12 of each class here
+    assert record.to_row()["baseline_majority"] == record.baseline_majority
+    skipped = run_trial(_config(task__name="sms_spam", optim__lr=1e-2, train__max_steps=3, model__dropout=0.1,
+                                train__baseline_eval=False, **small)).record
+    assert skipped.baseline_test == {} and skipped.to_row()["baseline_step0"] is None
+    assert skipped.test == record.test  # the baseline changes nothing about training (dropout's RNG included)
+
+
+def test_a_resumed_trial_keeps_its_baseline_without_evaluating_again(real_data, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluated: list[tuple[str, int]] = []
+    real_evaluate = loop.evaluate
+
+    def spy(trial, split, examples=None):
+        evaluated.append((split, trial.state.step))
+        return real_evaluate(trial, split, examples)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    small = {k.replace(".", "__"): v for k, v in SMALL_DATA.items()}
+    config = _config(task__name="alpaca", optim__lr=3e-3, train__max_steps=4, train__checkpoint_every=2,
+                     task__num_generations=0, **{**small, "task__max_length": 96})
+    events: list = []
+    straight = run_trial(config, events.append, checkpoint_dir=tmp_path / "ckpt").record
+    assert evaluated == [("test", 0), ("validation", 4), ("test", 4)]
+    assert straight.baseline_test["perplexity"] > straight.test["perplexity"] and straight.baseline_majority is None
+    evaluated.clear()
+    checkpoint = next(e.path for e in events if isinstance(e, CheckpointRecord))
+    resumed = run_trial(config, resume_from=checkpoint).record
+    assert evaluated == [("validation", 4), ("test", 4)]
+    assert resumed.resumed_from_step == 2 and resumed.baseline_test == straight.baseline_test

@@ -83,3 +83,36 @@ def test_only_evaluations_carry_the_schedulers_time() -> None:
     assert EvalRecord(4, {"accuracy": 0.5}).to_report()[EVAL_STEP] == 4
     for record in (StepRecord(5, 0, 0.5, 1e-3, 10.0, 40), CheckpointRecord(5, "/tmp/x"), _final()):
         assert EVAL_STEP not in record.to_report()
+
+
+def test_baselines_survive_the_report_and_reach_their_columns(tmp_path: Path) -> None:
+    final = _final(baseline_test={"perplexity": 900.0, "loss": 6.8, "tokens": float("inf")}, baseline_majority=None)
+    back = record_from_report({**final.to_report(), "training_iteration": 9})
+    assert back.baseline_test == {"perplexity": 900.0, "loss": 6.8}  # non-finite: not measured, as for test metrics
+    assert back.baseline_majority is None and back.test == {"perplexity": 31.0}  # no test_ key is a baseline's
+    row = back.to_row()
+    assert row["baseline_step0"] == 900.0 and row["baseline_majority"] is None
+    assert (0, "test", "perplexity", 900.0) in back.metric_rows() and (0, "test", "loss", 6.8) in back.metric_rows()
+    classified = _final(task="sms_spam", task_kind="classification", primary_metric="accuracy", higher_is_better=True,
+                        test={"accuracy": 0.9}, baseline_test={"accuracy": 0.45, "loss": 0.7}, baseline_majority=0.5)
+    flat = classified.to_report()
+    assert flat["baseline_majority"] == 0.5 and "baseline_test" not in flat  # a dict stays in final_json
+    back = record_from_report(flat)
+    assert (back.baseline_test, back.baseline_majority) == ({"accuracy": 0.45, "loss": 0.7}, 0.5)
+    assert FinalRecord.from_dict(classified.to_dict()) == classified
+    row = back.to_row()
+    assert (row["baseline_step0"], row["baseline_majority"], row["test_primary"]) == (0.45, 0.5, 0.9)
+    columns = {r[0] for r in connect(tmp_path / "db.duckdb").execute("DESCRIBE trials").fetchall()}
+    assert {"baseline_step0", "baseline_majority"} <= columns and set(row) <= columns
+
+
+def test_a_record_without_baselines_reads_back_and_writes_nulls() -> None:
+    """Trials that ended before their final record, and final records written before baselines existed."""
+    ended = FinalRecord.ended("sms_spam", "stopped", step=4, last_eval=EvalRecord(4, {"accuracy": 0.6}))
+    assert ended.baseline_test == {} and ended.baseline_majority is None
+    assert record_from_report(ended.to_report()) == ended
+    row = ended.to_row()
+    assert row["baseline_step0"] is None and row["baseline_majority"] is None
+    assert all(step == 4 for step, *_ in ended.metric_rows())
+    old = {k: v for k, v in _final().to_dict().items() if not k.startswith("baseline_")}
+    assert FinalRecord.from_dict(old).baseline_test == {}
