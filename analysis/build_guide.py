@@ -9,11 +9,12 @@ guide as it was. A missing or locked database, an unknown sweep, or no completed
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jinja2
@@ -21,6 +22,7 @@ import jinja2
 from analysis import figures, queries
 from analysis.db import DEFAULT_DB, DatabaseError, connect
 from analysis.guide import Guide, collect, task_title
+from analysis.stats import MARGINS
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "report_templates"
@@ -49,12 +51,13 @@ def render(guide: Guide) -> tuple[str, str]:
     return md, html
 
 
-def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None) -> Path:
+def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None,
+          margins: Mapping[str, float] | None = None) -> Path:
     """Write the guide into ``out``; returns the path of guide.html."""
     out = Path(out)
     con = connect(db, read_only=True)
     try:
-        guide = collect(con, sweeps)
+        guide = collect(con, sweeps, margins)
     finally:
         con.close()
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,22 @@ def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None) 
     return out / "guide.html"
 
 
+def parse_margins(items: Sequence[str] | None) -> dict[str, float]:
+    """``--margin accuracy=0.02 --margin perplexity=0.05`` as a dict; raises ValueError naming a bad item."""
+    margins = {}
+    for item in items or ():
+        metric, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not metric or not math.isfinite(number) or number <= 0:
+            raise ValueError(f"--margin {item!r}: expected METRIC=VALUE with a positive number, e.g. accuracy=0.01 "
+                             f"(absolute) or perplexity=0.02 (relative)")
+        margins[metric] = number
+    return margins
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,14 +103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                            f"(default {DEFAULT_OUT})")
     parser.add_argument("--sweep", action="append", metavar="ID",
                         help="a sweep to report (repeatable); default: every sweep of the latest sweep's study")
+    parser.add_argument("--margin", action="append", metavar="METRIC=VALUE",
+                        help="practical margin within which two groups count as equivalent (repeatable): absolute "
+                             f"for proportions, relative for perplexity; defaults: "
+                             f"{', '.join(f'{k}={v:g}' for k, v in sorted(MARGINS.items()))}")
     parser.add_argument("--print-sql", action="store_true", help="print the SQL views the guide reads, and exit")
     args = parser.parse_args(argv)
+    try:
+        margins = parse_margins(args.margin)
+    except ValueError as err:
+        print(f"build_guide: {err}", file=sys.stderr)
+        return 2
     if args.print_sql:
         print("-- after: CREATE TEMP TABLE guide_sweeps (id VARCHAR); INSERT the sweep ids")
         print(queries.VIEWS)
         return 0
     try:
-        html = build(args.db, args.out, args.sweep)
+        html = build(args.db, args.out, args.sweep, margins)
     except DatabaseError as err:
         print(f"build_guide: {err}", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ def _group_positions(left: Any, groups: Sequence[Group], fig_spec: dict[str, Any
 
 
 def _seed_panel(left: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[str, str, str]]) -> None:
-    """Left panel: each group's test mean with its 95% t interval, and the seeds as faint dots."""
+    """Left panel: each group's test mean with its 95% interval (seeds and test examples), and the seeds as faint dots."""
     groups: list[Group] = fig_spec["groups"]
     xs = _group_positions(left, groups, fig_spec)
     for x, g in zip(xs, groups, strict=True):
@@ -161,7 +161,7 @@ def dimension_figure(fig_spec: dict[str, Any], path: Path) -> None:
 
 
 def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
-    """Metric against three costs; each group's 95% t interval as a vertical bar, the front as a staircase."""
+    """Metric against three costs; each group's 95% interval as a vertical bar, the front as a staircase."""
     groups: list[Group] = fig_spec["groups"]
     metric = groups[0].metric
     axes_spec = (("trainable_params", "trainable parameters (log)", True),
@@ -194,7 +194,7 @@ def pareto_figure(fig_spec: dict[str, Any], path: Path) -> None:
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour(m), label=m)
                for m in dict.fromkeys(g.method for g in groups)]
     axes[-1].legend(handles=handles, fontsize=8, title="method", loc="best")
-    fig.suptitle(fig_spec["title"] + " (bars: 95% t interval over seeds)", fontsize=11)
+    fig.suptitle(fig_spec["title"] + " (bars: 95% interval over seeds and test examples)", fontsize=11)
     _save(fig, path)
 
 
@@ -299,7 +299,7 @@ def across_figure(fig_spec: dict[str, Any], path: Path) -> None:
         _across_panel(ax, task, gs, names)
     for ax in flat[len(by_task):]:
         ax.set_axis_off()
-    fig.suptitle(fig_spec["title"] + ": test metric, mean ± 95% t interval over seeds", fontsize=11)
+    fig.suptitle(fig_spec["title"] + ": test metric, mean ± 95% interval over seeds and test examples", fontsize=11)
     _save(fig, path)
 
 

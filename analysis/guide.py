@@ -1,32 +1,46 @@
 """From the study database to the guide's content: groups with intervals, findings, tables, figures.
 
-``collect`` runs the queries of ``analysis/queries.py`` (the only SQL), turns seed statistics into t intervals
-(``analysis/stats.py``), derives the findings that the recommendations state, and returns a ``Guide`` the Jinja2
-templates in ``report_templates/`` lay out. Every number in the guide is formatted here from a query's result; the
-templates only place it.
+``collect`` runs the queries of ``analysis/queries.py`` (the only SQL), turns seed and per-example statistics into
+intervals (``analysis/stats.py``), compares the groups of each task and dimension (``analysis/compare.py``), and
+returns a ``Guide`` the Jinja2 templates in ``report_templates/`` lay out. Every number in the guide is formatted here
+from a query's result; the templates only place it.
 
-A finding is a comparison against the best group of one dimension on one task:
-- ``better``:        the best group's interval lies entirely beyond the other's (the only basis for a recommendation);
-- ``within_noise``:  the intervals overlap;
-- ``single_seed``:   one of the two has one completed seed, so no interval exists and nothing is concluded;
-- ``cheapest_tie``:  among the groups within noise of the best, one trains clearly fewer parameters (a cost fact);
-- ``diverged``:      some seeds of a group at a learning rate diverged.
+A finding is one comparison with the group that is best on validation in one task and dimension, or a divergence:
+- ``beats``:        one group is better on test (Holm-adjusted, paired over seeds and test examples);
+- ``equivalent``:   the whole interval of the difference lies inside the metric's practical margin ±δ;
+- ``inconclusive``: neither; the sentence says the smallest difference the study can detect and the seeds needed;
+- ``single_seed``:  the two share fewer than two seeds, so nothing is concluded;
+- ``diverged``:     some seeds of a group at a learning rate diverged.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from analysis import queries as q
+from analysis.compare import Arm, Verdict, compare_family
 from analysis.db import DatabaseError
-from analysis.stats import LEVEL, Interval, interval, pareto_front, separated
+from analysis.stats import (
+    LEVEL,
+    LOG_METRICS,
+    MARGINS,
+    MAX_SEEDS,
+    Interval,
+    Outcomes,
+    interval,
+    mean_estimate,
+    outcomes_from_rows,
+    pareto_front,
+)
 
 TASK_TITLES = {
     "sms_spam": "SMS spam (classification)",
@@ -57,6 +71,10 @@ SECTIONS: tuple[dict[str, Any], ...] = (
      "about": "The same method and schedule with different optimizers, each at its best learning rate."},
     {"key": "schedule", "dimension": "schedule", "title": "Learning-rate schedules",
      "about": "The same method and optimizer with different learning-rate schedules."},
+    {"key": "control", "dimension": "control", "title": "A/A control: groups that train identically",
+     "about": "Groups whose configurations differ only in a key that does not change training (e.g. train.log_every): "
+              "a check of the guide's own statistics. They must never be said to differ; with enough test examples "
+              "they come out equivalent."},
     {"key": "dpo", "dimension": "dpo", "title": "DPO preference tuning: method and β",
      "about": "DPO on held-out preference pairs: preference accuracy is the share of pairs whose implicit reward "
               "(β times the log-prob gain over the reference) is higher for the chosen answer. Groups differ in "
@@ -68,7 +86,7 @@ METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora")
 METHOD_COLOURS = {"full": "#0072B2", "last_k": "#E69F00", "head_only": "#009E73", "bitfit": "#CC79A7",
                   "lora": "#D55E00"}
 OTHER_COLOUR = "#555555"
-CHEAPER_FACTOR = 2.0  # a "cheapest within noise" finding needs at least this factor fewer trainable parameters
+CHEAPER_FACTOR = 2.0  # an equivalence names the cheaper group when it trains at least this factor fewer parameters
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -160,6 +178,7 @@ class Group:
     test_mean: float | None
     test_sd: float | None
     test_values: list[float]
+    test_seeds: list[int]
     trainable_params: float | None
     total_params: float | None
     wall_seconds: float | None
@@ -167,10 +186,28 @@ class Group:
     tokens_per_s: float | None
     peak_memory_mb: float | None
     memory_source: str | None
+    outcomes: Outcomes | None = None
+    """Per-example test outcomes of the completed seeds (``attach``); None when the trials stored none."""
     iv: Interval = field(init=False)
 
     def __post_init__(self) -> None:
-        self.iv = interval(self.test_mean, self.test_sd, self.n_completed)
+        self.attach(self.outcomes)
+
+    def attach(self, outcomes: Outcomes | None) -> None:
+        """Use per-example outcomes (when they cover exactly the completed seeds): the interval then includes the
+        test set's own sampling error, not only the spread over seeds."""
+        if outcomes is not None and list(outcomes.seeds) != list(self.test_seeds):
+            outcomes = None
+        self.outcomes = outcomes
+        if self.test_values:
+            self.iv = interval(mean_estimate(self.test_values, outcomes, log_scale=self.metric in LOG_METRICS))
+        else:
+            self.iv = Interval(self.test_mean, None, 0) if self.test_mean is not None else None
+
+    def arm(self) -> Arm:
+        """The group as comparisons see it."""
+        return Arm(self.group, self.val_mean, dict(zip(self.test_seeds, self.test_values, strict=True)),
+                   self.outcomes)
 
     def score(self) -> float:
         """Larger is better, whatever the metric's direction (for sorting)."""
@@ -183,11 +220,11 @@ class Group:
 
 @dataclass
 class Finding:
-    kind: str       # better | within_noise | single_seed | cheapest_tie | diverged
+    kind: str       # beats | equivalent | inconclusive | single_seed | diverged
     task: str
     dimension: str
-    a: str          # the best group (better / within_noise / single_seed), the cheap one, or the diverged one
-    b: str | None   # the other group
+    a: str          # beats: the winner; equivalent, inconclusive, single_seed: the reference; diverged: the group
+    b: str | None   # the other group (diverged: the learning rate)
     text: str
     numbers: tuple[str, ...] = ()  # the two groups' results, for merged single-seed sentences
 
@@ -270,52 +307,157 @@ def _groups(rows: Iterable[dict[str, Any]]) -> list[Group]:
     for r in rows:
         r = dict(r)
         r["test_values"] = list(r["test_values"] or [])
+        r["test_seeds"] = list(r["test_seeds"] or [])
         out.append(Group(**r))
     return out
+
+
+def attach_outcomes(con: duckdb.DuckDBPyConnection, groups: Iterable[Group]) -> None:
+    """Give every group its per-example test outcomes (the ``predictions`` table; rows come sorted by group)."""
+    cols = q.outcome_arrays(con)
+    n = len(cols["task"])
+    if not n:
+        return
+    names = [np.asarray(cols[c], dtype=object) for c in ("task", "dimension", "group")]
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for col in names:
+        change[1:] |= col[1:] != col[:-1]
+    starts = [*np.flatnonzero(change).tolist(), n]
+    spans = {(names[0][i], names[1][i], names[2][i]): (i, j) for i, j in itertools.pairwise(starts)}
+    for g in groups:
+        if (g.task, g.dimension, g.group) in spans:
+            i, j = spans[(g.task, g.dimension, g.group)]
+            g.attach(outcomes_from_rows(cols["seed"][i:j], cols["example"][i:j], cols["num"][i:j], cols["den"][i:j],
+                                        bool(np.all(cols["proportion"][i:j]))))
 
 
 def _where(task: str, dimension: str) -> str:
     return f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
 
 
-def compare(task: str, dimension: str, groups: Sequence[Group]) -> list[Finding]:
-    """The findings of one dimension on one task: each group against the best one."""
-    done = [g for g in groups if g.test_mean is not None]
+def fmt_points(value: float, metric: str | None, signed: bool = True, digits: int = 1) -> str:
+    """A difference on the comparison scale as a reader counts it: accuracy points, or percent for log metrics
+    (a log-perplexity difference d is a relative change of exp(d) - 1)."""
+    shown = 100 * math.expm1(value) if metric in LOG_METRICS else 100 * value
+    text = f"{shown:+.{digits}f}" if signed else f"{abs(shown):.{digits}f}"
+    return text.replace("-", "−")
+
+
+def _unit(metric: str | None) -> str:
+    return "%" if metric in LOG_METRICS else " points"
+
+
+def _digits(*values: float) -> int:
+    """One decimal, two when everything shown is below one point (or percent)."""
+    return 2 if max(abs(100 * v) for v in values) < 1 else 1
+
+
+def fmt_margin(margin: float, metric: str | None) -> str:
+    if metric in LOG_METRICS:
+        return f"±{100 * margin:g}% ({metric_title(metric)}, relative)"
+    return f"±{100 * margin:g} {metric_title(metric)} point{'s' if margin != 0.01 else ''}"
+
+
+def _evidence(v: Verdict, metric: str | None) -> str:
+    """The numbers behind a verdict: the interval of reference minus other, what it is paired over, the p-value."""
+    lo, hi = v.estimate.ci()
+    d = _digits(v.estimate.value, lo, hi)
+    paired = (f"paired over {v.estimate.n} seeds and {v.estimate.n_examples:,} test examples" if v.paired_examples
+              else f"paired over {v.estimate.n} seeds; seed spread only, the trials stored no per-example outcomes")
+    test = "equivalence " if v.kind == "equivalent" else ""
+    p = v.p_equivalent if v.kind == "equivalent" else v.p_adjusted
+    return (f"{v.reference} − {v.other} = {fmt_points(v.estimate.value, metric, digits=d)}{_unit(metric)}, "
+            f"{LEVEL:.0%} CI {fmt_points(lo, metric, digits=d)} to {fmt_points(hi, metric, digits=d)}; {paired}; "
+            f"Holm-adjusted {test}p {fmt_p(p)} over {v.family} comparison{'s' if v.family != 1 else ''}")
+
+
+def fmt_p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+
+
+def _beats(v: Verdict, where: str, metric: str | None, hib: bool) -> str:
+    loser = v.other if v.winner == v.reference else v.reference
+    lo, hi = v.estimate.ci()
+    gain = v.estimate.value if v.winner == v.reference else -v.estimate.value
+    if metric in LOG_METRICS:  # perplexity: how much lower (or higher) the winner's is, relative to the loser's
+        ratio = math.exp(gain)  # winner / loser
+        size = f"with {100 * abs(ratio - 1):.1f}% {'higher' if hib else 'lower'} {metric_title(metric)}"
+    else:
+        size = f"by {fmt_points(gain, metric, signed=False, digits=_digits(gain, lo, hi))} {metric_title(metric)} points"
+    return f"{v.winner} beats {loser} {where} {size} ({_evidence(v, metric)})."
+
+
+def _equivalent(v: Verdict, where: str, metric: str | None, groups: dict[str, Group]) -> str:
+    text = (f"{v.reference} and {v.other} are equivalent {where} within {fmt_margin(_margin(v, metric), metric)}: "
+            f"the whole interval lies inside it ({_evidence(v, metric)}).")
+    a, b = groups[v.reference], groups[v.other]
+    if a.trainable_params and b.trainable_params:
+        cheap, dear = sorted((a, b), key=lambda g: g.trainable_params)
+        if dear.trainable_params >= CHEAPER_FACTOR * cheap.trainable_params:
+            text += (f" {cheap.group} trains {fmt_count(cheap.trainable_params)} parameters "
+                     f"({fmt_share(cheap.trainable_params, cheap.total_params)} of the model) against "
+                     f"{fmt_count(dear.trainable_params)} for {dear.group}: take {cheap.group} when memory or "
+                     f"checkpoint size matters.")
+    return text
+
+
+def _margin(v: Verdict, metric: str | None) -> float:
+    """The configured margin back from the comparison scale (relative for log metrics)."""
+    return math.expm1(v.margin) if metric in LOG_METRICS else v.margin
+
+
+def _inconclusive(v: Verdict, where: str, metric: str | None) -> str:
+    seen = fmt_points(abs(v.estimate.value), metric, signed=False, digits=_digits(v.estimate.value))
+    mde = v.detectable
+    text = (f"Inconclusive {where} between {v.reference} and {v.other} ({_evidence(v, metric)}). With "
+            f"{v.estimate.n} seeds the smallest difference this study can detect is about "
+            f"{fmt_points(mde, metric, signed=False)}{_unit(metric)}")
+    need = v.seeds_needed
+    if need is None:
+        text += (f"; no number of seeds settles a difference of {seen}{_unit(metric)} on this test set, whose own "
+                 f"sampling error is larger: it would take more test examples.")
+    elif need > MAX_SEEDS:
+        text += f"; more than {MAX_SEEDS} seeds would be needed to settle a difference of {seen}{_unit(metric)}."
+    else:
+        text += f"; about {need} seeds would settle a difference of the size seen ({seen}{_unit(metric)})."
+    return text
+
+
+def family_verdicts(groups: Sequence[Group], margins: Mapping[str, float] | None = None) -> list[Verdict]:
+    """The verdicts of one task and dimension (``analysis/compare.py``)."""
+    done = [g for g in groups if g.test_values]
     if len(done) < 2:
         return []
-    ranked = sorted(done, key=lambda g: (-g.score(), g.group))
-    best, findings = ranked[0], []
-    metric = metric_title(best.metric)
-    tied = [best]
+    metric = done[0].metric
+    margin = {**MARGINS, **(margins or {})}.get(metric, 0.0)
+    return compare_family([g.arm() for g in done], metric, done[0].higher_is_better, margin)
+
+
+def verdict_findings(task: str, dimension: str, groups: Sequence[Group], verdicts: Sequence[Verdict]
+                     ) -> list[Finding]:
+    by_name = {g.group: g for g in groups}
     where = _where(task, dimension)
-    for other in ranked[1:]:
-        sep = separated(best.iv, other.iv)
-        numbers = (f"{metric} {best.shown} vs {other.shown}, {LEVEL:.0%} t intervals over "
-                   f"{best.iv.n} and {other.iv.n} seeds")
-        if sep is None:
-            text = (f"{best.group} scored {fmt_metric(best.test_mean, best.metric)} and {other.group} "
-                    f"{fmt_metric(other.test_mean, other.metric)} {metric} {where}, but with a single seed no interval "
-                    f"can be given, so the guide draws no conclusion; run more seeds.")
-            findings.append(Finding("single_seed", task, dimension, best.group, other.group, text,
-                                    (f"{best.group} {best.shown}", f"{other.group} {other.shown}")))
-        elif sep:
-            text = f"Prefer {best.group} over {other.group} {where}: {numbers}; the intervals do not overlap."
-            findings.append(Finding("better", task, dimension, best.group, other.group, text))
+    findings = []
+    for v in verdicts:
+        ref, other = by_name[v.reference], by_name[v.other]
+        metric = ref.metric
+        if v.kind == "single_seed":
+            text = (f"{ref.group} scored {fmt_metric(ref.test_mean, metric)} and {other.group} "
+                    f"{fmt_metric(other.test_mean, metric)} {metric_title(metric)} {where}, but they share fewer "
+                    f"than two seeds, so no interval can be given and the guide draws no conclusion; run more seeds.")
+            findings.append(Finding("single_seed", task, dimension, ref.group, other.group, text,
+                                    (f"{ref.group} {ref.shown}", f"{other.group} {other.shown}")))
+        elif v.kind == "beats":
+            loser = v.other if v.winner == v.reference else v.reference
+            findings.append(Finding("beats", task, dimension, v.winner, loser,
+                                    _beats(v, where, metric, ref.higher_is_better)))
+        elif v.kind == "equivalent":
+            findings.append(Finding("equivalent", task, dimension, v.reference, v.other,
+                                    _equivalent(v, where, metric, by_name)))
         else:
-            text = (f"{best.group} and {other.group} are within noise {where} ({numbers}); the data does not "
-                    f"prefer either.")
-            findings.append(Finding("within_noise", task, dimension, best.group, other.group, text))
-            tied.append(other)
-    costs = [g for g in tied if g.trainable_params]
-    if len(costs) >= 2:
-        cheapest = min(costs, key=lambda g: (g.trainable_params, g.group))
-        runner = min((g for g in costs if g is not cheapest), key=lambda g: g.trainable_params)
-        if runner.trainable_params >= CHEAPER_FACTOR * cheapest.trainable_params:
-            text = (f"Within noise of the best {where}, {cheapest.group} trains the fewest parameters: "
-                    f"{fmt_count(cheapest.trainable_params)} ({fmt_share(cheapest.trainable_params, cheapest.total_params)} "
-                    f"of the model) against {fmt_count(runner.trainable_params)} for {runner.group}; take it when "
-                    f"memory or checkpoint size matters.")
-            findings.append(Finding("cheapest_tie", task, dimension, cheapest.group, runner.group, text))
+            findings.append(Finding("inconclusive", task, dimension, v.reference, v.other,
+                                    _inconclusive(v, where, metric)))
     return findings
 
 
@@ -351,16 +493,58 @@ def diverged_findings(lr_rows: Iterable[dict[str, Any]], dimension: str) -> list
     return out
 
 
-def summary_table(groups: Sequence[Group]) -> Table:
+def verdict_cell(group: str, verdicts: Sequence[Verdict], metric: str | None) -> str:
+    """How a group compares with the group(s) best on validation, in a table cell: group minus reference."""
+    refs = sorted({v.reference for v in verdicts})
+    if group in refs:
+        return "best on validation" if len(refs) == 1 else "tied best on validation"
+    parts = []
+    for v in (v for v in verdicts if v.other == group):
+        prefix = f"vs {v.reference}: " if len(refs) > 1 else ""
+        if v.kind == "single_seed":
+            parts.append(prefix + "no test (single seed)")
+            continue
+        lo, hi = v.estimate.ci()
+        d = _digits(v.estimate.value, lo, hi)
+        shown = (f"{fmt_points(-v.estimate.value, metric, digits=d)}{_unit(metric)} "
+                 f"({fmt_points(-hi, metric, digits=d)} to {fmt_points(-lo, metric, digits=d)})")
+        label = {"beats": "better" if v.winner == group else "worse", "equivalent": "equivalent",
+                 "inconclusive": "inconclusive"}[v.kind]
+        parts.append(f"{prefix}{label}: {shown}")
+    return "; ".join(parts) or "–"
+
+
+def baseline_rows(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """A task's baselines as (name, shown test metric): the majority class, and the model before training."""
+    out = []
+    if row["n_majority"]:
+        out.append(("majority class", fmt_metric(row["majority"], row["metric"])))
+    if row["metric"] == "preference_accuracy":
+        # before training the policy is its own reference: every implicit reward is 0 and no pair is won, so the
+        # step-0 score (0) says nothing; a coin flip's 0.5 is the floor
+        out.append(("chance (coin flip per pair)", fmt_metric(0.5, row["metric"])))
+    elif row["n_step0"]:
+        seeds = row["n_step0_seeds"]
+        out.append(("before training (step 0)", f"{fmt_metric(row['step0_mean'], row['metric'])} "
+                                                f"(mean of {seeds} seed{'s' if seeds != 1 else ''})"))
+    return out
+
+
+def summary_table(groups: Sequence[Group], verdicts: Sequence[Verdict] = (),
+                  baselines: Sequence[tuple[str, str]] = ()) -> Table:
+    """A task's main dimension: each group's test metric, how it compares with the best on validation, its cost;
+    then the baselines (name, shown metric) any method must beat."""
     metric = metric_title(groups[0].metric)
     rows = []
     for g in groups:
-        rows.append([g.group, g.method, fmt_lr(g.lr), g.shown, str(g.n_completed),
-                     fmt_count(g.trainable_params), fmt_share(g.trainable_params, g.total_params),
+        rows.append([g.group, g.method, fmt_lr(g.lr), g.shown, verdict_cell(g.group, verdicts, g.metric),
+                     str(g.n_completed), fmt_count(g.trainable_params), fmt_share(g.trainable_params, g.total_params),
                      fmt_seconds(g.train_seconds), fmt_rate(g.tokens_per_s), fmt_memory(g)])
-    return Table(["group", "method", "best LR", f"test {metric} (mean ± 95% CI)", "seeds", "trainable",
-                  "% of model", "train time", "tokens/s", "memory"], rows,
-                 align=["l", "l", "r", "r", "r", "r", "r", "r", "r", "r"])
+    for name, shown in baselines:
+        rows.append([name, "baseline", "–", shown] + ["–"] * 7)
+    return Table(["group", "method", "best LR", f"test {metric} (mean ± 95% CI)", "vs best on validation "
+                  f"(difference, {LEVEL:.0%} CI)", "seeds", "trainable", "% of model", "train time", "tokens/s",
+                  "memory"], rows, align=["l", "l", "r", "r", "l", "r", "r", "r", "r", "r", "r"])
 
 
 def dimension_table(groups: Sequence[Group]) -> Table:
@@ -381,21 +565,43 @@ def _by_task(items: Iterable[Any]) -> dict[str, list[Any]]:
     return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
 
 
-HOW_TO_READ = (
-    "Each group is reported at its own best learning rate: among the learning rates with no diverged or failed "
-    "seed, the one with the best mean validation metric. The test metric is reported there and never used to "
-    "choose.",
-    f"Intervals are two-sided {LEVEL:.0%} Student-t intervals of the mean over seeds (t quantile with n-1 degrees "
-    "of freedom, sample SD); with 2-3 seeds they are wide on purpose. A bootstrap is not used: over 3 seeds it "
-    "has at most 10 distinct resamples and undercovers.",
-    "A recommendation is made only when two intervals do not overlap (stricter than a t-test); otherwise the "
-    "guide says the difference is within noise. A group with a single seed gets no interval and no conclusion.",
-    "Memory is each trial's own: on a GPU the CUDA peak allocated by PyTorch (reset at the trial's start), marked "
-    "'CUDA peak'; elsewhere the trial's memory account, marked 'account': weights, gradients, optimizer state and "
-    "the activations autograd saves for one training micro-batch, counted from the tensors (sweeps/memory.py). "
-    "Train time counts optimizer steps only, without setup and evaluation; tokens/s and the time Pareto front use it.",
-)
-FINDING_ORDER = {"better": 0, "within_noise": 1, "cheapest_tie": 2, "single_seed": 3, "diverged": 4}
+def how_to_read(margins: Mapping[str, float] | None = None) -> list[str]:
+    """The guide's method notes, with the practical margins it used."""
+    used = {**MARGINS, **(margins or {})}
+    shown = ", ".join(f"{metric_title(m)} {fmt_margin(v, m)}" for m, v in sorted(used.items()))
+    return [
+        "Each group is reported at its own best learning rate: among the learning rates with no diverged or failed "
+        "seed, the one with the best mean validation metric. The test metric is reported there and never used to "
+        "choose.",
+        f"Intervals are two-sided {LEVEL:.0%} intervals that count both sources of error: the spread over seeds "
+        "and the test set's own sampling error (another sample of test examples would give another number). Seeds "
+        "and test examples are treated as crossed random factors, variance = s²(seeds)/n + s²(examples)/N, with "
+        "Welch-Satterthwaite degrees of freedom; proportions get two pseudo-examples (Agresti-Coull) so an "
+        "interval is never ±0. Ignoring the test-set part is what Bouthillier et al. (2021, \"Accounting for "
+        "Variance in Machine Learning Benchmarks\") show makes benchmark differences fail to replicate. A "
+        "bootstrap is not used: with 2-5 seeds it undercovers (Agarwal et al., 2021, bootstrap over many runs).",
+        "Comparisons are paired: seed s gives every group the same data order and head initialisation, and every "
+        "group is scored on the same test examples (the predictions table), so each group is compared with the "
+        "group that is best on validation on per-seed and per-example differences. P-values are Holm-adjusted "
+        "over every pair of groups in a task and dimension, because the reference is chosen on validation and a "
+        "lucky seed stays lucky on test; in simulation (python analysis/calibration.py) the procedure claims a "
+        "winner in at most 5% of families where all groups are equal. Perplexity is compared on its log, as a "
+        "relative difference.",
+        f"Three kinds of sentences: 'A beats B by X' (Holm-adjusted p < {1 - LEVEL:.2g}); 'A and B are equivalent "
+        f"within ±δ' when the whole {LEVEL:.0%} interval of the difference lies inside the practical margin "
+        f"(TOST, Holm-adjusted; margins used here: {shown}; build_guide.py --margin changes them), so the cheaper "
+        "one can be taken; otherwise 'inconclusive', with the smallest difference the study can detect "
+        "(80% power) and about how many seeds would settle the difference seen. Two groups sharing fewer than two "
+        "seeds are not compared.",
+        "Memory is each trial's own: on a GPU the CUDA peak allocated by PyTorch (reset at the trial's start), "
+        "marked 'CUDA peak'; elsewhere the trial's memory account, marked 'account': weights, gradients, optimizer "
+        "state and the activations autograd saves for one training micro-batch, counted from the tensors "
+        "(sweeps/memory.py). Train time counts optimizer steps only, without setup and evaluation; tokens/s and "
+        "the time Pareto front use it.",
+    ]
+
+
+FINDING_ORDER = {"beats": 0, "equivalent": 1, "inconclusive": 2, "single_seed": 3, "diverged": 4}
 
 
 def select(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None) -> list[str]:
@@ -454,7 +660,7 @@ def section_specs(dimensions_present: Iterable[str]) -> list[dict[str, Any]]:
 
 
 def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Sequence[Group], found: Findings,
-            figures: list[dict[str, Any]]) -> Section | None:
+            figures: list[dict[str, Any]], verdicts: Mapping[tuple[str, str], list[Verdict]]) -> Section | None:
     """One dimension's section: per task a figure, a table and the findings (None when it has nothing to show)."""
     groups = [g for g in all_groups if g.dimension == spec["dimension"]]
     if spec.get("methods"):
@@ -471,7 +677,8 @@ def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Se
             texts = sentences([f for f in found.all if f.task == task and f.dimension == spec["dimension"]
                                and f.a in names and (f.b in names or f.kind == "diverged")])
         else:
-            texts = found.add(compare(task, spec["dimension"], gs))
+            texts = found.add(verdict_findings(task, spec["dimension"], gs,
+                                               verdicts.get((task, spec["dimension"]), [])))
             texts += found.add(diverged_findings([r for r in lr_rows if r["task"] == task and r["group"] in names],
                                                  spec["dimension"]))
         fig = {"kind": "dimension", "file": f"figures/{spec['key']}_{task}.png", "task": task,
@@ -483,8 +690,8 @@ def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Se
                "curves": [c for c in curves if c["task"] == task and c["group"] in names]}
         figures.append(fig)
         metric = metric_title(gs[0].metric)
-        caption = (f"Left: test {metric} at each group's best learning rate, mean and {LEVEL:.0%} t interval over "
-                   f"seeds. Right: validation {metric} during training (mean over seeds); dashed: training loss.")
+        caption = (f"Left: test {metric} at each group's best learning rate, mean and {LEVEL:.0%} interval over "
+                   f"seeds and test examples. Right: validation {metric} during training (mean over seeds); dashed: training loss.")
         blocks.append(Block(task, task_title(task), Figure(fig["file"], fig["title"], caption),
                             dimension_table(gs), texts))
     return Section(spec["key"], spec["title"], spec["about"], blocks) if blocks else None
@@ -521,8 +728,10 @@ def reproduce(con: duckdb.DuckDBPyConnection, sweeps: Sequence[dict[str, Any]]) 
                                    rows)}
 
 
-def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None) -> Guide:
-    """Everything the guide says, from the database. Raises DatabaseError when there is nothing to report."""
+def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None,
+            margins: Mapping[str, float] | None = None) -> Guide:
+    """Everything the guide says, from the database (``margins``: practical margins per metric, over
+    ``stats.MARGINS``). Raises DatabaseError when there is nothing to report."""
     select(con, sweep_ids)
     inits = {r["model_init"]: r["trials"] for r in q.records(con, q.MODEL_INITS)}
     sweeps = q.records(con, q.SWEEPS)
@@ -531,18 +740,26 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
 
     # Summary: per task, the groups of its main dimension (`method`; `dpo` for preference pairs; else its first)
     all_groups = _groups(q.records(con, q.BEST_ALL))
+    attach_outcomes(con, all_groups)
+    families: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for g in all_groups:
+        families[(g.task, g.dimension)].append(g)
+    verdicts = {key: family_verdicts(gs, margins) for key, gs in families.items()}
     main = main_dimensions(all_groups)
     main_groups = [g for g in all_groups if g.dimension == main[g.task]]
-    summary = [Block(task, task_title(task), None, summary_table(order_groups(gs)), [])
+    floors = {r["task"]: baseline_rows(r) for r in q.baselines(con) if r["dimension"] == main.get(r["task"])}
+    summary = [Block(task, task_title(task), None,
+                     summary_table(order_groups(gs), verdicts.get((task, main[task]), []), floors.get(task, [])), [])
                for task, gs in _by_task(main_groups).items()]
     sections = [s for spec in section_specs(g.dimension for g in all_groups)
-                if (s := section(con, spec, all_groups, found, figures)) is not None]
+                if (s := section(con, spec, all_groups, found, figures, verdicts)) is not None]
     tasks = list(_by_task(all_groups))
     return Guide(
         title="Fine-tuning GPT-2: a measured guide", random_init="random" in inits,
-        scope=scope(con, sweeps, inits, tasks), how_to_read=list(HOW_TO_READ), summary=summary,
-        recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures), sections=sections,
-        pareto=pareto_blocks(main_groups, figures), learning_rate=lr_blocks(main_rows(con, main, q.LR_SWEEP), figures),
+        scope=scope(con, sweeps, inits, tasks), how_to_read=how_to_read(margins), summary=summary,
+        recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures, verdicts),
+        sections=sections, pareto=pareto_blocks(main_groups, figures),
+        learning_rate=lr_blocks(main_rows(con, main, q.LR_SWEEP), figures),
         generations=generation_sets(main_rows(con, main, q.GENERATIONS)), reproduce=reproduce(con, sweeps),
         findings=found.all, figures=figures)
 
@@ -564,39 +781,50 @@ def main_dimensions(groups: Iterable[Group]) -> dict[str, str]:
     return {task: next((d for d in ("method", "dpo") if d in dims), min(dims)) for task, dims in found.items()}
 
 
-def _best_and_rest(done: Sequence[Group]) -> tuple[list[Group], list[Group], list[Group]]:
-    """(best, within noise of a best, not comparable): every group sharing the best mean is a best, so a tie is
-    never broken by the groups' names; the others are compared with each best as ``compare`` does."""
-    top = max(g.score() for g in done)
-    best = [g for g in done if math.isclose(g.score(), top, rel_tol=1e-12, abs_tol=1e-12)]
-    near, unknown = [], []
-    for g in (g for g in done if g not in best):
-        seps = [separated(b.iv, g.iv) for b in best]
-        if False in seps:
-            near.append(g)
-        elif None in seps:
-            unknown.append(g)
-    return best, near, unknown
+ACROSS_MARKS = {"better": " (better)", "worse": " (worse)", "equivalent": " (equivalent)",
+                "inconclusive": " (inconclusive)"}
 
 
-def _across_sentence(task: str, best: Sequence[Group], near: Sequence[Group], unknown: Sequence[Group]) -> str:
+def _across_marks(task: str, verdicts: Sequence[Verdict]) -> dict[tuple[str, str], str]:
+    """Table marks: the reference(s), and how each other group compares with them (when all agree)."""
+    refs = sorted({v.reference for v in verdicts})
+    marks = {(task, r): " (best on validation)" if len(refs) == 1 else " (tied best on validation)" for r in refs}
+    labels: dict[str, set[str]] = defaultdict(set)
+    for v in verdicts:
+        if v.other not in refs and v.kind != "single_seed":
+            labels[v.other].add(("better" if v.winner == v.other else "worse") if v.kind == "beats" else v.kind)
+    marks.update({(task, g): ACROSS_MARKS[next(iter(ls))] for g, ls in labels.items() if len(ls) == 1})
+    return marks
+
+
+def _across_sentence(task: str, groups: Sequence[Group], verdicts: Sequence[Verdict]) -> str:
+    """One task's line: the group(s) best on validation and what the comparisons with them found."""
     kind = TASK_KINDS.get(task, task)
+    shown = {g.group: g.shown for g in groups}
+    refs = sorted({v.reference for v in verdicts})
     text = f"{kind[:1].upper() + kind[1:]} ({task}): "
-    if len(best) == 1:
-        text += f"{best[0].group} is best ({best[0].shown})"
+    if len(refs) == 1:
+        text += f"{refs[0]} is best on validation (test {shown[refs[0]]})"
     else:
-        shown = (f"{best[0].shown} each" if len({g.shown for g in best}) == 1
-                 else "; ".join(f"{g.group} {g.shown}" for g in best))
-        text += f"{', '.join(g.group for g in best[:-1])} and {best[-1].group} tie for best ({shown})"
-    if near:
-        text += f"; within noise of {'it' if len(best) == 1 else 'them'}: {', '.join(g.group for g in near)}"
-    if unknown:
-        text += f"; not comparable (single seed): {', '.join(g.group for g in unknown)}"
+        both = "; ".join(f"{r} {shown[r]}" for r in refs)
+        text += f"{', '.join(refs[:-1])} and {refs[-1]} tie for best on validation ({both})"
+    said: dict[str, list[str]] = defaultdict(list)
+    for v in verdicts:
+        if v.kind == "beats":
+            loser = v.other if v.winner == v.reference else v.reference
+            said[f"{v.winner} beats"].append(loser)
+        elif v.other not in refs or v.kind != "single_seed":
+            said[{"equivalent": "equivalent", "inconclusive": "inconclusive",
+                  "single_seed": "not compared (single seed)"}[v.kind]].append(f"{v.reference}/{v.other}"
+                                                                          if len(refs) > 1 else v.other)
+    for key, names in said.items():
+        text += f"; {key}: {', '.join(names)}" if not key.endswith("beats") else f"; {key} {', '.join(names)}"
     return text + "."
 
 
-def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) -> Block | None:
-    """Each main-dimension group on every task; groups sharing the best mean are all marked tied-best."""
+def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]],
+                 verdicts: Mapping[tuple[str, str], Sequence[Verdict]]) -> Block | None:
+    """Each main-dimension group on every task, marked by how it compares with the task's best on validation."""
     by_task = _by_task(method_groups)
     if not by_task:
         return None
@@ -604,15 +832,10 @@ def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) 
     rows, sentences = [], []
     marks: dict[tuple[str, str], str] = {}
     for task, gs in by_task.items():
-        done = sorted((g for g in gs if g.test_mean is not None), key=lambda g: (-g.score(), names.index(g.group)))
-        if not done:
-            continue
-        best, near, unknown = _best_and_rest(done)
-        for g in best:
-            marks[(task, g.group)] = " (best)" if len(best) == 1 else " (tied best)"
-        for g in near:
-            marks[(task, g.group)] = " (≈ best)"
-        sentences.append(_across_sentence(task, best, near, unknown))
+        found = verdicts.get((task, gs[0].dimension), [])
+        if found:
+            marks.update(_across_marks(task, found))
+            sentences.append(_across_sentence(task, gs, found))
     for name in names:
         row = [name]
         for task, gs in by_task.items():
@@ -625,7 +848,7 @@ def across_tasks(method_groups: Sequence[Group], figures: list[dict[str, Any]]) 
     figures.append(fig)
     return Block("all", "Across tasks", Figure(fig["file"], fig["title"],
                                               f"Each method at its best learning rate on every task, mean and "
-                                              f"{LEVEL:.0%} t interval over seeds."),
+                                              f"{LEVEL:.0%} interval over seeds and test examples."),
                  Table(columns, rows, align=["l"] + ["r"] * len(by_task)), sentences)
 
 
@@ -651,7 +874,8 @@ def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> lis
         figures.append(fig)
         blocks.append(Block(task, task_title(task),
                             Figure(fig["file"], fig["title"],
-                                   f"Test {metric_title(gs[0].metric)} (mean over seeds; bars: {LEVEL:.0%} t interval) "
+                                   f"Test {metric_title(gs[0].metric)} (mean over seeds; bars: {LEVEL:.0%} interval "
+                                   "over seeds and test examples) "
                                    "against cost; the line joins the groups no other group beats on both axes. Log "
                                    "axes for parameters and time."),
                             None, sentences))

@@ -46,6 +46,7 @@ SELECT task, dimension, "group",
        avg(test_primary) FILTER (WHERE status = 'completed')               AS test_mean,
        stddev_samp(test_primary) FILTER (WHERE status = 'completed')       AS test_sd,
        list(test_primary ORDER BY seed) FILTER (WHERE status = 'completed') AS test_values,
+       list(seed ORDER BY seed) FILTER (WHERE status = 'completed')         AS test_seeds,
        avg(trainable_params) FILTER (WHERE status = 'completed')           AS trainable_params,
        avg(total_params) FILTER (WHERE status = 'completed')               AS total_params,
        avg(wall_seconds) FILTER (WHERE status = 'completed')               AS wall_seconds,
@@ -101,8 +102,8 @@ SELECT model, model_n_layer, model_n_embd, count(*) AS trials FROM guide_trials 
 BEST = """
 -- Each group of one dimension at its chosen learning rate (the summary table, the dimension sections, Pareto fronts).
 SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
-       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, train_seconds,
-       tokens_per_s, peak_memory_mb, memory_source
+       val_mean, test_mean, test_sd, test_values, test_seeds, trainable_params, total_params, wall_seconds,
+       train_seconds, tokens_per_s, peak_memory_mb, memory_source
 FROM guide_best
 WHERE dimension = $dimension
 ORDER BY task, CASE WHEN higher_is_better THEN -test_mean ELSE test_mean END, "group"
@@ -111,10 +112,25 @@ ORDER BY task, CASE WHEN higher_is_better THEN -test_mean ELSE test_mean END, "g
 BEST_ALL = """
 -- Every group of every dimension at its chosen learning rate.
 SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
-       val_mean, test_mean, test_sd, test_values, trainable_params, total_params, wall_seconds, train_seconds,
-       tokens_per_s, peak_memory_mb, memory_source
+       val_mean, test_mean, test_sd, test_values, test_seeds, trainable_params, total_params, wall_seconds,
+       train_seconds, tokens_per_s, peak_memory_mb, memory_source
 FROM guide_best
 ORDER BY task, dimension, "group"
+"""
+
+OUTCOMES = """
+-- Per-example test outcomes of every group's completed seeds at its chosen learning rate (paired comparisons):
+-- num / den is the example's outcome (classification, NLI, preference pairs: correct / 1; language modelling: summed
+-- loss / scored tokens).
+SELECT b.task, b.dimension, b."group", t.seed, p.example,
+       coalesce(CAST(p.correct AS DOUBLE), p.loss)              AS num,
+       CASE WHEN p.correct IS NULL THEN p.tokens ELSE 1 END     AS den,
+       p.correct IS NOT NULL                                    AS proportion
+FROM guide_best b
+JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
+JOIN predictions p ON p.trial_id = t.id AND p.split = 'test'
+WHERE t.status = 'completed' AND (p.correct IS NOT NULL OR (p.loss IS NOT NULL AND p.tokens > 0))
+ORDER BY b.task, b.dimension, b."group", t.seed, p.example
 """
 
 LR_SWEEP = """
@@ -137,6 +153,27 @@ WHERE b.dimension = $dimension AND t.status = 'completed'
   AND ((m.split = 'validation' AND m.name = b.metric) OR (m.split = 'train' AND m.name = 'loss'))
 GROUP BY ALL
 ORDER BY b.task, b."group", m.split, m.step
+"""
+
+BASELINES = """
+-- Per task, what its trained models are measured against (each task's summary), over the selected completed trials:
+-- the test primary metric of always predicting the training split's most frequent class (null for tasks without
+-- class labels) and of the model before any training (step 0). The step-0 model is the same for every group that
+-- shares a seed (base weights, the seed's fresh head; LoRA starts at the base), so one number per task and dimension
+-- (dimensions may change the model or data, so they are kept apart).
+SELECT task, dimension,
+       any_value(primary_metric) FILTER (WHERE primary_metric IS NOT NULL)     AS metric,
+       any_value(higher_is_better) FILTER (WHERE higher_is_better IS NOT NULL) AS higher_is_better,
+       avg(baseline_majority)                                                  AS majority,
+       count(baseline_majority)                                                AS n_majority,
+       avg(baseline_step0)                                                     AS step0_mean,
+       stddev_samp(baseline_step0)                                             AS step0_sd,
+       count(baseline_step0)                                                   AS n_step0,
+       count(DISTINCT seed) FILTER (WHERE baseline_step0 IS NOT NULL)          AS n_step0_seeds
+FROM guide_trials
+WHERE status = 'completed'
+GROUP BY task, dimension
+ORDER BY task, dimension
 """
 
 PROBLEM_TRIALS = """
@@ -189,8 +226,20 @@ SELECT t.status, t.train_export, s.storage_path FROM trials t JOIN sweeps s ON s
 """
 
 
+def outcome_arrays(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """OUTCOMES as one numpy array per column (a study holds many per-example rows)."""
+    return con.execute(OUTCOMES).fetchnumpy()
+
+
 def group_summary(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[tuple]:
     return con.execute(GROUP_SUMMARY, {"sweep": sweep_id}).fetchall()
+
+
+def baselines(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """``BASELINES`` over the selected sweeps (``select_sweeps`` first): one dict per task and dimension with ``metric``,
+    ``higher_is_better``, ``majority`` and ``n_majority``, ``step0_mean``, ``step0_sd``, ``n_step0`` (trials) and
+    ``n_step0_seeds``."""
+    return records(con, BASELINES)
 
 
 def latest_sweep(con: duckdb.DuckDBPyConnection) -> str | None:

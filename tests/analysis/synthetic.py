@@ -1,13 +1,20 @@
 """A study database with planted effects, written through the same writer the sweep driver uses.
 
-Planted (test metric per seed; trainable parameters per method: full 124M, lora 0.4M):
-- sms_spam: full (0.95, 0.96, 0.97) is far better than lora (0.80, 0.81, 0.82).
+Planted (test metric per seed, on N_TEST test examples whose per-example outcomes are stored as a real trial stores
+them; trainable parameters per method: full 124M, bitfit 0.1M, lora 0.4M):
+- sms_spam: full (0.95, 0.96, 0.97) is far better than lora (0.80, 0.81, 0.82): "full beats lora".
   full also ran at lr 1e-4 with a *better test* but worse validation score (the guide must choose by validation),
   and at lr 1e-3, where seed 0 diverged although the other seeds scored the best validation of all (the guide must
   not pick a learning rate that diverged).
-- imdb: full (0.86, 0.88, 0.90) and lora (0.87, 0.885, 0.89) are equal within noise; lora is far cheaper.
+- imdb: full (0.860, 0.880, 0.900) and lora (0.861, 0.879, 0.902) tie on validation (0.86 each: both are the
+  reference, neither is preferred by name) and differ on test by a point or two of a thousand examples: "equivalent
+  within ±1 point", lora far cheaper. bitfit (0.84, 0.89, 0.87) wanders by seed: "inconclusive" against both.
   One lora trial at lr 1e-3 failed (an error, not a divergence).
 - nli: one seed each (full 0.60, lora 0.50): no interval, no conclusion.
+
+Per-example outcomes: within a task and seed, examples are ranked once (a hard example is hard for every method) and
+a trial gets the first round(accuracy × N_TEST) right, so two groups of one seed differ on as few examples as their
+accuracies allow.
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from analysis.db import ResultsWriter, trial_row
 from sweeps.config import TrialConfig
 from sweeps.records import FinalRecord
 
 SWEEP = "synthetic-20261126-000000-abcd"
-PARAMS = {"full": (124_439_808, 124_439_808), "lora": (442_368, 124_882_176)}
+PARAMS = {"full": (124_439_808, 124_439_808), "lora": (442_368, 124_882_176), "bitfit": (102_144, 124_439_808)}
+N_TEST = 1000
+# the untrained model's test metric (seed s adds 0.01 s), and the majority class (0.5) for the classification tasks
+BASELINE_STEP0 = {"sms_spam": 0.40, "imdb": 0.45, "nli": 0.30, "alpaca": 900.0}
 
 # (task, group, lr, seed) -> (status, val, test)
 PLANT: dict[tuple[str, str, float, int], tuple[str, float | None, float | None]] = {}
@@ -35,17 +47,20 @@ for seed, (v, t) in enumerate([(0.80, 0.80), (0.81, 0.81), (0.82, 0.82)]):
     PLANT[("sms_spam", "lora", 5e-4, seed)] = ("completed", v, t)
 for seed, (v, t) in enumerate([(0.85, 0.86), (0.86, 0.88), (0.87, 0.90)]):
     PLANT[("imdb", "full", 5e-5, seed)] = ("completed", v, t)
-for seed, (v, t) in enumerate([(0.86, 0.87), (0.86, 0.885), (0.86, 0.89)]):
+for seed, (v, t) in enumerate([(0.86, 0.861), (0.86, 0.879), (0.86, 0.902)]):
     PLANT[("imdb", "lora", 5e-4, seed)] = ("completed", v, t)
+for seed, (v, t) in enumerate([(0.80, 0.84), (0.81, 0.89), (0.82, 0.87)]):
+    PLANT[("imdb", "bitfit", 1e-3, seed)] = ("completed", v, t)
 PLANT[("imdb", "lora", 1e-3, 0)] = ("failed", None, None)
 PLANT[("nli", "full", 5e-5, 0)] = ("completed", 0.61, 0.60)
 PLANT[("nli", "lora", 5e-4, 0)] = ("completed", 0.52, 0.50)
 
 # What the guide must conclude, and nothing else: (kind, task, dimension, a, b)
 EXPECTED = {
-    ("better", "sms_spam", "method", "full", "lora"),
-    ("within_noise", "imdb", "method", "lora", "full"),
-    ("cheapest_tie", "imdb", "method", "lora", "full"),
+    ("beats", "sms_spam", "method", "full", "lora"),
+    ("equivalent", "imdb", "method", "full", "lora"),
+    ("inconclusive", "imdb", "method", "full", "bitfit"),
+    ("inconclusive", "imdb", "method", "lora", "bitfit"),
     ("single_seed", "nli", "method", "full", "lora"),
     ("diverged", "sms_spam", "method", "full", "1e-3"),
 }
@@ -81,9 +96,12 @@ def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpac
                             trainable_params=trainable, total_params=total, wall_seconds=60.0 + seed,
                             train_seconds=40.0 + seed, tokens_per_s=1000.0 * (2 if group == "lora" else 1),
                             peak_memory_mb=2048.0 + seed, memory_source="account",
-                            tokens_seen=100_000, generations=GENERATIONS if task == "alpaca" else [])
+                            tokens_seen=100_000, generations=GENERATIONS if task == "alpaca" else [],
+                            baseline_test={metric: BASELINE_STEP0[task] + 0.01 * seed},
+                            baseline_majority=None if task == "alpaca" else 0.5)
         if status == "completed":
             writer.write_trial(trial_row(spec, status, final.to_row()))
+            writer.write_predictions(spec["trial_id"], prediction_rows(task, seed, metric, test))
             for step in (0, 50, 100):
                 writer.write_metrics(spec["trial_id"], step, "validation", {metric: val * (0.6 + 0.4 * step / 100)})
                 writer.write_metrics(spec["trial_id"], step, "train", {"loss": 1.0 - step / 200})
@@ -95,3 +113,14 @@ def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpac
     writer.end_sweep(SWEEP, "completed")
     writer.close()
     return path
+
+
+def prediction_rows(task: str, seed: int, metric: str, test: float) -> list[tuple]:
+    """Per-example test outcomes whose aggregate is exactly the planted test metric (see the module docstring)."""
+    rank = np.random.default_rng([len(task), sum(map(ord, task)), seed]).permutation(N_TEST)
+    if metric == "perplexity":  # 10 tokens each; example losses spread around log(perplexity), summing exactly
+        spread = np.random.default_rng(sum(map(ord, task))).normal(0.0, 3.0, N_TEST)
+        losses = 10 * np.log(test) + spread - spread.mean()
+        return [("test", i, None, None, None, float(losses[i]), 10) for i in range(N_TEST)]
+    right = set(rank[:round(test * N_TEST)].tolist())
+    return [("test", i, 1, 1 if i in right else 0, i in right, None, None) for i in range(N_TEST)]

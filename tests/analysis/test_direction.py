@@ -73,7 +73,7 @@ def test_best_learning_rate_and_group_order_follow_the_stored_direction(db: Path
 def test_guide_ranks_pareto_and_labels_axes_by_the_stored_direction(db: Path, monkeypatch, tmp_path: Path) -> None:
     con = connect(db, read_only=True)
     guide = collect(con)
-    best = {f.task: f.a for f in guide.findings if f.kind == "better"}
+    best = {f.task: f.a for f in guide.findings if f.kind == "beats"}  # a: the winner
     assert best == {"sms_spam": "full", "alpaca": "full", "imdb": "lora"}
     pareto = {spec["task"]: spec["fronts"]["trainable_params"] for spec in guide.figures if spec["kind"] == "pareto"}
     assert pareto["imdb"] == ["lora"]  # cheaper and lower error: it alone is on the front

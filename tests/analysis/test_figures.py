@@ -14,7 +14,7 @@ import pytest
 
 from analysis import figures
 from analysis.db import connect
-from analysis.guide import Group, across_tasks, collect, lr_blocks
+from analysis.guide import Group, across_tasks, collect, family_verdicts, lr_blocks
 from tests.analysis import synthetic
 
 
@@ -107,7 +107,8 @@ def _group(name: str, mean: float, params: float = 1e6, task: str = "sms_spam", 
     values = [mean - 0.01, mean, mean + 0.01]
     return Group(task=task, dimension=dimension, group=name, method=method, lr=1e-3, metric="accuracy",
                  higher_is_better=True, n_trials=3, n_completed=3, n_diverged=0, n_other=0, val_mean=mean,
-                 test_mean=mean, test_sd=0.01, test_values=values, trainable_params=params, total_params=1.24e8,
+                 test_mean=mean, test_sd=0.01, test_values=values, test_seeds=[0, 1, 2], trainable_params=params,
+                 total_params=1.24e8,
                  wall_seconds=10.0, train_seconds=8.0, tokens_per_s=100.0, peak_memory_mb=10.0,
                  memory_source="account")
 
@@ -125,16 +126,17 @@ def test_lora_rank_is_a_numeric_log2_axis(kept: dict[str, Any], tmp_path: Path) 
     assert sorted(left.get_xticks()) == [1, 4, 16]
 
 
-def test_groups_with_the_same_best_mean_are_all_tied_best() -> None:
+def test_groups_tied_on_validation_are_all_marked_tied_best() -> None:
     # "zeta" sorts after "alpha" by name, and trains more parameters: neither may be singled out
     groups = [_group("zeta", 0.9, 2e6), _group("alpha", 0.9, 1e6), _group("worse", 0.5, 1e5)]
-    block = across_tasks(groups, [])
+    block = across_tasks(groups, [], {("sms_spam", "method"): family_verdicts(groups)})
     cells = {row[0]: row[1] for row in block.table.rows}
-    assert cells["zeta"].endswith("(tied best)") and cells["alpha"].endswith("(tied best)")
-    assert not cells["worse"].endswith("best)")
-    assert not any(c.endswith(" (best)") for c in cells.values())
+    assert cells["zeta"].endswith("(tied best on validation)") and cells["alpha"].endswith("(tied best on validation)")
+    assert cells["worse"].endswith("(worse)")
+    assert not any(c.endswith(" (best on validation)") for c in cells.values())
     [sentence] = block.sentences
-    assert "zeta and alpha tie for best (0.900 ± 0.025 each)" in sentence and "is best" not in sentence
+    assert "alpha and zeta tie for best on validation (alpha 0.900 ± 0.025; zeta 0.900 ± 0.025)" in sentence
+    assert "is best" not in sentence
 
 
 def test_a_best_learning_rate_at_the_grid_edge_says_the_optimum_may_lie_outside() -> None:

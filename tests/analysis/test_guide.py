@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,17 +41,33 @@ def test_states_exactly_the_planted_conclusions(planted: tuple[Path, Path]) -> N
         if f.kind != "single_seed":
             assert f.text in md
     # the sentences themselves say it, with their numbers
-    assert "Prefer full over lora on sms_spam: accuracy 0.960 ± 0.025 vs 0.810 ± 0.025" in md
-    assert "lora and full are within noise on imdb" in md
+    assert ("full beats lora on sms_spam by 15.0 accuracy points (full − lora = +15.0 points, 95% CI +13.7 to "
+            "+16.3; paired over 3 seeds and 1,000 test examples; Holm-adjusted p < 0.001 over 1 comparison)") in md
+    assert "full and lora are equivalent on imdb within ±1 accuracy point: the whole interval lies inside it" in md
+    assert "take lora when memory or checkpoint size matters" in md
+    assert ("Inconclusive on imdb between full and bitfit (full − bitfit = +1.3 points, 95% CI −3.5 to +6.1; "
+            "paired over 3 seeds and 1,000 test examples; Holm-adjusted p = 1 over 3 comparisons). With 3 seeds the "
+            "smallest difference this study can detect is about 9.4 points; about 51 seeds would settle") in md
     assert "No conclusion on nli: full 0.600 (1 seed), lora 0.500 (1 seed). With a single seed no interval" in md
     assert "full at learning rate 1e-3 diverged in 1 of 3 seeds" in md
-    # and nothing else is recommended
-    # (each appears in Recommendations and again in its dimension's section)
-    assert {ln for ln in md.splitlines() if "Prefer" in ln} == {
-        next(f.text for f in guide.findings if f.kind == "better").join(["- ", ""])}
-    assert {ln for ln in md.splitlines() if "within noise on" in ln} == {
-        next(f.text for f in guide.findings if f.kind == "within_noise").join(["- ", ""])}
-    assert "Random-init" not in md
+    # and nothing else is claimed (each appears in Recommendations and again in its dimension's section)
+    claims = md.split("## Recommendations")[1].split("## Pareto")[0]  # recommendations, across tasks, sections
+    assert {ln for ln in claims.splitlines() if " beats " in ln} == {
+        next(f.text for f in guide.findings if f.kind == "beats").join(["- ", ""]),
+        "- Classification (sms_spam): full is best on validation (test 0.960 ± 0.019); full beats lora."}
+    assert {ln for ln in md.splitlines() if "are equivalent on" in ln} == {
+        next(f.text for f in guide.findings if f.kind == "equivalent").join(["- ", ""])}
+    assert "± 0.000" not in md and "Random-init" not in md
+
+
+def test_groups_tied_on_validation_are_both_references(planted: tuple[Path, Path]) -> None:
+    _db, out = planted
+    md = (out / "guide.md").read_text()
+    table = {row[0]: row[4] for row in _table(md, "IMDB reviews (sentiment)")}
+    assert table["full"] == table["lora"] == "tied best on validation"
+    assert table["bitfit"].startswith("vs full: inconclusive: −1.3 points") and "; vs lora: inconclusive:" in \
+        table["bitfit"]
+    assert "(best)" not in md
 
 
 def test_best_learning_rate_is_chosen_on_validation_and_never_a_diverged_one(planted: tuple[Path, Path]) -> None:
@@ -69,41 +86,101 @@ def _table(md: str, task_title: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
 
 
+def _mean_interval(seed_values: list[float], example_means: list[float], pseudo: tuple[float, float]
+                   ) -> tuple[float, float]:
+    """Mean and 95% half-width over seeds and test examples, written out from the formulas in How to read:
+    var = s²(seeds)/n + s²(examples, with two pseudo-examples)/N, Welch-Satterthwaite degrees of freedom."""
+    n, big_n = len(seed_values), len(example_means)
+    seed_part = statistics.variance(seed_values) / n
+    example_part = statistics.variance([*example_means, *pseudo]) / big_n
+    df = (seed_part + example_part) ** 2 / (seed_part ** 2 / (n - 1) + example_part ** 2 / (big_n - 1))
+    return statistics.fmean(seed_values), stats.t.ppf(0.975, df) * math.sqrt(seed_part + example_part)
+
+
+def _chosen_lr(con: duckdb.DuckDBPyConnection, task: str, group: str) -> float:
+    """The learning rate: best mean validation accuracy among LRs where no seed diverged or failed."""
+    lr_rows = con.execute("""
+        SELECT optim_lr, avg(val_primary) FILTER (WHERE status = 'completed') AS val,
+               count(*) FILTER (WHERE status <> 'completed') AS bad
+        FROM trials WHERE task = ? AND "group" = ? GROUP BY optim_lr
+        HAVING count(*) FILTER (WHERE status = 'completed') > 0""", [task, group]).fetchall()
+    return sorted(lr_rows, key=lambda r: (r[2], -r[1]))[0][0]
+
+
+PAIRED_SQL = """
+-- per seed and example: group A's outcome minus group B's, each at its chosen learning rate
+SELECT ta.seed, pa.example, CAST(pa.correct AS INTEGER) - CAST(pb.correct AS INTEGER) AS diff
+FROM trials ta JOIN predictions pa ON pa.trial_id = ta.id AND pa.split = 'test'
+JOIN trials tb ON tb.task = ta.task AND tb.seed = ta.seed AND tb."group" = $b AND tb.optim_lr = $lr_b
+JOIN predictions pb ON pb.trial_id = tb.id AND pb.split = 'test' AND pb.example = pa.example
+WHERE ta.task = $task AND ta."group" = $a AND ta.optim_lr = $lr_a AND ta.status = 'completed'
+  AND tb.status = 'completed'
+"""
+
+
+def _paired(con: duckdb.DuckDBPyConnection, task: str, a: str, b: str) -> tuple[float, float, float]:
+    """A minus B in accuracy points: mean and 95% interval, from the predictions table by hand."""
+    params = {"task": task, "a": a, "b": b, "lr_a": _chosen_lr(con, task, a), "lr_b": _chosen_lr(con, task, b)}
+    per_seed = [r[0] for r in con.execute(f"SELECT avg(diff) FROM ({PAIRED_SQL}) GROUP BY seed ORDER BY seed",
+                                          params).fetchall()]
+    per_example = [r[0] for r in con.execute(f"SELECT avg(diff) FROM ({PAIRED_SQL}) GROUP BY example",
+                                             params).fetchall()]
+    mean, half = _mean_interval(per_seed, per_example, (-1.0, 1.0))
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+
+
 def test_every_summary_number_equals_a_direct_query(planted: tuple[Path, Path]) -> None:
     db, out = planted
     md = (out / "guide.md").read_text()
     con = duckdb.connect(str(db), read_only=True)
     titles = {"sms_spam": "SMS spam (classification)", "imdb": "IMDB reviews (sentiment)",
               "nli": "Natural-language inference (3-class)"}
-    checked = 0
+    references = {"sms_spam": ["full"], "imdb": ["full", "lora"], "nli": ["full"]}
+    checked = compared = 0
     for task, title in titles.items():
-        for group, method, lr, shown, seeds, trainable, share, wall, tps, mem in _table(md, title):
-            # the learning rate: best mean validation accuracy among LRs where no seed diverged or failed
-            lr_rows = con.execute("""
-                SELECT optim_lr, avg(val_primary) FILTER (WHERE status = 'completed') AS val,
-                       count(*) FILTER (WHERE status <> 'completed') AS bad
-                FROM trials WHERE task = ? AND "group" = ? GROUP BY optim_lr
-                HAVING count(*) FILTER (WHERE status = 'completed') > 0""", [task, group]).fetchall()
-            assert lr_rows, (task, group, lr)
-            want_lr = sorted(lr_rows, key=lambda r: (r[2], -r[1]))[0][0]
+        rows = _table(md, title)
+        step0, majority = rows.pop(), rows.pop()  # the baselines close each table: majority class, then step 0
+        assert majority[:4] == ["majority class", "baseline", "–", "0.500"]
+        mean0, seeds0 = con.execute("""SELECT avg(baseline_step0), count(DISTINCT seed) FROM trials
+                                       WHERE task = ? AND status = 'completed'""", [task]).fetchone()
+        assert step0[:4] == ["before training (step 0)", "baseline", "–",
+                             f"{mean0:.3f} (mean of {seeds0} seed{'s' if seeds0 > 1 else ''})"]
+        for group, method, lr, shown, versus, seeds, trainable, share, wall, tps, mem in rows:
+            want_lr = _chosen_lr(con, task, group)
             assert float(lr) == pytest.approx(want_lr)
-            mean, sd, n, params, total, wall_s, rate, peak = con.execute("""
-                SELECT avg(test_accuracy), stddev_samp(test_accuracy), count(*), avg(trainable_params),
-                       avg(total_params), avg(train_seconds), avg(tokens_per_s), avg(peak_memory_mb)
+            values = [r[0] for r in con.execute("""
+                SELECT test_accuracy FROM trials WHERE task = ? AND "group" = ? AND optim_lr = ?
+                AND status = 'completed' ORDER BY seed""", [task, group, want_lr]).fetchall()]
+            example_means = [r[0] for r in con.execute("""
+                SELECT avg(CAST(p.correct AS INTEGER)) FROM trials t JOIN predictions p ON p.trial_id = t.id
+                WHERE t.task = ? AND t."group" = ? AND t.optim_lr = ? AND t.status = 'completed'
+                  AND p.split = 'test' GROUP BY p.example""", [task, group, want_lr]).fetchall()]
+            n, params, total, wall_s, rate, peak = con.execute("""
+                SELECT count(*), avg(trainable_params), avg(total_params), avg(train_seconds), avg(tokens_per_s),
+                       avg(peak_memory_mb)
                 FROM trials WHERE task = ? AND "group" = ? AND optim_lr = ? AND status = 'completed'""",
                 [task, group, want_lr]).fetchone()
             if n > 1:
-                half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+                mean, half = _mean_interval(values, example_means, (0.0, 1.0))
                 assert shown == f"{mean:.3f} ± {half:.3f}"
             else:
-                assert shown == f"{mean:.3f} (1 seed)"
+                assert shown == f"{values[0]:.3f} (1 seed)"
+            for ref in references[task]:
+                if group in references[task] or n < 2:
+                    continue
+                diff, lo, hi = _paired(con, task, group, ref)
+                prefix = f"vs {ref}: " if len(references[task]) > 1 else ""
+                cell = re.search(re.escape(prefix) + r"\w+: (\S+) points \((\S+) to (\S+)\)", versus)
+                assert cell, versus
+                assert [float(x.replace("−", "-")) for x in cell.groups()] == pytest.approx([diff, lo, hi], abs=0.051)
+                compared += 1
             assert int(seeds) == n and method == group
             assert trainable == f"{params / 1e6:.3g}M" if params >= 1e6 else trainable == f"{params / 1e3:.3g}K"
             assert share == (f"{100 * params / total:.0f}%" if params / total >= 0.1
                              else f"{100 * params / total:.3g}%")
             assert wall == f"{wall_s:.1f} s" and tps == f"{rate:,.0f}" and mem == f"{peak:,.0f} MB (account)"
             checked += 1
-    assert checked == 6
+    assert checked == 7 and compared == 3
 
 
 def test_reproduce_lists_the_sweep_and_every_trial_that_did_not_complete(planted: tuple[Path, Path]) -> None:
@@ -186,3 +263,16 @@ def test_locked_database_exits_2_with_the_lock_message(planted: tuple[Path, Path
         holder.wait()
     assert run.returncode == 2, run.stderr
     assert "in use by another process" in run.stderr and not (tmp_path / "guide.md").exists()
+
+
+def test_margin_option_changes_equivalence_and_bad_values_exit_2(planted: tuple[Path, Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    db, _ = planted
+    assert main(["--db", str(db), "--out", str(tmp_path / "bad"), "--margin=accuracy=-0.01"]) == 2
+    assert "--margin 'accuracy=-0.01': expected METRIC=VALUE with a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    # a margin of 0.1 point is narrower than the full/lora interval on imdb: no longer equivalent, but inconclusive
+    guide = collect(connect(db, read_only=True), margins={"accuracy": 0.001})
+    kinds = {(f.a, f.b): f.kind for f in guide.findings if f.task == "imdb"}
+    assert kinds[("full", "lora")] == "inconclusive"
+    assert any("±0.1 accuracy points" in line for line in guide.how_to_read)

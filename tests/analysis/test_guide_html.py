@@ -94,5 +94,5 @@ def test_guide_renders_in_headless_chromium_with_every_image_and_no_console_erro
                   "Pareto fronts: quality against cost", "Learning rate: best value and sensitivity",
                   "Generations side by side", "Reproduce"):
         assert title in headings
-    assert "Prefer full over lora on sms_spam" in body
+    assert "full beats lora on sms_spam" in body
     assert "Blue <b>sky</b>" in body  # a generation shown as text, not markup
