@@ -46,7 +46,21 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         raise DatabaseError(f"{path}: not a readable DuckDB database ({err})") from None
     if not read_only:
         con.execute(SCHEMA.read_text())
+    else:
+        _memberships_of_an_older_file(con)
     return con
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND "
+                       "schema_name = 'main' AND table_name = ?", [name]).fetchone()[0] > 0
+
+
+def _memberships_of_an_older_file(con: duckdb.DuckDBPyConnection) -> None:
+    """A database from before ``trial_groups``, opened read-only (no writer has migrated it): a temporary view of
+    the same name gives each trial its own dimension and group as its one membership, so every query still works."""
+    if _has_table(con, "trials") and not _has_table(con, "trial_groups"):
+        con.execute('CREATE TEMP VIEW trial_groups AS SELECT id AS trial_id, dimension, "group" FROM trials')
 
 
 def column_name(flat_key: str) -> str:
@@ -75,6 +89,13 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def membership_rows(spec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``trial_groups`` rows of a planned trial: every (dimension, group) it serves; a spec without ``memberships``
+    (a search trial, an older plan) serves its own dimension and group."""
+    memberships = spec.get("memberships") or [(spec["dimension"], spec["group"])]
+    return [(spec["trial_id"], str(dimension), str(group)) for dimension, group in memberships]
 
 
 def trial_row(spec: Mapping[str, Any], status: str, measured: Mapping[str, Any] | None = None,
@@ -152,6 +173,7 @@ class ResultsWriter:
         if current is not None and (current[0] in FINAL or (current[0] in TERMINAL and row["status"] not in TERMINAL)):
             return
         self._upsert("trials", row)
+        self.write_memberships([(row["id"], row["dimension"], row["group"])])
 
     def finished_results(self, sweep_id: str) -> dict[str, str]:
         """Final records of the sweep's trials that completed or diverged (a resumed sweep does not run them again)."""
@@ -165,6 +187,14 @@ class ResultsWriter:
         for row in rows:
             if row["id"] not in known:
                 self._upsert("trials", row)
+                self.write_memberships([(row["id"], row["dimension"], row["group"])])
+
+    def write_memberships(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """``trial_groups`` rows ``(trial_id, dimension, group)`` (``membership_rows``); one already there stays."""
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        if columns:  # one statement over list parameters (executemany is slow in DuckDB)
+            self.con.execute("INSERT INTO trial_groups SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), "
+                             "unnest(?::VARCHAR[]) ON CONFLICT DO NOTHING", columns)
 
     def write_metrics(self, trial_id: str, step: int, split: str, values: Mapping[str, Any]) -> None:
         """One step's values of a split; what is not a finite number is left out."""

@@ -4,8 +4,9 @@ The guide works on a selection of sweeps. ``select_sweeps`` records it in a temp
 build on it, so each query below stays short and readable, and people can run the same SQL by hand
 (``python analysis/build_guide.py --print-sql`` prints the views):
 
-- ``guide_trials``   the selected sweeps' trials; a configuration run again in a later sweep of the same study counts
-                     once (its completed run, else its latest);
+- ``guide_trials``   the selected sweeps' trials, one row per (dimension, group) a trial serves (``trial_groups``: a
+                     configuration shared by several groups trained once and is in each); a configuration run again
+                     in a later sweep of the same study counts once (its completed run, else its latest);
 - ``guide_lr_stats`` per task, dimension, group and learning rate: trial counts by outcome, validation and test metric
                      means, the test SD over seeds, and cost (trainable parameters, wall and training time, throughput, memory);
 - ``guide_best``     per task, dimension and group, the learning rate the guide reports: among the learning rates with
@@ -24,12 +25,15 @@ from typing import Any
 import duckdb
 
 VIEWS = """
+-- One row per trial and (dimension, group) it serves (trial_groups): a configuration shared by several groups trained
+-- once and appears in each, with the same numbers.
 CREATE OR REPLACE TEMP VIEW guide_trials AS
-SELECT t.*
+SELECT t.* REPLACE (g.dimension AS dimension, g."group" AS "group")
 FROM trials t
+JOIN trial_groups g ON g.trial_id = t.id
 WHERE t.sweep_id IN (SELECT id FROM guide_sweeps)
 QUALIFY row_number() OVER (
-    PARTITION BY t.dimension, t."group", CAST(t.config AS VARCHAR)
+    PARTITION BY g.dimension, g."group", CAST(t.config AS VARCHAR)
     ORDER BY t.status = 'completed' DESC, t.updated_at DESC) = 1;
 
 CREATE OR REPLACE TEMP VIEW guide_lr_stats AS
@@ -89,13 +93,14 @@ ALL_SWEEPS = "SELECT id, study, started_at FROM sweeps ORDER BY started_at"
 
 MODEL_INITS = """
 -- How the selected trials' models were initialised: 'random' anywhere means the numbers are no finding about GPT-2.
-SELECT model_init, count(*) AS trials FROM guide_trials GROUP BY model_init ORDER BY model_init
+SELECT model_init, count(DISTINCT id) AS trials FROM guide_trials GROUP BY model_init ORDER BY model_init
 """
 
 COMPLETED = "SELECT count(*) FROM guide_trials WHERE status = 'completed'"
 
 MODELS = """
-SELECT model, model_n_layer, model_n_embd, count(*) AS trials FROM guide_trials GROUP BY ALL ORDER BY trials DESC
+SELECT model, model_n_layer, model_n_embd, count(DISTINCT id) AS trials FROM guide_trials GROUP BY ALL
+ORDER BY trials DESC
 """
 
 
@@ -143,14 +148,14 @@ ORDER BY task, "group", lr
 """
 
 CURVES = """
--- Learning curves at each group's chosen learning rate: validation primary metric and training loss by step,
--- averaged over the seeds that completed.
+-- Learning curves at each group's chosen learning rate: validation primary metric, training loss, and (with
+-- train.train_metrics) the primary metric on a fixed training subset, by step, averaged over the completed seeds.
 SELECT b.task, b."group", b.method, m.split, m.name, m.step, avg(m.value) AS value, count(*) AS seeds
 FROM guide_best b
 JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
 JOIN metrics m ON m.trial_id = t.id
 WHERE b.dimension = $dimension AND t.status = 'completed'
-  AND ((m.split = 'validation' AND m.name = b.metric) OR (m.split = 'train' AND m.name = 'loss'))
+  AND ((m.split IN ('validation', 'train') AND m.name = b.metric) OR (m.split = 'train' AND m.name = 'loss'))
 GROUP BY ALL
 ORDER BY b.task, b."group", m.split, m.step
 """
@@ -312,3 +317,102 @@ def sweep_progress(con: duckdb.DuckDBPyConnection) -> list[tuple]:
 def exported_trial(con: duckdb.DuckDBPyConnection, trial_id: str) -> tuple[str, bool, str | None] | None:
     """(status, train.export, sweep storage path) of a trial a DPO run may start from, or None if unknown."""
     return con.execute(EXPORTED_TRIAL, [trial_id]).fetchone()
+
+
+SETTINGS = """
+-- What each group trains with at its chosen learning rate (the decision table): method settings, batch and budget,
+-- what a user keeps, and the epoch at which validation peaked (per trial the best validation step, in epochs, averaged
+-- over the completed seeds).
+WITH peaks AS (
+    SELECT t.id, arg_max(m.step, CASE WHEN t.higher_is_better THEN m.value ELSE -m.value END) AS best_step
+    FROM guide_trials t JOIN metrics m ON m.trial_id = t.id
+    WHERE t.status = 'completed' AND m.split = 'validation' AND m.name = t.primary_metric
+    GROUP BY t.id)
+SELECT b.task, b.dimension, b."group",
+       any_value(t.method_k)          AS method_k,
+       any_value(t.lora_rank)         AS lora_rank,
+       any_value(t.lora_alpha)        AS lora_alpha,
+       any_value(t.lora_layers)       AS lora_layers,
+       any_value(t.lora_targets)      AS lora_targets,
+       any_value(t.train_batch_size)  AS batch_size,
+       any_value(t.train_epochs)      AS epochs,
+       any_value(t.train_max_steps)   AS max_steps,
+       avg(p.best_step * t.train_epochs / nullif(t.steps, 0)) AS best_epoch,
+       avg(t.kept_bytes)              AS kept_bytes
+FROM guide_best b
+JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
+LEFT JOIN peaks p ON p.id = t.id
+WHERE t.status = 'completed'
+GROUP BY ALL
+"""
+
+
+def settings(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """``SETTINGS`` keyed by (task, dimension, group)."""
+    return {(r["task"], r["dimension"], r["group"]): r for r in records(con, SETTINGS)}
+
+
+LR_SWEEP_ALL = """
+-- Every learning rate tried for every group of every dimension (the Learning rate section's table).
+SELECT task, dimension, "group", method, lr, metric, higher_is_better, n_trials, n_completed, n_diverged, n_other,
+       val_mean, test_mean, test_sd
+FROM guide_lr_stats
+ORDER BY task, dimension, "group", lr
+"""
+
+LR_BY_SEED = """
+-- Each completed trial's validation metric by group, seed and learning rate: the best learning rate chosen per seed
+-- (the measured ratio of LoRA's best learning rate to full fine-tuning's, with its spread over seeds).
+SELECT task, dimension, "group", method, seed, optim_lr AS lr, val_primary AS val, higher_is_better
+FROM guide_trials
+WHERE status = 'completed' AND val_primary IS NOT NULL
+ORDER BY task, dimension, "group", seed, lr
+"""
+
+
+
+# --- the dry run's measured rates and a sweep's memberships (sweeps/launch.py grid --dry-run, resume) --------------
+
+MEASURED_TRIALS = """
+-- Completed trials that measured their speed: what `launch.py grid --dry-run --db` estimates a plan's cost from
+-- (per model and method: training tokens/s, evaluation and setup seconds).
+SELECT id, config, tokens_seen, train_seconds, tokens_per_s, eval_seconds, setup_seconds,
+       result ->> 'device' AS device
+FROM trials
+WHERE status = 'completed' AND tokens_per_s > 0 AND tokens_seen > 0 AND train_seconds > 0
+ORDER BY id
+"""
+
+SWEEP_MEMBERSHIPS = """
+-- Every (dimension, group) each trial of a sweep serves; its own (the trials row's, its first in study order) first.
+SELECT g.trial_id, g.dimension, g."group"
+FROM trial_groups g JOIN trials t ON t.id = g.trial_id
+WHERE t.sweep_id = $sweep
+ORDER BY g.trial_id, g.dimension <> t.dimension, g.dimension, g."group"
+"""
+
+
+def measured_trials(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """``MEASURED_TRIALS`` as dicts (``config`` still JSON text)."""
+    return records(con, MEASURED_TRIALS)
+
+
+def sweep_memberships(con: duckdb.DuckDBPyConnection, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
+    """Trial id -> its memberships, own first (the order among the others is by name: the table keeps no order)."""
+    memberships: dict[str, list[tuple[str, str]]] = {}
+    for trial, dimension, group in con.execute(SWEEP_MEMBERSHIPS, {"sweep": sweep_id}).fetchall():
+        memberships.setdefault(trial, []).append((dimension, group))
+    return memberships
+
+
+DATA_SOURCES = """
+-- Which data each task's trials actually read, where a task records it (NLI: the medical set, or SICK when it was
+-- unreachable): the guide labels its results with it.
+SELECT task, task_source AS configured, result -> 'notes' ->> 'task_source_used' AS used,
+       any_value(result -> 'notes' ->> 'task_source_fallback') AS fallback, count(*) AS trials
+FROM guide_trials
+WHERE status = 'completed' AND result -> 'notes' ->> 'task_source_used' IS NOT NULL
+GROUP BY ALL
+ORDER BY task, used
+"""
+

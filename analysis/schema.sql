@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS trials (
     train_eval_every         INTEGER,
     train_eval_at_start      BOOLEAN,
     train_baseline_eval      BOOLEAN,
+    train_train_metrics      BOOLEAN,
     train_eval_batch_size    INTEGER,
     train_early_stopping_patience INTEGER,
     train_seed               INTEGER,
@@ -155,8 +156,26 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS setup_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS eval_seconds DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_baseline_eval BOOLEAN;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_train_metrics BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_majority DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_step0 DOUBLE;
+
+-- Which (dimension, group) each trial serves. One configuration often serves several groups (method/lora is also
+-- lora_targets/all when the study's base adapts every projection): it trains once, has one trials row (whose
+-- dimension and "group" are its first membership, in study order) and one row here per membership. The guide reads
+-- memberships from here (analysis/queries.py guide_trials), so a shared trial appears in each of its dimensions with
+-- the same numbers. A dimension holds a trial once: two groups of one dimension are never the same configuration.
+CREATE TABLE IF NOT EXISTS trial_groups (
+    trial_id    VARCHAR NOT NULL,
+    dimension   VARCHAR NOT NULL,
+    "group"     VARCHAR NOT NULL,
+    PRIMARY KEY (trial_id, dimension)
+);
+
+-- Databases written before trial_groups existed: each trial's own dimension and group is its one membership. Runs
+-- whenever a writer opens the file (a no-op once done); a reader opening an older file that no writer has opened
+-- since gets the same rows from a temporary view (analysis/db.py connect).
+INSERT INTO trial_groups SELECT id, dimension, "group" FROM trials ON CONFLICT DO NOTHING;
 
 -- Per-example outcomes of each trial's final weights on validation and test: what paired comparisons (A and B on the
 -- same examples) and questions like "which messages does LoRA get wrong that full fine-tuning gets right?" read.

@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import Counter
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -38,13 +37,33 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry unless the
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent saves are deliberate
 
 from analysis import queries
-from analysis.db import DEFAULT_DB, DatabaseError, ResultsWriter, connect, trial_row
+from analysis.db import DEFAULT_DB, DatabaseError, ResultsWriter, connect, membership_rows, trial_row
 from model import CheckpointError, ConfigError, TokenizerError
 from model.checkpoint import resolve_checkpoint
 from model.methods import METHODS
 from sweeps.config import TrialConfig
 from sweeps.records import EVAL_STEP, metric_key
-from sweeps.study import PlannedTrial, Study, estimate_hours, estimate_tokens, load_study, plan, resolve_init
+from sweeps.study import (
+    ASSUMED_RATES,
+    PlannedTrial,
+    RateKey,
+    Rates,
+    Study,
+    TrialCost,
+    duplicates_removed,
+    estimate_hours,
+    estimate_tokens,
+    load_study,
+    measured_rates,
+    plan,
+    plan_record,
+    planned_memberships,
+    rate_key,
+    rate_label,
+    resolve_init,
+    trial_cost,
+    write_plan_csv,
+)
 from sweeps.train import parse_sets
 from tasks import TASKS, DataError
 
@@ -127,18 +146,120 @@ def prepare_data(trials: list[PlannedTrial]) -> None:
             get_task(TaskConfig(**{k[5:]: v for k, v in options})).load(enc, seed=SUBSET_SEED)
 
 
-def print_plan(trials: list[PlannedTrial], gpus_per_trial: float) -> None:
-    rows = Counter((t.config["task.name"], t.dimension, t.group, t.config["method.name"], t.config["optim.lr"])
-                   for t in trials)
-    print(f"{'task':<10} {'dimension':<14} {'group':<12} {'method':<10} {'lr':>9} {'seeds':>5}")
-    for (task, dim, group, method, lr), n in rows.items():
-        print(f"{task:<10} {dim:<14} {group:<12} {method:<10} {lr:>9.2e} {n:>5}")
+def load_rates(db: Path) -> tuple[dict[RateKey, Rates], str | None]:
+    """Measured rates per (model, method) from the completed trials in ``db``; none, and why, when the file is
+    missing, held by a running sweep, or no study database (a dry run never fails for want of measurements)."""
+    import duckdb
+
+    if not Path(db).is_file():
+        return {}, f"no database at {db}"
+    try:
+        con = connect(db, read_only=True)
+    except DatabaseError as err:
+        return {}, f"{db} could not be read ({str(err).split('(')[0].strip()})"
+    try:
+        rows = queries.measured_trials(con)
+    except duckdb.Error as err:
+        return {}, f"{db} is no study database ({str(err).splitlines()[0]})"
+    finally:
+        con.close()
+    return measured_rates(rows), None
+
+
+def dimension_costs(study: Study, trials: list[PlannedTrial], costs: list[TrialCost]) -> dict[str, dict[str, float]]:
+    """Per dimension (study order): its trials (a shared trial counts in every dimension it serves), how many of them
+    another dimension shares, and their estimated hours."""
+    table: dict[str, dict[str, float]] = {dim: {"trials": 0, "shared": 0, "hours": 0.0} for dim in study.dimensions}
+    for trial, cost in zip(trials, costs, strict=True):
+        dims = list(dict.fromkeys(d for d, _ in trial.memberships))
+        for dim in dims:
+            row = table[dim]
+            row["trials"] += 1
+            row["shared"] += len(dims) > 1
+            row["hours"] += cost.total_s / 3600
+    return {dim: row for dim, row in table.items() if row["trials"]}  # --dimensions may leave some out
+
+
+def rates_note(trials: list[PlannedTrial], costs: list[TrialCost], rates: dict[RateKey, Rates], db: Path,
+               problem: str | None) -> str:
+    """Which rates the estimate used: measured (from how many trials, where, for which model/method) or assumed."""
+    used = {rate_key(t.config) for t, c in zip(trials, costs, strict=True) if c.measured}
+    assumed = sum(not c.measured for c in costs)
+    parts = []
+    if used:
+        devices = sorted({d for k in used for d in rates[k].devices})
+        parts.append(f"measured from {sum(rates[k].trials for k in used)} trials in {db} "
+                     f"({', '.join(rate_label(k) for k in sorted(used, key=str))}"
+                     + (f"; ran on {', '.join(devices)}" if devices else "") + f") for {len(costs) - assumed:,} planned "
+                     "trials: their training tokens/s, evaluation and setup seconds")
+    if assumed:
+        why = ("" if used else f"; nothing measured: {problem}" if problem
+               else f"; {db} has no completed trial of these models and methods")
+        parts.append(f"assumed for {assumed:,} planned trials ({ASSUMED_RATES}){why}")
+    return "Rates: " + "; ".join(parts) + "."
+
+
+def hours_unit(costs: list[TrialCost]) -> str:
+    """GPU-hours when every trial's seconds are a GPU's; plain hours when some are a CPU's (pinned or measured)."""
+    return "GPU-hours" if all(c.device == "gpu" for c in costs) else "hours"
+
+
+def plan_summary(study: Study, trials: list[PlannedTrial], costs: list[TrialCost], gpus_per_trial: float) -> str:
+    """What the dry run says a study costs: trials per dimension and in all, duplicates removed, hours."""
+    unit, on_cpu = hours_unit(costs), sum(c.device == "cpu" for c in costs)
+    lines = [f"Study {study.name}: {len(trials):,} distinct trials planned from {planned_memberships(trials):,} "
+             f"(trial, group) memberships; {duplicates_removed(trials):,} duplicate configurations removed (each trains "
+             "once and serves every group that asks for it).", "",
+             f"{'dimension':<16} {'trials':>7} {'shared':>7} {unit:>10}"]
+    for dim, row in dimension_costs(study, trials, costs).items():
+        lines.append(f"{dim:<16} {row['trials']:>7,.0f} {row['shared']:>7,.0f} {row['hours']:>10,.2f}")
+    total = sum(c.total_s for c in costs) / 3600
+    lines += [f"{'distinct total':<16} {len(trials):>7,} {'':>7} {total:>10,.2f}",
+              "(a trial shared by several dimensions counts in each of them; the total counts it once)", ""]
+    parts = {name: sum(getattr(c, f"{name}_s") for c in costs) / 3600 for name in ("train", "eval", "setup")}
     tokens = sum(estimate_tokens(t.config) for t in trials)
-    print(f"\n{len(trials)} trials, about {tokens / 1e6:,.1f}M training tokens in all.")
-    print(f"Estimated compute (training only, 6·params·tokens for full, 4· for frozen weights): "
-          f"{estimate_hours(trials, 'gpu'):,.2f} GPU-hours on a current datacenter GPU, or "
-          f"{estimate_hours(trials, 'cpu'):,.1f} CPU-hours on a 2-core CPU"
-          + (f"; with {gpus_per_trial:g} GPU per trial" if gpus_per_trial else "") + ".")
+    lines.append(f"Estimated cost: {total:,.2f} {unit} (training {parts['train']:,.2f}, evaluation "
+                 f"{parts['eval']:,.2f}, setup {parts['setup']:,.2f}), {tokens / 1e6:,.1f}M training tokens; at "
+                 f"assumed rates {estimate_hours(trials, 'cpu'):,.1f} CPU-hours on a 2-core CPU"
+                 + (f"; with {gpus_per_trial:g} GPU per trial" if gpus_per_trial else "") + "."
+                 + (f" {on_cpu} trials are costed on a CPU (train.device=cpu, or rates measured on one)."
+                    if on_cpu else ""))
+    return "\n".join(lines)
+
+
+def plan_table(trials: list[PlannedTrial]) -> str:
+    """The trials per task, dimension, group and learning rate (seeds counted), with the groups sharing them."""
+    rows: dict[tuple, list[PlannedTrial]] = {}
+    for trial in trials:
+        for dim, group in trial.memberships:
+            rows.setdefault((trial.config["task.name"], dim, group, trial.config["method.name"],
+                             trial.config["optim.lr"]), []).append(trial)
+    lines = [f"{'task':<10} {'dimension':<14} {'group':<12} {'method':<10} {'lr':>9} {'seeds':>5}  also in"]
+    for (task, dim, group, method, lr), members in rows.items():
+        others = dict.fromkeys(f"{d}/{g}" for t in members for d, g in t.memberships if (d, g) != (dim, group))
+        lines.append(f"{task:<10} {dim:<14} {group:<12} {method:<10} {lr:>9.2e} {len(members):>5}  "
+                     + ", ".join(others))
+    return "\n".join(lines)
+
+
+def print_plan(args: argparse.Namespace, study: Study, trials: list[PlannedTrial], gpus_per_trial: float) -> None:
+    """The dry run: the plan as a table (text), CSV or JSON on stdout (the summary then goes to stderr)."""
+    rates, problem = load_rates(args.db)
+    costs = [trial_cost(t.config, "gpu", rates) for t in trials]
+    note = rates_note(trials, costs, rates, args.db, problem)
+    summary = plan_summary(study, trials, costs, gpus_per_trial) + "\n" + note
+    if args.format == "text":
+        print(plan_table(trials) + "\n\n" + summary)
+        return
+    print(summary, file=sys.stderr)
+    if args.format == "csv":
+        write_plan_csv(trials, [c.total_s for c in costs], sys.stdout)
+        return
+    print(json.dumps({"study": study.name, "trials": len(trials), "memberships": planned_memberships(trials),
+                      "duplicates_removed": duplicates_removed(trials),
+                      "dimensions": dimension_costs(study, trials, costs),
+                      "hours": sum(c.total_s for c in costs) / 3600, "unit": hours_unit(costs), "rates": note,
+                      "plan": [plan_record(t, c.total_s) for t, c in zip(trials, costs, strict=True)]}, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -318,6 +439,8 @@ def grid_overrides(args: argparse.Namespace, study: Study) -> dict[str, Any]:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
+    if args.format != "text" and not args.dry_run:
+        raise ConfigError([("--format", f"{args.format} writes a plan; it needs --dry-run")])
     study = load_study(args.study)
     overrides = grid_overrides(args, study)
     sweep_id = args.name or f"{study.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -330,7 +453,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
                                             f"{storage} is a URI")])
     gpus = trial_gpus(args)
     if args.dry_run:
-        print_plan(trials, gpus)
+        print_plan(args, study, trials, gpus)
         return 0
     if not pretrained_available(trials):
         trials = plan(study, sweep_id, overrides={**overrides, "model.init": "random"}, **selection)
@@ -342,8 +465,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     writer.start_sweep(sweep_row(args, sweep_id, study.name, "grid", len(trials),
                                  inits.pop() if len(inits) == 1 else "mixed", resources, storage))
     writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
+    writer.write_memberships(row for t in trials for row in membership_rows(t.as_spec()))
     writer.close()  # the Tune callback holds the file from here on
-    print(f"sweep {sweep_id}: {len(trials)} trials, database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
+    print(f"sweep {sweep_id}: {len(trials)} trials ({duplicates_removed(trials)} duplicate configurations shared, "
+          f"not trained twice), database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
     _run_and_close(lambda: run_tuner(trials, args, sweep_id, storage), args.db, sweep_id)
     return 0
 
@@ -388,8 +513,9 @@ def search_base(args: argparse.Namespace, study: Study) -> TrialConfig:
     at the start and every ``train.eval_every`` steps, the points where ASHA compares trials. Bad keys stop here."""
     if args.task not in study.tasks:
         raise ConfigError([("--task", f"{args.task!r} is not in study {study.name} ({', '.join(study.tasks)})")])
+    # the search varies the warmup as a ratio (search_space): a study's fixed warmup_steps would contradict it
     base = {**study.base, **study.tasks[args.task], "task.name": args.task, "method.name": args.method,
-            "train.eval_at_start": True, **parse_sets(args.set)}
+            "train.eval_at_start": True, "schedule.warmup_steps": 0, **parse_sets(args.set)}
     base.setdefault("train.eval_every", base.get("train.log_every", 10))
     return TrialConfig.from_flat(base)
 
@@ -491,9 +617,11 @@ def unfinished_trials(db: Path, sweep_id: str) -> list[PlannedTrial]:
     con = connect(db, read_only=True)
     try:
         rows = queries.unfinished_trials(con, sweep_id)
+        memberships = queries.sweep_memberships(con, sweep_id)
     finally:
         con.close()
-    return [PlannedTrial(**{**r, "config": json.loads(r["config"])}) for r in rows]
+    return [PlannedTrial(**{**r, "config": json.loads(r["config"])}, memberships=memberships.get(r["trial_id"], []))
+            for r in rows]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -562,7 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--storage", help=f"Ray storage for experiment state and checkpoints (default {DEFAULT_STORAGE}"
                                         "; a cloud URI such as s3://bucket/path on clusters)")
     grid.add_argument("--name", help="sweep id (default: study name and UTC time)")
-    grid.add_argument("--dry-run", action="store_true", help="print the trial table and cost estimate only")
+    grid.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate only (measured "
+                                                             "rates from --db's completed trials where it has them)")
+    grid.add_argument("--format", choices=("text", "csv", "json"), default="text",
+                      help="dry run: the plan as a table (text), or one row per trial as CSV or JSON on stdout (the "
+                           "summary then goes to stderr)")
     common(grid)
 
     search = sub.add_parser("search", help="Optuna search with ASHA over one method's hyperparameters")

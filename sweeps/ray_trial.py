@@ -31,7 +31,7 @@ def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
         return param["trial"]
     search = param["search"]
     config = TrialConfig.from_flat({**search["base"], **{k: v for k, v in param.items() if "." in k}}).to_flat()
-    return {"trial_id": trial_id(search["sweep_id"], "search", search["group"], config),
+    return {"trial_id": trial_id(search["sweep_id"], config, f"search-{search['group']}"),
             "sweep_id": search["sweep_id"], "study": search["study"], "dimension": "search",
             "group": search["group"], "config": config}
 

@@ -16,11 +16,14 @@ at that one), with every seed::
         lora_r8: {method.name: lora, lora.rank: 8}
 
 A trial belongs to a dimension and a group (the variant); the guide compares groups within a dimension and task,
-each at its best learning rate, with seeds as replicates.
+each at its best learning rate, with seeds as replicates. One configuration often serves several groups (``method:
+lora`` is also ``lora_targets: all`` when the base adapts every projection): it is planned, trained and stored once,
+with every (dimension, group) it serves as a membership, so no compute goes to training it twice.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -28,11 +31,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from model.config import ConfigError
 from model.gpt2 import PRESETS, preset_name
 from sweeps.config import TrialConfig, flatten, read_yaml
+from tasks import TASKS
 
 STUDIES_DIR = Path(__file__).with_name("studies")
 TOP_LEVEL = {"name", "description", "base", "tasks", "seeds", "learning_rates", "dimensions", "dimension_tasks",
@@ -41,7 +45,11 @@ TOP_LEVEL = {"name", "description", "base", "tasks", "seeds", "learning_rates", 
 
 @dataclass
 class PlannedTrial:
-    """One trial of a sweep: where it belongs and its full flat configuration."""
+    """One trial of a sweep: where it belongs and its full flat configuration.
+
+    ``dimension``/``group`` are its first membership in study order (the trials row keeps them, and the trial id's
+    readable prefix); ``memberships`` lists every (dimension, group) the one configuration serves, first included.
+    """
 
     trial_id: str
     sweep_id: str
@@ -49,10 +57,16 @@ class PlannedTrial:
     dimension: str
     group: str
     config: dict[str, Any]
+    memberships: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """A trial rebuilt from a spec or row that names no memberships has its own (dimension, group) as the one."""
+        self.memberships = [tuple(m) for m in self.memberships] or [(self.dimension, self.group)]
 
     def as_spec(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "sweep_id": self.sweep_id, "study": self.study,
-                "dimension": self.dimension, "group": self.group, "config": self.config}
+                "dimension": self.dimension, "group": self.group, "config": self.config,
+                "memberships": [list(m) for m in self.memberships]}
 
 
 @dataclass
@@ -80,7 +94,7 @@ class Study:
 
 
 def shipped_studies() -> list[str]:
-    return [p.stem for p in sorted(STUDIES_DIR.glob("*.yaml"))]
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
 
 
 def resolve_study_path(name_or_path: str) -> Path:
@@ -197,71 +211,153 @@ def load_study(name_or_path: str) -> Study:
     return study
 
 
-def trial_id(sweep_id: str, dimension: str, group: str, config: Mapping[str, Any]) -> str:
-    material = json.dumps([sweep_id, dimension, group, config], sort_keys=True, default=str)
-    return f"{dimension}-{group}-{hashlib.sha1(material.encode()).hexdigest()[:10]}"
+def trial_id(sweep_id: str, config: Mapping[str, Any], prefix: str) -> str:
+    """``<prefix>-<hash of sweep and configuration>``: the same configuration is one trial of a sweep whichever groups
+    it serves (the prefix, its first membership, is only there to be read)."""
+    material = json.dumps([sweep_id, config], sort_keys=True, default=str)
+    return f"{prefix}-{hashlib.sha1(material.encode()).hexdigest()[:10]}"
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """What makes two planned trials the same trial: the whole flat configuration (task, seed and lr included)."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _check_selection(study: Study, tasks: Sequence[str] | None, dimensions: Sequence[str] | None) -> None:
+    problems = [(name, f"{item!r} is not in study {study.name} ({', '.join(known)})")
+                for name, chosen, known in (("--tasks", tasks, study.tasks), ("--dimensions", dimensions,
+                                                                              study.dimensions))
+                for item in chosen or () if item not in known]
+    if problems:
+        raise ConfigError(problems, "invalid sweep selection")
+
+
+def _lr_grid(study: Study, dim: str, group: str, variant: Mapping[str, Any]) -> list[float]:
+    """The learning rates a variant runs at: its own ``optim.lr`` (a value or a list), else its method's grid."""
+    given = variant.get("optim.lr")
+    if given is not None:
+        return given if isinstance(given, list) else [given]
+    return study.lr_grid(str({**study.base, **variant}.get("method.name", "full")))
+
+
+def _memberships(study: Study, tasks: Sequence[str], dimensions: Sequence[str], seeds: Sequence[int],
+                 overrides: Mapping[str, Any], problems: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
+    """Every (dimension, group, validated flat config) the study asks for, in study order, duplicates included."""
+    planned = []
+    for task in tasks:
+        for dim in dimensions:
+            if not study.runs(task, dim):
+                continue
+            for group, variant in study.dimensions[dim].items():
+                grid = _lr_grid(study, dim, group, variant)
+                if not grid:
+                    method = {**study.base, **variant}.get("method.name", "full")
+                    problems.append((f"dimensions.{dim}.{group}", f"no learning rate grid for method {method!r} "
+                                                                  "(add learning_rates.<method> or .default)"))
+                settings = {k: v for k, v in variant.items() if k != "optim.lr"}
+                for lr in grid:
+                    for seed in seeds:
+                        flat = {**study.base, **study.tasks[task], "optim.lr": lr, **settings, **overrides,
+                                "task.name": task, "train.seed": seed}
+                        try:
+                            planned.append((dim, group, TrialConfig.from_flat(flat).to_flat()))
+                        except ConfigError as err:
+                            problems.extend((f"{task} / {dim}.{group}: {k}", m) for k, m in err.problems)
+    return planned
 
 
 def plan(study: Study, sweep_id: str, tasks: Sequence[str] | None = None, dimensions: Sequence[str] | None = None,
          seeds: Sequence[int] | None = None, overrides: Mapping[str, Any] | None = None) -> list[PlannedTrial]:
-    """Every trial of the study (optionally a subset), each validated; all problems are reported together."""
+    """Every distinct trial of the study (optionally a subset), each validated; all problems are reported together.
+
+    A configuration asked for by several groups is planned once, at its first place in study order, with all of them
+    as memberships (``planned_memberships`` counts the pairs before this). Two groups of *one* dimension that come out
+    identical (``--set`` can do that) could never be told apart, so they are refused.
+    """
+    _check_selection(study, tasks, dimensions)
     problems: list[tuple[str, str]] = []
-    for name, chosen, known in (("--tasks", tasks, study.tasks), ("--dimensions", dimensions, study.dimensions)):
-        for item in chosen or ():
-            if item not in known:
-                problems.append((name, f"{item!r} is not in study {study.name} ({', '.join(known)})"))
+    asked = _memberships(study, list(tasks or study.tasks), list(dimensions or study.dimensions),
+                         list(seeds or study.seeds), overrides or {}, problems)
+    trials: dict[str, PlannedTrial] = {}
+    for dim, group, config in asked:
+        trial = trials.get(key := config_key(config))
+        if trial is None:
+            trials[key] = PlannedTrial(trial_id(sweep_id, config, f"{dim}-{group}"), sweep_id, study.name, dim, group,
+                                       config, [(dim, group)])
+        elif (clash := dict(trial.memberships).get(dim)) is not None:
+            problems.append((f"dimensions.{dim}", f"groups {clash!r} and {group!r} give the same configuration "
+                                                  f"({config['task.name']}, lr {config['optim.lr']:g}, seed "
+                                                  f"{config['train.seed']}); a dimension's groups must differ"))
+        else:
+            trial.memberships.append((dim, group))
     if problems:
-        raise ConfigError(problems, "invalid sweep selection")
-    trials: list[PlannedTrial] = []
-    for task in tasks or list(study.tasks):
-        for dim in dimensions or list(study.dimensions):
-            if not study.runs(task, dim):
-                continue
-            for group, variant in study.dimensions[dim].items():
-                method = str({**study.base, **variant}.get("method.name", "full"))
-                given = variant.get("optim.lr")  # a variant may give its own learning rate or list of them
-                if given is None:
-                    grid = study.lr_grid(method)
-                else:
-                    grid = given if isinstance(given, list) else [given]
-                variant = {k: v for k, v in variant.items() if k != "optim.lr"}
-                if not grid:
-                    problems.append((f"dimensions.{dim}.{group}", f"no learning rate grid for method {method!r} "
-                                                                  "(add learning_rates.<method> or .default)"))
-                    continue
-                for lr in grid:
-                    for seed in seeds or study.seeds:
-                        flat = {**study.base, **study.tasks[task], "optim.lr": lr, **variant, **(overrides or {}),
-                                "task.name": task, "train.seed": seed}
-                        try:
-                            config = TrialConfig.from_flat(flat).to_flat()
-                        except ConfigError as err:
-                            problems.extend((f"{task} / {dim}.{group}: {k}", m) for k, m in err.problems)
-                            continue
-                        trials.append(PlannedTrial(trial_id(sweep_id, dim, group, config), sweep_id, study.name,
-                                                   dim, group, config))
-    if problems:
-        unique = list(dict.fromkeys(problems))
-        raise ConfigError(unique, f"invalid study {study.path}")
-    return trials
+        raise ConfigError(list(dict.fromkeys(problems)), f"invalid study {study.path}")
+    return list(trials.values())
+
+
+def planned_memberships(trials: Sequence[PlannedTrial]) -> int:
+    """(trial, membership) pairs: how many trials planning would have run without sharing configurations."""
+    return sum(len(t.memberships) for t in trials)
+
+
+def duplicates_removed(trials: Sequence[PlannedTrial]) -> int:
+    """Configurations planning did not run twice: memberships beyond each trial's first."""
+    return planned_memberships(trials) - len(trials)
 
 
 # Documented training-split sizes and mean tokens per example at each task's default max_length (measured on the
 # real data); the cost estimate only needs their order of magnitude.
 TASK_SCALE = {"sms_spam": (1045, 25), "imdb": (22500, 203), "nli": (4439, 30), "alpaca": (49973, 112),
               "preference": (929, 250)}
-# Sustained training throughput assumed by the estimate, in FLOP/s: a 2-core CPU in float32 (measured with
-# sweeps/bench.py: ~200 tokens/s for 124M, full fine-tuning) and a current datacenter GPU in bf16 at ~35% utilisation.
+# Validation and test split sizes (examples; preference: pairs) at each task's default source, the README's table.
+EVAL_SCALE = {"sms_spam": (149, 300), "imdb": (2500, 25000), "nli": (495, 4906), "alpaca": (1000, 1000),
+              "preference": (54, 111)}
+# Sustained throughput assumed by the estimate, in FLOP/s: a 2-core CPU in float32 (measured with sweeps/bench.py:
+# ~200 tokens/s for 124M, full fine-tuning) and a current datacenter GPU in bf16 at ~35% utilisation.
 THROUGHPUT = {"cpu": 1.5e11, "gpu": 1.5e14}
+# Seconds a trial spends before its first step, assumed: worker start, model load, the cached data, the method
+# (a GPU adds CUDA's start). A trial's own setup_seconds, where measured, replace it.
+SETUP_SECONDS = {"cpu": 10.0, "gpu": 30.0}
+ASSUMED_RATES = (f"FLOP-based: 6·params per training token for full fine-tuning, 4· with frozen weights, +2· for "
+                 f"DPO's reference; 2·params per evaluation token; {THROUGHPUT['gpu']:.1e} FLOP/s and "
+                 f"{SETUP_SECONDS['gpu']:g} s of setup per trial on a current datacenter GPU, "
+                 f"{THROUGHPUT['cpu']:.1e} and {SETUP_SECONDS['cpu']:g} s on a 2-core CPU (train.device=cpu)")
+
+RateKey = tuple[str, Any, Any, str]
+
+
+def estimate_steps(config: Mapping[str, Any]) -> int:
+    """Optimizer steps of a trial: ``train.max_steps``, else epochs over the (capped) training split."""
+    size, _ = TASK_SCALE[config["task.name"]]
+    n = min(size, config["task.max_train_examples"] or size)
+    batch = config["train.batch_size"] * config["train.grad_accum"]
+    return config["train.max_steps"] or config["train.epochs"] * math.ceil(n / batch)
+
+
+def _example_tokens(config: Mapping[str, Any]) -> int:
+    mean_len = TASK_SCALE[config["task.name"]][1]
+    return min(mean_len, config["task.max_length"] or mean_len)
 
 
 def estimate_tokens(config: Mapping[str, Any]) -> int:
-    size, mean_len = TASK_SCALE[config["task.name"]]
-    n = min(size, config["task.max_train_examples"] or size)
-    length = min(mean_len, config["task.max_length"] or mean_len)
+    """Training tokens of a trial (real tokens, no padding: what ``tokens_per_s`` is measured in)."""
     batch = config["train.batch_size"] * config["train.grad_accum"]
-    steps = config["train.max_steps"] or config["train.epochs"] * math.ceil(n / batch)
-    return int(steps * batch * length)
+    return int(estimate_steps(config) * batch * _example_tokens(config))
+
+
+def estimate_eval_tokens(config: Mapping[str, Any]) -> int:
+    """Tokens the trial's evaluations read: the step-0 test baseline (``train.baseline_eval``), validation at the start
+    (``train.eval_at_start``) and every ``train.eval_every`` steps before the last, the final validation and test, and
+    kept generations. An evaluation of a big test split (IMDB's 25,000 reviews) can cost more than the training."""
+    val, test = EVAL_SCALE[config["task.name"]]
+    cap = config["task.max_eval_examples"]
+    val, test = min(val, cap or val), min(test, cap or test)
+    every = config["train.eval_every"]
+    vals = 1 + bool(config["train.eval_at_start"]) + ((estimate_steps(config) - 1) // every if every else 0)
+    tests = 1 + bool(config["train.baseline_eval"])
+    generated = config["task.num_generations"] * config["train.max_new_tokens"] if TASKS[
+        config["task.name"]].generates else 0
+    return (vals * val + tests * test) * _example_tokens(config) + generated
 
 
 def estimate_params(config: Mapping[str, Any]) -> int:
@@ -270,13 +366,95 @@ def estimate_params(config: Mapping[str, Any]) -> int:
     return 12 * shape["n_layer"] * shape["n_embd"] ** 2 + 50257 * shape["n_embd"]
 
 
-def estimate_hours(trials: Sequence[PlannedTrial], device: str) -> float:
-    """Training FLOPs ≈ 6·params·tokens (full) or 4·params·tokens (frozen weights need no weight gradients)."""
-    flops = 0.0
-    for trial in trials:
-        factor = 6 if trial.config["method.name"] == "full" else 4
-        flops += factor * estimate_params(trial.config) * estimate_tokens(trial.config)
-    return flops / THROUGHPUT[device] / 3600
+def training_flops_per_token(config: Mapping[str, Any]) -> float:
+    """≈ 6·params (full) or 4·params (frozen weights need no weight gradients), + 2·params for DPO's reference
+    log-probs (one more forward pass: precomputed once, or the LoRA policy with its adapters off)."""
+    factor = 6 if config["method.name"] == "full" else 4
+    return (factor + 2 * (config["task.name"] == "preference")) * estimate_params(config)
+
+
+def rate_key(config: Mapping[str, Any]) -> RateKey:
+    """Trials that run at the same speed: same model (name and shape overrides) and method."""
+    return (str(config["model.name"]), config["model.n_layer"], config["model.n_embd"], str(config["method.name"]))
+
+
+def rate_label(key: RateKey) -> str:
+    name, n_layer, n_embd, method = key
+    shape = "".join(f" {k}={v}" for k, v in (("n_layer", n_layer), ("n_embd", n_embd)) if v)
+    return f"{name}{shape}/{method}"
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast completed trials of one model and method ran (the dry run uses them instead of assumed FLOP/s)."""
+
+    trials: int
+    train_tokens_per_s: float
+    eval_tokens_per_s: float | None
+    setup_seconds: float | None
+    devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    """Estimated seconds of one trial, by part; ``measured``: from the rates of completed trials, not assumed;
+    ``device``: what the seconds are of (gpu or cpu), so hours on a CPU are never called GPU-hours."""
+
+    train_s: float
+    eval_s: float
+    setup_s: float
+    measured: bool = False
+    device: str = "gpu"
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + self.eval_s + self.setup_s
+
+
+def measured_rates(rows: Sequence[Mapping[str, Any]]) -> dict[RateKey, Rates]:
+    """Rates per (model, method) from completed trials (``analysis.queries.measured_trials`` rows): training tokens/s
+    over all their training seconds, evaluation tokens/s (tokens as ``estimate_eval_tokens`` counts them, so the
+    estimate's own approximations cancel), and their mean setup seconds."""
+    defaults = TrialConfig().to_flat()  # a trial recorded before a key existed ran with its default
+    grouped: dict[RateKey, list[tuple[dict[str, Any], Mapping[str, Any]]]] = {}
+    for row in rows:
+        config = {**defaults, **(json.loads(row["config"]) if isinstance(row["config"], str) else row["config"])}
+        if config["task.name"] in TASK_SCALE:
+            grouped.setdefault(rate_key(config), []).append((config, row))
+    rates = {}
+    for key, items in grouped.items():
+        evals = [(estimate_eval_tokens(c), r["eval_seconds"]) for c, r in items if (r["eval_seconds"] or 0) > 0]
+        setups = [r["setup_seconds"] for _, r in items if r["setup_seconds"] is not None]
+        train_tps = sum(r["tokens_seen"] for _, r in items) / sum(r["train_seconds"] for _, r in items)
+        eval_tps = sum(t for t, _ in evals) / sum(s for _, s in evals) if evals else None
+        rates[key] = Rates(len(items), train_tps, eval_tps, sum(setups) / len(setups) if setups else None,
+                           tuple(sorted({str(r.get("device")) for _, r in items if r.get("device")})))
+    return rates
+
+
+def trial_cost(config: Mapping[str, Any], device: str = "gpu",
+               rates: Mapping[RateKey, Rates] | None = None) -> TrialCost:
+    """Seconds of training, evaluation and setup: at measured rates of the same model and method where ``rates`` has
+    them, else FLOPs at ``THROUGHPUT[device]`` and ``SETUP_SECONDS[device]`` (a trial pinned to ``train.device=cpu``
+    at the CPU's)."""
+    device = "cpu" if config["train.device"] == "cpu" else device
+    params, flops = estimate_params(config), THROUGHPUT[device]
+    assumed = TrialCost(training_flops_per_token(config) * estimate_tokens(config) / flops,
+                        2 * params * estimate_eval_tokens(config) / flops, SETUP_SECONDS[device], device=device)
+    measured = (rates or {}).get(rate_key(config))
+    if measured is None:
+        return assumed
+    ran_on = ("gpu" if any(d.startswith("cuda") for d in measured.devices) else "cpu") if measured.devices else device
+    return TrialCost(estimate_tokens(config) / measured.train_tokens_per_s,
+                     estimate_eval_tokens(config) / measured.eval_tokens_per_s if measured.eval_tokens_per_s
+                     else assumed.eval_s,
+                     assumed.setup_s if measured.setup_seconds is None else measured.setup_seconds, measured=True,
+                     device=ran_on)
+
+
+def estimate_hours(trials: Sequence[PlannedTrial], device: str, rates: Mapping[RateKey, Rates] | None = None) -> float:
+    """Hours of training, evaluation and setup for all trials, run one after another (see ``trial_cost``)."""
+    return sum(trial_cost(t.config, device, rates).total_s for t in trials) / 3600
 
 
 def resolve_init(flat: dict[str, Any], db: Path) -> None:
@@ -303,3 +481,58 @@ def resolve_init(flat: dict[str, Any], db: Path) -> None:
         raise ConfigError([("dpo.init", f"trial {value} has status {status}, train.export={exported}, and no "
                                         f"weights at {path}; run it with --set train.export=true first")])
     flat["dpo.init"] = str(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A plan as CSV: one row per planned trial, every flat key its own column; ``read_plan_csv`` gives the trials back.
+# --------------------------------------------------------------------------------------------------------------------
+
+PLAN_COLUMNS = ("trial_id", "sweep_id", "study", "task", "memberships", "method", "lr", "seed", "estimated_seconds")
+
+
+def plan_record(trial: PlannedTrial, seconds: float) -> dict[str, Any]:
+    """One planned trial as the dry run's CSV and JSON give it (the JSON keeps ``config`` as one object)."""
+    config = trial.config
+    return {"trial_id": trial.trial_id, "sweep_id": trial.sweep_id, "study": trial.study, "task": config["task.name"],
+            "memberships": [list(m) for m in trial.memberships], "method": config["method.name"],
+            "lr": config["optim.lr"], "seed": config["train.seed"], "estimated_seconds": round(seconds, 1),
+            "config": config}
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell that reads back as the same value: text as itself unless it would read as JSON, the rest as JSON."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value)
+
+
+def _uncell(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def write_plan_csv(trials: Sequence[PlannedTrial], seconds: Sequence[float], out: TextIO) -> None:
+    """The plan for a spreadsheet or a script: fixed columns, then every flat configuration key (study order)."""
+    keys = list(dict.fromkeys(k for t in trials for k in t.config))
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*PLAN_COLUMNS, *keys])
+    for trial, secs in zip(trials, seconds, strict=True):
+        record = plan_record(trial, secs)
+        writer.writerow([_cell(record[c]) for c in PLAN_COLUMNS] + [_cell(trial.config.get(k)) for k in keys])
+
+
+def read_plan_csv(source: TextIO) -> list[PlannedTrial]:
+    """The trials of a plan written by ``write_plan_csv``, with their configurations exactly as planned."""
+    trials = []
+    for row in csv.DictReader(source):
+        values = {name: _uncell(text) for name, text in row.items()}
+        memberships = [tuple(m) for m in values["memberships"]]
+        config = {k: v for k, v in values.items() if k not in PLAN_COLUMNS}
+        trials.append(PlannedTrial(str(values["trial_id"]), str(values["sweep_id"]), str(values["study"]),
+                                   *memberships[0], config, memberships))
+    return trials

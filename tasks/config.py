@@ -26,7 +26,8 @@ class TaskConfig:
     with a stratified split."""
     source: str | None = None
     """Which data a task reads (its ``source_names``); None is the task's default. nli: ``sick`` (default, own
-    splits), ``snli`` (dev/test only; see tasks/nli.py) or ``all_nli_med`` (Hugging Face). preference:
+    splits), ``snli`` (dev/test only; see tasks/nli.py), ``all_nli_med`` (Hugging Face) or ``med_or_sick``
+    (all_nli_med when it can be had, else SICK, loudly; the record notes which). preference:
     ``instruction`` (default, 1,100 pairs), ``hh_helpful`` or ``hh_helpful_train`` (see tasks/preference.py)."""
     prompt_loss: bool = False
     """alpaca: also train on the prompt tokens (default: loss on response tokens only)."""

@@ -9,8 +9,12 @@ the premise is cut, never the hypothesis. Sources (``task.source``):
   leaderboards, which train on the 550k train split.
 - ``all_nli_med``: ``presencesw/all_nli_med`` on the Hugging Face hub (parquet). Read from
   ``$FINETUNE_DATA_DIR/nli/all_nli_med/*.parquet`` when present, else downloaded with ``huggingface_hub``. The code
-  expects columns ``premise``, ``hypothesis``, ``label`` with labels 0/1/2 = entailment/neutral/contradiction (the
-  all-nli convention) or the label names; anything else stops with the columns and label values it found.
+  expects columns ``premise``, ``hypothesis``, ``label`` (or SNLI's ``sentence1``, ``sentence2``, ``gold_label``, whose
+  no-consensus ``-`` rows are left out) with labels 0/1/2 = entailment/neutral/contradiction (the all-nli convention)
+  or the label names; anything else stops with the columns and label values it found. Unavailable, it is an error.
+- ``med_or_sick``: ``all_nli_med`` when it is present or can be downloaded, else SICK, with a loud warning on stderr.
+  Which one was read is the trial's ``task_source_used`` note (and ``task_source_fallback`` says why SICK), so every
+  result can be labelled with the data it really came from; a malformed medical set still stops, it never falls back.
 """
 
 from __future__ import annotations
@@ -19,19 +23,32 @@ import csv
 import gzip
 import io
 import json
+import sys
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tiktoken
 
-from tasks.base import ClassificationTask, Example
+from tasks.base import ClassificationTask, EncodedSplit, Example
 from tasks.data import DataError, Source, _download, data_dir, open_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.gpt2 import GPT2
+    from tasks.config import TaskConfig
 
 LABELS = ("entailment", "neutral", "contradiction")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "test": "test"}
 HUB_SOURCE = "all_nli_med"  # the one source read from the Hugging Face hub, not from a checked file
 HUB_REPO = "presencesw/all_nli_med"
+MED_OR_SICK = "med_or_sick"  # all_nli_med where it can be had, else SICK (loudly, and noted in every record)
+FALLBACK_SOURCE = "sick"
+# Column names the hub set may use: the all-nli names, or SNLI's (whose "-" gold label marks pairs without consensus).
+PARQUET_COLUMNS = (("premise", "hypothesis", "label"), ("sentence1", "sentence2", "gold_label"))
+NO_CONSENSUS = "-"
 
 
 def _jsonl(records: list[dict], out: Path) -> None:
@@ -115,10 +132,14 @@ def read_parquet_splits(files: list[Path]) -> dict[str, list[Example]]:
             raise DataError(f"{path}: cannot tell the split from the file name (expected train/validation/dev/test)")
         relation = duckdb.read_parquet(str(path))
         columns = relation.columns
-        if not {"premise", "hypothesis", "label"} <= set(columns):
-            raise DataError(f"{path}: expected columns premise, hypothesis, label; found {columns}")
-        rows = relation.select("premise, hypothesis, label").fetchall()
+        names = next((n for n in PARQUET_COLUMNS if set(n) <= set(columns)), None)
+        if names is None:
+            raise DataError(f"{path}: expected columns premise, hypothesis, label; found {columns} (SNLI's "
+                            "sentence1, sentence2, gold_label are read too)")
+        rows = relation.select(", ".join(f'"{c}"' for c in names)).fetchall()
         for row_no, (premise, hypothesis, label) in enumerate(rows, start=1):
+            if label == NO_CONSENSUS and names[2] == "gold_label":
+                continue  # SNLI-style pair the annotators did not agree on: no gold label
             if isinstance(label, str) and label.lower() in LABELS:
                 index = LABELS.index(label.lower())
             elif isinstance(label, int) and 0 <= label < 3:
@@ -133,40 +154,87 @@ def read_parquet_splits(files: list[Path]) -> dict[str, list[Example]]:
     return splits
 
 
+def hub_files(root: Path | None) -> list[Path]:
+    """The ``all_nli_med`` parquet files: ``<data dir>/nli/all_nli_med/`` when there, else the hub's snapshot,
+    downloaded with ``huggingface_hub`` into its cache; a DataError when neither can be had."""
+    local = (root if root is not None else data_dir()) / "nli" / HUB_SOURCE
+    files = sorted(local.glob("**/*.parquet")) if local.is_dir() else []
+    if files:
+        return files
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(HUB_REPO, repo_type="dataset", allow_patterns=["*.parquet"]))
+    except Exception as err:
+        raise DataError(f"{HUB_SOURCE}: not in {local} and could not be downloaded from the hub ({HUB_REPO}): "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Put its parquet "
+                        f"files in {local}, or use task.source=sick or snli") from None
+    files = sorted(folder.glob("**/*.parquet"))
+    if not files:
+        raise DataError(f"{HUB_SOURCE}: the hub snapshot {folder} has no parquet files")
+    return files
+
+
+def warn_fallback(reason: str) -> None:
+    """The banner ``med_or_sick`` prints when it reads SICK instead of the medical set (as the launcher does for a
+    random-init model): results on SICK must never pass for medical NLI."""
+    print("\n" + "!" * 100 + f"\n!! MEDICAL NLI UNAVAILABLE: {reason.splitlines()[0]}\n!! task.source=med_or_sick "
+          "falls back to SICK (image and video captions, NOT medical). Every trial records\n!! task_source_used=sick "
+          "in its notes: these results are about SICK, not about medical NLI.\n" + "!" * 100 + "\n",
+          file=sys.stderr, flush=True)
+
+
 class Nli(ClassificationTask):
     name = "nli"
     label_names = LABELS
     default_max_length = 128
-    source_names = (*SOURCES, HUB_SOURCE)
+    source_names = (*SOURCES, HUB_SOURCE, MED_OR_SICK)
+
+    def __init__(self, config: TaskConfig) -> None:
+        super().__init__(config)
+        # The data actually read: task.source, or what med_or_sick resolved to once its files were looked for; and
+        # why med_or_sick read SICK (None when it read the medical set, and for every other source).
+        self.used_source: str | None = None if self.source == MED_OR_SICK else self.source
+        self.fallback_reason: str | None = None
+
+    @property
+    def data_source(self) -> str:
+        """``used_source`` once known; before that (``med_or_sick`` not yet resolved) the configured source."""
+        return self.used_source or str(self.source)
 
     def sources(self) -> list[Source]:
-        return [SOURCES[self.source]] if self.source in SOURCES else []
+        return [SOURCES[self.data_source]] if self.data_source in SOURCES else []
 
     def resolve_paths(self, root: Path | None) -> list[Path]:
-        if self.source != HUB_SOURCE:
-            return super().resolve_paths(root)
-        local = (root if root is not None else data_dir()) / "nli" / HUB_SOURCE
-        files = sorted(local.glob("**/*.parquet")) if local.is_dir() else []
-        if files:
-            return files
-        try:
-            from huggingface_hub import snapshot_download
+        if self.source == MED_OR_SICK:
+            try:
+                files = hub_files(root)
+            except DataError as err:
+                self.used_source, self.fallback_reason = FALLBACK_SOURCE, str(err)
+                warn_fallback(str(err))
+            else:
+                self.used_source, self.fallback_reason = HUB_SOURCE, None
+                return files
+        if self.data_source == HUB_SOURCE:
+            return hub_files(root)
+        return super().resolve_paths(root)
 
-            folder = Path(snapshot_download(HUB_REPO, repo_type="dataset", allow_patterns=["*.parquet"]))
-        except Exception as err:
-            raise DataError(f"{HUB_SOURCE}: not in {local} and could not be downloaded from the hub ({HUB_REPO}): "
-                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Put its parquet "
-                            f"files in {local}, or use task.source=sick or snli") from None
-        files = sorted(folder.glob("**/*.parquet"))
-        if not files:
-            raise DataError(f"{HUB_SOURCE}: the hub snapshot {folder} has no parquet files")
-        return files
+    def cache_options(self) -> dict[str, Any]:
+        return {**super().cache_options(), "source": self.data_source}  # what was read, not what was asked for
+
+    def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
+                batch_size: int) -> dict[str, Any]:
+        """The data source every NLI record carries (``med_or_sick`` may have fallen back, and says why)."""
+        notes: dict[str, Any] = {"task_source_used": self.data_source}
+        if self.fallback_reason is not None:
+            notes["task_source_fallback"] = f"{HUB_SOURCE} unavailable, read SICK: {self.fallback_reason}"
+        return notes
 
     def read_splits(self, paths: list[Path]) -> dict[str, list[Example]]:
-        if self.source == HUB_SOURCE:
+        if self.data_source == HUB_SOURCE:
             return read_parquet_splits(paths)
         splits = read_jsonl(paths[0])
-        if self.source == "snli":
+        if self.data_source == "snli":
             dev = splits["validation"]
             order = np.random.RandomState(123).permutation(len(dev))
             cut = int(len(dev) * 0.9)

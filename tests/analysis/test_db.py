@@ -135,3 +135,87 @@ def test_baselines_per_task_over_the_selected_completed_trials(tmp_path: Path) -
     assert alpaca["step0_mean"] == pytest.approx(980.0) and alpaca["step0_sd"] == pytest.approx(
         statistics.stdev([950.0, 1010.0]))
     assert (alpaca["n_step0"], alpaca["n_step0_seeds"]) == (2, 2)
+
+
+# --- a configuration several dimensions share: one trials row, a trial_groups row per membership ---------------------
+
+# (trial, its memberships in study order, test accuracy per seed): lora (rank 8, every projection) is method/lora and
+# lora_targets/all at once
+SHARED = {
+    "lora": ([("method", "lora"), ("lora_targets", "all")], {"method.name": "lora", "lora.targets": "all"},
+             [0.80, 0.82, 0.84]),
+    "full": ([("method", "full")], {"method.name": "full"}, [0.90, 0.91, 0.92]),
+    "attn": ([("lora_targets", "attention")], {"method.name": "lora", "lora.targets": "attention"}, [0.70, 0.71, 0.72]),
+}
+
+
+def _shared_db(path: Path) -> Path:
+    """Three configurations × three seeds on SMS spam, written as the sweep driver writes them."""
+    from analysis.db import membership_rows
+    from tests.analysis.synthetic import prediction_rows
+
+    writer = ResultsWriter(path)
+    writer.start_sweep({"id": "s1", "study": "x", "kind": "grid", "started_at": "2026-01-01 00:00:00",
+                        "status": "completed", "planned_trials": 9, "model_init": "pretrained"})
+    for name, (memberships, settings, accuracies) in SHARED.items():
+        for seed, accuracy in enumerate(accuracies):
+            config = TrialConfig.from_flat({**settings, "task.name": "sms_spam", "train.seed": seed,
+                                            "optim.lr": 1e-3}).to_flat()
+            spec = {"trial_id": f"{name}-{seed}", "sweep_id": "s1", "study": "x", "dimension": memberships[0][0],
+                    "group": memberships[0][1], "config": config, "memberships": memberships}
+            writer.plan_trials([trial_row(spec, "pending")])
+            writer.write_memberships(membership_rows(spec))
+            record = FinalRecord(status="completed", task="sms_spam", task_kind="classification",
+                                 primary_metric="accuracy", higher_is_better=True, step=10,
+                                 validation={"accuracy": accuracy}, test={"accuracy": accuracy},
+                                 trainable_params=1000, total_params=10_000, train_seconds=10.0 + seed)
+            writer.write_trial(trial_row(spec, "completed", record.to_row()))
+            writer.write_predictions(spec["trial_id"], prediction_rows("sms_spam", seed, "accuracy", accuracy))
+    writer.close()
+    return path
+
+
+def test_a_trial_two_dimensions_share_is_stored_once_and_in_both_dimensions_of_the_guide(tmp_path: Path) -> None:
+    from analysis.guide import collect
+    from analysis.queries import BEST_ALL, records, select_sweeps
+
+    con = connect(_shared_db(tmp_path / "db.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM trials WHERE id LIKE 'lora-%'").fetchone()[0] == 3
+    assert con.execute("SELECT dimension, \"group\" FROM trial_groups WHERE trial_id = 'lora-0' ORDER BY ALL"
+                       ).fetchall() == [("lora_targets", "all"), ("method", "lora")]
+    select_sweeps(con, ["s1"])
+    rows = con.execute("SELECT dimension, \"group\", id, test_primary FROM guide_trials WHERE id LIKE 'lora-%' "
+                       "ORDER BY ALL").fetchall()
+    assert [r[:3] for r in rows] == [("lora_targets", "all", f"lora-{s}") for s in range(3)] + [
+        ("method", "lora", f"lora-{s}") for s in range(3)]
+    assert [r[3] for r in rows[:3]] == [r[3] for r in rows[3:]] == [0.80, 0.82, 0.84]
+    best = {(r["dimension"], r["group"]): r for r in records(con, BEST_ALL)}
+    assert set(best) == {("method", "lora"), ("method", "full"), ("lora_targets", "all"), ("lora_targets", "attention")}
+    for column in ("test_mean", "test_sd", "val_mean", "n_completed", "train_seconds"):  # (summed in any order)
+        assert best[("method", "lora")][column] == pytest.approx(best[("lora_targets", "all")][column], rel=1e-12)
+    # the guide: the shared group is in both dimensions' sections, with the same numbers
+    guide = collect(con)
+    tables = {s.key: {row[0]: row[1:] for row in s.blocks[0].table.rows} for s in guide.sections}
+    assert {"method", "lora_targets"} <= set(tables)
+    assert tables["method"]["lora"] == tables["lora_targets"]["all"]
+    assert set(tables["lora_targets"]) == {"all", "attention"}
+    con.close()
+
+
+def test_an_older_database_without_trial_groups_still_reads_and_is_migrated(tmp_path: Path) -> None:
+    """Trials written before trial_groups existed serve their own dimension and group: through a temporary view when
+    opened read-only, and as rows once a writer opens the file."""
+    from analysis.queries import select_sweeps
+
+    path = _shared_db(tmp_path / "db.duckdb")
+    con = connect(path)
+    con.execute("DROP TABLE trial_groups")  # as a database from before it
+    con.close()
+    reader = connect(path, read_only=True)
+    select_sweeps(reader, ["s1"])
+    assert reader.execute("SELECT dimension, count(*) FROM guide_trials GROUP BY ALL ORDER BY ALL").fetchall() == [
+        ("lora_targets", 3), ("method", 6)]  # lora-* only in its own (first) dimension: nothing recorded more
+    reader.close()
+    writer = connect(path)
+    assert writer.execute("SELECT count(*), count(DISTINCT trial_id) FROM trial_groups").fetchone() == (9, 9)
+    writer.close()

@@ -3,9 +3,11 @@ and divergence, and bad input refused before anything starts. Every Ray process 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -48,15 +50,24 @@ def _db(path: Path):
 
 
 def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
+    from sweeps.study import load_study, plan, planned_memberships
+
     db = tmp_path / "results.duckdb"
     out = _finish(_launch(sessions, "grid", "--study", "smoke", "--db", str(db), "--storage", str(tmp_path / "ray")))
     con = _db(db)
     planned = con.execute("SELECT planned_trials, status, git_commit, package_versions->>'$.torch' FROM sweeps"
                           ).fetchone()
-    assert planned[0] == 63 and planned[1] == "completed" and planned[2] and planned[3]
-    assert con.execute("SELECT count(*), count(DISTINCT id) FROM trials").fetchone() == (63, 63)
-    assert con.execute("SELECT status, count(*) FROM trials GROUP BY status").fetchall() == [("completed", 63)]
-    assert con.execute("SELECT count(DISTINCT task), count(DISTINCT dimension) FROM trials").fetchone() == (5, 7)
+    # a configuration several groups ask for (reference groups repeat across dimensions) is run once
+    study = load_study("smoke")
+    trials = plan(study, "x")
+    n = len(trials)
+    assert (n, planned_memberships(trials), len(study.dimensions)) == (87, 115, 12)  # sweeps/studies/smoke.yaml
+    assert planned[0] == n and planned[1] == "completed" and planned[2] and planned[3]
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM trials").fetchone() == (n, n)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY status").fetchall() == [("completed", n)]
+    assert con.execute("SELECT count(*) FROM trial_groups").fetchone()[0] == planned_memberships(trials) > n
+    assert con.execute("SELECT count(DISTINCT task) FROM trials").fetchone()[0] == 5
+    assert con.execute("SELECT count(DISTINCT dimension) FROM trial_groups").fetchone()[0] == len(study.dimensions)
     assert con.execute("SELECT count(*) FROM trials WHERE test_primary IS NULL OR trainable_params IS NULL"
                        ).fetchone()[0] == 0
     # baselines: every trial scored its untrained model on test; only tasks with class labels have a majority class
@@ -65,7 +76,7 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     # learning curves: one train loss per step (max_steps 3, log_every 1) and final validation/test values
     per_trial = con.execute("""SELECT trial_id, count(*) FILTER (WHERE split = 'train' AND name = 'loss'),
                                       count(*) FILTER (WHERE split = 'test') FROM metrics GROUP BY trial_id""").fetchall()
-    assert len(per_trial) == 63 and all(r[1] == 3 and r[2] >= 2 for r in per_trial)
+    assert len(per_trial) == n and all(r[1] == 3 and r[2] >= 2 for r in per_trial)
     assert "ended after" in out
     con.close()
     # the guide builds from what the sweep wrote: every task and dimension, the random-init banner, generations
@@ -76,7 +87,8 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     assert "Random-init results" in md.split("## How to read")[0]
     for title in ("## LoRA rank", "## How many layers get LoRA", "## Which projections get LoRA", "## Optimizers",
                   "## Learning-rate schedules", "## How many transformer blocks to train (last-k)",
-                  "## Generations side by side", "### Alpaca (instruction tuning)"):
+                  "## LoRA alpha and rsLoRA", "## LoRA dropout", "## How much labelled data", "## Model size",
+                  "## Batch size", "## Generations side by side", "### Alpaca (instruction tuning)"):
         assert title in md
     assert "Every selected trial completed." in md
     assert "## DPO preference tuning: method and β" in md and "### Preference pairs (DPO)" in md
@@ -180,17 +192,17 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_p
     before = dict(con.execute("SELECT id, updated_at FROM trials WHERE status = 'completed'").fetchall())
     planned = con.execute("SELECT planned_trials FROM sweeps").fetchone()[0]
     con.close()
-    assert 6 <= len(before) < planned == 36  # (5 + 2 + 2 variants) x 4 tasks
+    assert 6 <= len(before) < planned == 44  # (5 methods + 2 new ranks) x 4 tasks + 4 optimizers x 2 lr x 2 tasks
 
     _finish(_launch(sessions, "resume", "--db", str(db)))
     con = _db(db)
-    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 36)]
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 44)]
     assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
     after = dict(con.execute("SELECT id, updated_at FROM trials").fetchall())
     assert all(after[t] == when for t, when in before.items()), "a finished trial was run again"
     losses = con.execute("""SELECT trial_id, count(*), count(DISTINCT step) FROM metrics
                             WHERE split = 'train' AND name = 'loss' GROUP BY trial_id""").fetchall()
-    assert len(losses) == 36 and all(n == distinct == 3 for _, n, distinct in losses)
+    assert len(losses) == 44 and all(n == distinct == 3 for _, n, distinct in losses)
 
 
 def test_resume_when_rays_experiment_state_is_torn(real_data, tmp_path: Path, sessions) -> None:
@@ -217,6 +229,7 @@ def test_resume_when_rays_experiment_state_is_torn(real_data, tmp_path: Path, se
 def test_failed_trial_retries_from_checkpoint_and_diverged_one_is_recorded(real_data, tmp_path: Path,
                                                                             sessions) -> None:
     base = {k: v for k, v in SMOKE.items() if k not in ("dimension_tasks", "task_dimensions")}
+    base["base"] = {**base["base"], "schedule.warmup_steps": 0}  # boom must blow up at its first steps, not warm up
     study = {**base, "name": "faults", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
              "dimensions": {"fault": {"ok": {}, "boom": {"optim.name": "sgd", "optim.lr": 1e30,
                                                          "train.max_grad_norm": None}}}}
@@ -282,12 +295,129 @@ def test_bad_input_exits_2_and_starts_nothing(study_text, args, expected, tmp_pa
 
 
 def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys) -> None:
+    from sweeps.study import config_key, duplicates_removed, load_study, plan, planned_memberships
+
     db = tmp_path / "results.duckdb"
     assert main(["grid", "--study", "guide", "--dry-run", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "918 trials" in out and "GPU-hours" in out and "CPU-hours" in out
-    assert "lora_rank" in out and "sms_spam" in out
+    study = load_study("guide")
+    trials = plan(study, "g")
+    assert len({config_key(t.config) for t in trials}) == len(trials)  # no duplicates among planned trials
+    assert (f"{len(trials):,} distinct trials planned from {planned_memberships(trials):,} (trial, group) "
+            f"memberships; {duplicates_removed(trials):,} duplicate configurations removed") in out
+    # per dimension: a shared trial counts in each dimension it serves; the total counts it once
+    numbers = r"\s+([\d,]+)\s+([\d,]+)\s+[\d.,]+$"
+    shown = {m[1]: (int(m[2].replace(",", "")), int(m[3].replace(",", "")))
+             for m in re.finditer(r"^(\S+)" + numbers, out, re.M)}
+    assert shown == {dim: (sum(dim in dict(t.memberships) for t in trials),
+                           sum(dim in dict(t.memberships) and len(dict(t.memberships)) > 1 for t in trials))
+                     for dim in study.dimensions}
+    assert re.search(rf"^distinct total\s+{len(trials):,}\s+[\d.,]+$", out, re.M)
+    assert re.search(r"Estimated cost: [\d.,]+ GPU-hours \(training [\d.,]+, evaluation [\d.,]+, setup [\d.,]+\)", out)
+    assert "CPU-hours" in out and f"Rates: assumed for {len(trials):,} planned trials" in out
+    assert f"no database at {db}" in out
+    shared = next(t for t in trials if len(t.memberships) > 1)
+    (dim, group), (other_dim, other_group) = shared.memberships[:2]
+    assert re.search(rf"^{shared.config['task.name']}\s+{dim}\s+{group}\s.*\s{other_dim}/{other_group}\b", out, re.M)
     assert not db.exists()
+
+
+def test_dry_run_writes_the_plan_as_csv_and_json(tmp_path: Path, capsys) -> None:
+    from sweeps.study import duplicates_removed, load_study, plan, planned_memberships, read_plan_csv
+
+    db = tmp_path / "results.duckdb"
+    trials = plan(load_study("guide"), "g1")
+    dry = ["grid", "--study", "guide", "--dry-run", "--name", "g1", "--db", str(db)]
+    assert main([*dry, "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert read_plan_csv(io.StringIO(out)) == trials
+    assert f"{len(trials):,} distinct trials" in err  # the summary goes to stderr, stdout is the plan alone
+    assert main([*dry, "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["trials"], data["memberships"], data["duplicates_removed"]) == (
+        len(trials), planned_memberships(trials), duplicates_removed(trials))
+    assert [r["trial_id"] for r in data["plan"]] == [t.trial_id for t in trials]
+    assert [r["memberships"] for r in data["plan"]] == [[list(m) for m in t.memberships] for t in trials]
+    assert sum(r["estimated_seconds"] for r in data["plan"]) / 3600 == pytest.approx(data["hours"], rel=1e-3)
+    assert data["unit"] == "GPU-hours"
+    assert main(["grid", "--study", "guide", "--format", "csv", "--db", str(db)]) == 2
+    assert "--format: csv writes a plan; it needs --dry-run" in capsys.readouterr().err
+    assert not db.exists()
+
+
+SHARED_STUDY = "tests/sweeps/shared_study.yaml"
+
+
+def _measured_db(path: Path) -> Path:
+    """The shared study's full fine-tuning trials, completed at 1,000 training tokens/s, with 20 s of evaluation and
+    5 s of setup each (on a GPU)."""
+    from analysis.db import ResultsWriter, trial_row
+    from sweeps.study import load_study, plan
+
+    writer = ResultsWriter(path)
+    writer.start_sweep({"id": "m", "study": "shared", "kind": "grid", "started_at": "2026-01-01 00:00:00",
+                        "status": "completed", "planned_trials": 2})
+    for trial in plan(load_study(str(REPO_ROOT / SHARED_STUDY)), "m"):
+        if trial.config["method.name"] == "full":
+            writer.write_trial(trial_row(trial.as_spec(), "completed", {
+                "tokens_seen": 50_000, "train_seconds": 50.0, "tokens_per_s": 1000.0, "eval_seconds": 20.0,
+                "setup_seconds": 5.0, "result": {"device": "cuda:0"}}))
+    writer.close()
+    return path
+
+
+def test_dry_run_uses_measured_rates_where_the_database_has_them(tmp_path: Path, capsys) -> None:
+    from sweeps.study import estimate_eval_tokens, estimate_tokens, load_study, plan
+
+    db = _measured_db(tmp_path / "measured.duckdb")
+    trials = plan(load_study(str(REPO_ROOT / SHARED_STUDY)), "g1")
+    full = [t for t in trials if t.config["method.name"] == "full"]
+    assert len(full) == 2 and len(trials) == 3
+    dry = ["grid", "--study", str(REPO_ROOT / SHARED_STUDY), "--dry-run", "--name", "g1"]
+    assert main([*dry, "--db", str(tmp_path / "none.duckdb"), "--format", "json"]) == 0
+    assumed = {r["trial_id"]: r["estimated_seconds"] for r in json.loads(capsys.readouterr().out)["plan"]}
+    assert main([*dry, "--db", str(db), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    measured = {r["trial_id"]: r["estimated_seconds"] for r in data["plan"]}
+    assert data["rates"].startswith(f"Rates: measured from 2 trials in {db} (gpt2 n_layer=2 n_embd=32/full; ran on "
+                                    "cuda:0) for 2 planned trials")
+    assert "; assumed for 1 planned trials (FLOP-based" in data["rates"]
+    # the measured evaluation rate: the recorded trials' evaluation tokens (as the estimate counts them) per second
+    eval_rate = sum(estimate_eval_tokens(t.config) for t in full) / 40.0
+    for trial in trials:
+        if trial in full:
+            expected = estimate_tokens(trial.config) / 1000 + estimate_eval_tokens(trial.config) / eval_rate + 5
+            assert measured[trial.trial_id] == pytest.approx(expected, abs=0.1)
+            assert measured[trial.trial_id] != pytest.approx(assumed[trial.trial_id], rel=0.01)
+        else:
+            assert measured[trial.trial_id] == assumed[trial.trial_id]
+    assert main([*dry, "--db", str(db)]) == 0
+    assert "Rates: measured from 2 trials in" in capsys.readouterr().out
+
+
+def test_a_configuration_two_dimensions_share_trains_once_and_is_in_both(real_data, tmp_path: Path,
+                                                                          sessions) -> None:
+    """tests/sweeps/shared_study.yaml: method/full is optimizer/adamw. One trials row, two memberships, and the
+    guide's views show it in both dimensions with the same numbers."""
+    from analysis import queries
+    from analysis.db import connect
+
+    db = tmp_path / "results.duckdb"
+    out = _finish(_launch(sessions, "grid", "--study", SHARED_STUDY, "--db", str(db),
+                          "--storage", str(tmp_path / "ray")))
+    assert "3 trials (1 duplicate configurations shared, not trained twice)" in out
+    con = connect(db, read_only=True)
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 3)]
+    shared = con.execute("SELECT id FROM trials WHERE method = 'full' AND optim_name = 'adamw'").fetchall()
+    assert len(shared) == 1 and shared[0][0].startswith("method-full-")
+    assert con.execute("SELECT dimension, \"group\" FROM trial_groups WHERE trial_id = ? ORDER BY dimension",
+                       [shared[0][0]]).fetchall() == [("method", "full"), ("optimizer", "adamw")]
+    queries.select_sweeps(con, [con.execute("SELECT id FROM sweeps").fetchone()[0]])
+    rows = con.execute("SELECT dimension, \"group\", id, test_primary FROM guide_trials ORDER BY ALL").fetchall()
+    assert [r[:2] for r in rows] == [("method", "full"), ("method", "head_only"), ("optimizer", "adamw"),
+                                     ("optimizer", "sgd")]
+    assert rows[0][2:] == rows[2][2:] and rows[0][2] == shared[0][0]
+    con.close()
 
 
 def test_status_reads_the_database_and_reports_a_held_file(tmp_path: Path, capsys) -> None:

@@ -10,7 +10,19 @@ import yaml
 
 from model import ConfigError
 from sweeps.launch import main
-from sweeps.study import STUDIES_DIR, load_study, resolve_study_path
+from sweeps.study import (
+    STUDIES_DIR,
+    PlannedTrial,
+    Study,
+    config_key,
+    duplicates_removed,
+    load_study,
+    plan,
+    planned_memberships,
+    read_plan_csv,
+    resolve_study_path,
+    write_plan_csv,
+)
 
 
 @pytest.fixture
@@ -33,7 +45,7 @@ def test_shipped_name_wins_over_a_folder_of_the_same_name(cwd_with_folders: Path
 def test_grid_dry_run_of_a_shipped_study_beside_a_folder_of_its_name(cwd_with_folders: Path, capsys) -> None:
     db = cwd_with_folders / "results.duckdb"
     assert main(["grid", "--study", "guide", "--dry-run", "--db", str(db)]) == 0
-    assert "918 trials" in capsys.readouterr().out
+    assert "distinct trials planned from" in capsys.readouterr().out
     assert not db.exists()
 
 
@@ -73,3 +85,93 @@ def test_a_path_to_a_study_file_works(cwd_with_folders: Path, given: str) -> Non
 def test_a_path_that_is_no_study_file_is_refused(cwd_with_folders: Path, given: str) -> None:
     with pytest.raises(ConfigError, match="no such study file"):
         load_study(given)
+
+
+# --- one configuration, several groups: planned once ----------------------------------------------------------------
+
+SHARED = """
+name: shared
+base: {model.name: gpt2, model.init: random, model.n_layer: 2, model.n_head: 2, model.n_embd: 32, train.max_steps: 2}
+tasks: {sms_spam: {}}
+seeds: [0, 1]
+learning_rates: {default: [1.0e-3, 3.0e-3]}
+dimensions:
+  method:
+    full: {method.name: full}
+    head_only: {method.name: head_only}
+  optimizer:
+    adamw: {method.name: full, optim.name: adamw}
+    sgd: {method.name: full, optim.name: sgd}
+"""
+
+
+def _shared_study(tmp_path: Path, text: str = SHARED):
+    (tmp_path / "shared.yaml").write_text(text)
+    return load_study(str(tmp_path / "shared.yaml"))
+
+
+def test_a_configuration_two_dimensions_share_is_planned_once_with_both_memberships(tmp_path: Path) -> None:
+    study = _shared_study(tmp_path)
+    trials = plan(study, "s1")
+    assert len(trials) == 3 * 2 * 2 and planned_memberships(trials) == 16 and duplicates_removed(trials) == 4
+    assert len({config_key(t.config) for t in trials}) == len(trials) == len({t.trial_id for t in trials})
+    full = [t for t in trials if t.config["method.name"] == "full" and t.config["optim.name"] == "adamw"]
+    assert len(full) == 4
+    for trial in full:  # first membership in study order, on the trial itself and first in its list
+        assert (trial.dimension, trial.group) == ("method", "full")
+        assert trial.memberships == [("method", "full"), ("optimizer", "adamw")]
+        assert trial.trial_id.startswith("method-full-")
+    assert all(t.memberships == [(t.dimension, t.group)] for t in trials if t not in full)
+    # deterministic, and the id comes from the sweep and the configuration, not from the group that asked first
+    assert plan(study, "s1") == trials
+    alone = {config_key(t.config): t for t in plan(study, "s1", dimensions=["optimizer"])}
+    for trial in full:
+        other = alone[config_key(trial.config)]
+        assert other.memberships == [("optimizer", "adamw")]
+        assert other.trial_id.split("-")[-1] == trial.trial_id.split("-")[-1]
+    assert {t.trial_id for t in plan(study, "s2")}.isdisjoint(t.trial_id for t in trials)
+
+
+def test_two_groups_of_one_dimension_that_come_out_identical_are_refused(tmp_path: Path) -> None:
+    study = _shared_study(tmp_path)
+    with pytest.raises(ConfigError, match="groups 'adamw' and 'sgd' give the same configuration"):
+        plan(study, "s1", overrides={"optim.name": "adamw"})
+
+
+def _asked(study: Study) -> int:
+    """(trial, group) pairs the study asks for, counted from the file: every group at each of its learning rates and
+    seeds, on every task it runs on."""
+    pairs = 0
+    for task in study.tasks:
+        for dim, groups in study.dimensions.items():
+            for variant in groups.values() if study.runs(task, dim) else ():
+                given = variant.get("optim.lr")
+                grid = study.lr_grid(str({**study.base, **variant}.get("method.name", "full"))) if given is None \
+                    else given if isinstance(given, list) else [given]
+                pairs += len(grid) * len(study.seeds)
+    return pairs
+
+
+def test_the_guide_plans_every_configuration_once() -> None:
+    """No configuration twice, no (trial, group) pair lost, and each dimension holds exactly the configurations it
+    would plan on its own."""
+    study = load_study("guide")
+    trials = plan(study, "g")
+    assert len({config_key(t.config) for t in trials}) == len({t.trial_id for t in trials}) == len(trials)
+    assert planned_memberships(trials) == _asked(study) and duplicates_removed(trials) > 0
+    for dim in study.dimensions:
+        alone = {config_key(t.config) for t in plan(study, "g", dimensions=[dim])}
+        assert alone == {config_key(t.config) for t in trials if dim in dict(t.memberships)}, dim
+
+
+def test_plan_csv_reads_back_as_the_same_trials(tmp_path: Path) -> None:
+    trials = plan(load_study("guide"), "g", tasks=["sms_spam", "preference"])
+    trials.append(PlannedTrial("odd-1", "g", "guide", "d", "x", {**trials[0].config, "task.source": "1e-3",
+                                                                 "dpo.init": "", "lora.layers": "[0, 1]"}))
+    out = tmp_path / "plan.csv"
+    with out.open("w", newline="") as f:
+        write_plan_csv(trials, [float(i) for i in range(len(trials))], f)
+    with out.open(newline="") as f:
+        back = read_plan_csv(f)
+    assert back == trials
+    assert [type(v) for v in back[-1].config.values()] == [type(v) for v in trials[-1].config.values()]
