@@ -22,14 +22,15 @@ lint: install
 test: lint
 	$(PY) -m pytest
 
-# The demo study (gpt2 124M on an SMS spam subset, six methods; random-init with a loud warning when offline) on this
-# machine with an embedded Ray, a short table of results, then the guide (its path is the last line printed).
+# The demo study (gpt2 124M on an SMS spam subset, six methods and an A/A control; random-init with a loud warning
+# when offline) on this machine with an embedded Ray, a short table of results, then the guide (its path is the last
+# line printed). Its 300-example test set cannot resolve a 1-point difference, so "equivalent" means within ±3 points.
 DEMO_DB ?= results/demo.duckdb
 DEMO_GUIDE ?= reports/demo
 demo: install
 	$(PY) sweeps/launch.py grid --study demo --db $(DEMO_DB)
 	$(PY) sweeps/launch.py summary --db $(DEMO_DB)
-	$(PY) analysis/build_guide.py --db $(DEMO_DB) --out $(DEMO_GUIDE)
+	$(PY) analysis/build_guide.py --db $(DEMO_DB) --out $(DEMO_GUIDE) --margin accuracy=0.03
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache test-artifacts

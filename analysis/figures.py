@@ -9,6 +9,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from analysis.guide import METHOD_COLOURS, OTHER_COLOUR, Group, metric_title, task_title
+from analysis.guide import METHOD_COLOURS, OTHER_COLOUR, Group, fmt_count, metric_title, task_title
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -84,23 +85,87 @@ def lora_ranks(groups: Sequence[Group]) -> dict[str, int] | None:
     return ranks
 
 
+# Groups named <series>_n<examples> (training-set size; "all": the whole split) or <series>_bs<batch size>: the number
+# is the x position, the part before it the line the group belongs to.
+NAMED_AXES = ((re.compile(r"(?:^|_)n(\d+|all)$", re.IGNORECASE),
+               "training examples (log axis; 'all' = the whole training split)"),
+              (re.compile(r"(?:^|_)bs(\d+)$", re.IGNORECASE), "batch size, examples per step (log axis)"))
+MODEL_SIZE_RATIO = 1.5  # groups whose models differ at least this much in parameters are drawn by model size
+
+
+@dataclass(frozen=True)
+class NumericAxis:
+    """Where a dimension's groups sit on a numeric x axis, and which line (series) each belongs to."""
+
+    x: dict[str, float]
+    ticks: dict[float, str]
+    label: str
+    series: dict[str, str]
+    base: int = 10
+
+
+def _named_axis(groups: Sequence[Group]) -> NumericAxis | None:
+    """x from the groups' names (``lora_n300``, ``full_bs32``) when every name carries the same kind of number."""
+    for pattern, label in NAMED_AXES:
+        found = {g.group: pattern.search(g.group) for g in groups}
+        if not groups or not all(found.values()):
+            continue
+        numbers = [int(m.group(1)) for m in found.values() if m.group(1).isdigit()]
+        if not numbers:
+            return None
+        every = 3.0 * max(numbers)  # "all": the whole training split, drawn past the largest subset
+        x = {name: float(m.group(1)) if m.group(1).isdigit() else every for name, m in found.items()}
+        ticks = {v: ("all" if v == every and any(not m.group(1).isdigit() for m in found.values()) else f"{v:,.0f}")
+                 for v in x.values()}
+        series = {name: name[:m.start()].rstrip("_") or "all groups" for name, m in found.items()}
+        return NumericAxis(x, ticks, label, series)
+    return None
+
+
+def _model_axis(groups: Sequence[Group]) -> NumericAxis | None:
+    """x = the model's parameter count when the groups' models differ in size (sizes within 10% are one model:
+    LoRA's adapters add a little)."""
+    totals = [g.total_params for g in groups]
+    if len(groups) < 2 or not all(totals) or max(totals) / min(totals) < MODEL_SIZE_RATIO:
+        return None
+    sizes: list[float] = []
+    for v in sorted(totals):
+        if not sizes or v > 1.1 * sizes[-1]:
+            sizes.append(float(v))
+    x = {g.group: max(size for size in sizes if size <= g.total_params) for g in groups}
+    return NumericAxis(x, {v: fmt_count(v) for v in sizes}, "model parameters (log axis)",
+                       {g.group: g.method for g in groups})
+
+
+def numeric_axis(groups: Sequence[Group], dimension: str | None) -> NumericAxis | None:
+    """LoRA rank on a log2 axis, training-set size or model size on a log axis; None: the groups are categories."""
+    ranks = lora_ranks(groups) if dimension == "lora_rank" else None
+    if ranks is not None:
+        x = {name: float(r) for name, r in ranks.items()}
+        return NumericAxis(x, {v: f"{v:.0f}" for v in x.values()}, "LoRA rank (log2 axis)",
+                           {g.group: "rank" for g in groups}, base=2)
+    return _named_axis(groups) or _model_axis(groups)
+
+
 def _group_positions(left: Any, groups: Sequence[Group], fig_spec: dict[str, Any]) -> list[float]:
-    """x of each group on the left panel: its LoRA rank on a log2 axis in the rank section, else its index."""
-    ranks = lora_ranks(groups) if fig_spec.get("dimension") == "lora_rank" else None
-    if ranks is None:
+    """x of each group on the left panel: a numeric axis where the groups have one (rank, data size, model size),
+    else its index."""
+    axis = numeric_axis(groups, fig_spec.get("dimension"))
+    if axis is None:
         left.set_xticks(range(len(groups)), [g.group for g in groups], rotation=30, ha="right")
         return list(range(len(groups)))
-    xs = [float(ranks[g.group]) for g in groups]
-    left.set_xscale("log", base=2)
-    left.set_xticks(xs, [str(ranks[g.group]) for g in groups])
+    xs = [axis.x[g.group] for g in groups]
+    left.set_xscale("log", base=axis.base)
+    left.set_xticks(sorted(axis.ticks), [axis.ticks[v] for v in sorted(axis.ticks)])
     left.minorticks_off()
     left.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
-    left.set_xlabel("LoRA rank (log2 axis)")
+    left.set_xlabel(axis.label)
     return xs
 
 
 def _seed_panel(left: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[str, str, str]]) -> None:
-    """Left panel: each group's test mean with its 95% interval (seeds and test examples), and the seeds as faint dots."""
+    """Left panel: each group's test mean with its 95% interval (seeds and test examples), and the seeds as faint dots;
+    on a numeric axis, a line per series (e.g. per method across training-set sizes)."""
     groups: list[Group] = fig_spec["groups"]
     xs = _group_positions(left, groups, fig_spec)
     for x, g in zip(xs, groups, strict=True):
@@ -110,9 +175,18 @@ def _seed_panel(left: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[str
         left.errorbar([x], [g.test_mean], yerr=None if g.iv.half is None else [[g.iv.half], [g.iv.half]],
                       fmt=m, color=c, capsize=5, markersize=8, elinewidth=2)
         left.scatter([x] * len(g.test_values), g.test_values, color=c, alpha=0.35, s=14, zorder=3)
-    if fig_spec.get("dimension") == "lora_rank" and xs != list(range(len(groups))):
-        done = sorted((x, g.test_mean) for x, g in zip(xs, groups, strict=True) if g.test_mean is not None)
-        left.plot([x for x, _ in done], [y for _, y in done], color=styles[groups[0].group][0], alpha=0.4, lw=1)
+    axis = numeric_axis(groups, fig_spec.get("dimension"))
+    if axis is not None:
+        lines: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+        for x, g in zip(xs, groups, strict=True):
+            if g.test_mean is not None:
+                lines[axis.series[g.group]].append((x, g.test_mean, styles[g.group][0]))
+        for name, points in lines.items():
+            points.sort()
+            left.plot([p[0] for p in points], [p[1] for p in points], color=points[0][2], alpha=0.5, lw=1.2,
+                      label=name if len(lines) > 1 else None)
+        if len(lines) > 1:
+            left.legend(fontsize=8, loc="best")
     metric = groups[0].metric
     _metric_axis(left, metric, groups[0].higher_is_better, [g.test_mean for g in groups if g.test_mean])
     left.set_title(f"test {metric_title(metric)}: mean ± 95% CI (dots: seeds)", fontsize=10)
@@ -131,8 +205,15 @@ def _curve_panel(right: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[s
         if val:
             right.plot([s for s, _ in val], [v for _, v in val], color=c, marker=m, linestyle=ls, markersize=4,
                        label=g.group)
+            peak = (max if g.higher_is_better else min)(val, key=lambda sv: sv[1])  # where validation stopped improving
+            right.scatter([peak[0]], [peak[1]], s=110, facecolors="none", edgecolors=c, linewidths=1.5, zorder=4)
             plotted = True
-        loss = sorted((r["step"], r["value"]) for r in curves if r["group"] == g.group and r["split"] == "train")
+        on_train = sorted((r["step"], r["value"]) for r in curves
+                          if r["group"] == g.group and r["split"] == "train" and r["name"] == g.metric)
+        if on_train:  # train.train_metrics: the same metric on training data; the gap to validation is over-fitting
+            right.plot([s for s, _ in on_train], [v for _, v in on_train], color=c, linestyle=":", linewidth=1.2)
+        loss = sorted((r["step"], r["value"]) for r in curves
+                      if r["group"] == g.group and r["split"] == "train" and r["name"] == "loss")
         if loss:
             loss_ax = loss_ax or right.twinx()
             loss_ax.plot([s for s, _ in loss], [v for _, v in loss], color=c, linestyle="--", alpha=0.45,
@@ -144,7 +225,8 @@ def _curve_panel(right: Any, fig_spec: dict[str, Any], styles: dict[str, tuple[s
     metric = groups[0].metric
     right.set_xlabel("optimizer step")
     _metric_axis(right, metric, groups[0].higher_is_better, [r["value"] for r in curves if r["split"] == "validation"])
-    right.set_title(f"validation {metric_title(metric)} (markers) and training loss (faint dashed)", fontsize=10)
+    right.set_title(f"validation {metric_title(metric)} (ring: its best; dotted: on training data), training loss "
+                    "(dashed)", fontsize=9)
     right.legend(fontsize=8, loc="best")
     right.grid(alpha=0.3)
     if loss_ax is not None:

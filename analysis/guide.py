@@ -63,14 +63,27 @@ SECTIONS: tuple[dict[str, Any], ...] = (
      "about": "Training only the last k blocks (plus the head): head-only is k = 0, full fine-tuning is every block."},
     {"key": "lora_rank", "dimension": "lora_rank", "title": "LoRA rank",
      "about": "LoRA on every target projection at ranks from 1 up; alpha scales with the rank (alpha = 2r)."},
+    {"key": "lora_alpha", "dimension": "lora_alpha", "title": "LoRA alpha and rsLoRA",
+     "about": "The scale of LoRA's update: alpha = r, 2r or 4r, and rsLoRA's alpha/sqrt(r) instead of alpha/r."},
+    {"key": "lora_dropout", "dimension": "lora_dropout", "title": "LoRA dropout",
+     "about": "Dropout on the adapters' input."},
     {"key": "lora_layers", "dimension": "lora_layers", "title": "How many layers get LoRA",
      "about": "LoRA adapters on the last few transformer blocks only, or on all of them."},
     {"key": "lora_targets", "dimension": "lora_targets", "title": "Which projections get LoRA",
      "about": "Adapters on the attention projections, the MLP, or both."},
+    {"key": "data_size", "dimension": "data_size", "title": "How much labelled data",
+     "about": "Each method trained on subsets of the training split (log axis): how quality grows with data, and where "
+              "the cheaper methods catch up."},
+    {"key": "model_size", "dimension": "model_size", "title": "Model size",
+     "about": "The same methods on larger GPT-2 models (by parameter count): whether the answer changes with size, with "
+              "the cost columns that make the trade-off visible."},
+    {"key": "batch_size", "dimension": "batch_size", "title": "Batch size",
+     "about": "Examples per optimizer step for full fine-tuning and LoRA, each at its own learning-rate grid."},
     {"key": "optimizer", "dimension": "optimizer", "title": "Optimizers",
-     "about": "The same method and schedule with different optimizers, each at its best learning rate."},
+     "about": "LoRA and full fine-tuning with different optimizers, each optimizer at its own learning-rate grid and "
+              "reported at its best learning rate."},
     {"key": "schedule", "dimension": "schedule", "title": "Learning-rate schedules",
-     "about": "The same method and optimizer with different learning-rate schedules."},
+     "about": "LoRA and full fine-tuning with different learning-rate schedules."},
     {"key": "control", "dimension": "control", "title": "A/A control: groups that train identically",
      "about": "Groups whose configurations differ only in a key that does not change training (e.g. train.log_every): "
               "a check of the guide's own statistics. They must never be said to differ; with enough test examples "
@@ -273,6 +286,7 @@ class Guide:
     random_init: bool
     scope: list[str]
     how_to_read: list[str]
+    decisions: Block | None
     summary: list[Block]
     recommendations: dict[str, list[str]]
     across: Block | None
@@ -407,12 +421,18 @@ def _margin(v: Verdict, metric: str | None) -> float:
     return math.expm1(v.margin) if metric in LOG_METRICS else v.margin
 
 
+def fmt_detectable(v: Verdict, metric: str | None) -> str:
+    """The smallest detectable difference, or a plain statement when it exceeds what the metric can differ by."""
+    mde = v.detectable
+    if (metric not in LOG_METRICS and mde >= 1) or (metric in LOG_METRICS and mde >= math.log(10)):
+        return "none within the metric's range"
+    return f"about {fmt_points(mde, metric, signed=False)}{_unit(metric)}"
+
+
 def _inconclusive(v: Verdict, where: str, metric: str | None) -> str:
     seen = fmt_points(abs(v.estimate.value), metric, signed=False, digits=_digits(v.estimate.value))
-    mde = v.detectable
     text = (f"Inconclusive {where} between {v.reference} and {v.other} ({_evidence(v, metric)}). With "
-            f"{v.estimate.n} seeds the smallest difference this study can detect is about "
-            f"{fmt_points(mde, metric, signed=False)}{_unit(metric)}")
+            f"{v.estimate.n} seeds the smallest difference this study can detect is {fmt_detectable(v, metric)}")
     need = v.seeds_needed
     if need is None:
         text += (f"; no number of seeds settles a difference of {seen}{_unit(metric)} on this test set, whose own "
@@ -475,9 +495,10 @@ def sentences(findings: Sequence[Finding]) -> list[str]:
             out.append(f.text)
     for (task, dimension), fs in single.items():
         where = _where(task, dimension)
+        others = list(dict.fromkeys(n for f in fs for n in f.numbers[1:] if n not in {g.numbers[0] for g in fs}))
         text = (f"No conclusion {where}: {', '.join(fs[0].numbers)}" if len(fs) == 1 else
-                f"No conclusion {where}: best observed {fs[0].numbers[0]}; others "
-                f"{', '.join(f.numbers[1] for f in fs)}")
+                f"No conclusion {where}: best on validation "
+                f"{', '.join(dict.fromkeys(f.numbers[0] for f in fs))}; others {', '.join(others)}")
         out[out.index(f"@single:{task}:{dimension}")] = (text + ". With a single seed no interval can be given; "
                                                          "run more seeds.")
     return out
@@ -576,7 +597,8 @@ def how_to_read(margins: Mapping[str, float] | None = None) -> list[str]:
         f"Intervals are two-sided {LEVEL:.0%} intervals that count both sources of error: the spread over seeds "
         "and the test set's own sampling error (another sample of test examples would give another number). Seeds "
         "and test examples are treated as crossed random factors, variance = s²(seeds)/n + s²(examples)/N, with "
-        "Welch-Satterthwaite degrees of freedom; proportions get two pseudo-examples (Agresti-Coull) so an "
+        "the t quantile at n - 1 degrees of freedom (the seed part's: with 2-5 seeds Welch-Satterthwaite's larger "
+        "value claimed false differences in simulation); proportions get two pseudo-examples (Agresti-Coull) so an "
         "interval is never ±0. Ignoring the test-set part is what Bouthillier et al. (2021, \"Accounting for "
         "Variance in Machine Learning Benchmarks\") show makes benchmark differences fail to replicate. A "
         "bootstrap is not used: with 2-5 seeds it undercovers (Agarwal et al., 2021, bootstrap over many runs).",
@@ -691,10 +713,153 @@ def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Se
         figures.append(fig)
         metric = metric_title(gs[0].metric)
         caption = (f"Left: test {metric} at each group's best learning rate, mean and {LEVEL:.0%} interval over "
-                   f"seeds and test examples. Right: validation {metric} during training (mean over seeds); dashed: training loss.")
+                   f"seeds and test examples. Right: validation {metric} during training (mean over seeds; a ring "
+                   "marks where it peaked: how long training was worth it; dotted, where recorded: the same metric "
+                   "on a fixed training subset); dashed: training loss.")
         blocks.append(Block(task, task_title(task), Figure(fig["file"], fig["title"], caption),
                             dimension_table(gs), texts))
     return Section(spec["key"], spec["title"], spec["about"], blocks) if blocks else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The decision table: per task, what to use and the cheapest equivalent, from the comparisons' verdicts only
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def fmt_settings(g: Group, st: Mapping[str, Any] | None) -> str:
+    """A group's method settings, learning rate, batch and budget, and where validation peaked."""
+    st = st or {}
+    if g.method == "lora":
+        parts = [f"LoRA r{st.get('lora_rank')}, α {st.get('lora_alpha'):g}" if st.get("lora_alpha") is not None
+                 else "LoRA", f"layers {st.get('lora_layers') or 'all'}", f"targets {st.get('lora_targets') or '–'}"]
+    elif g.method == "last_k":
+        parts = [f"last {st.get('method_k')} blocks"]
+    else:
+        parts = [g.method]
+    parts.append(f"LR {fmt_lr(g.lr)}")
+    if st.get("batch_size"):
+        parts.append(f"batch {st['batch_size']}")
+    if st.get("max_steps"):
+        parts.append(f"{st['max_steps']} steps")
+    elif st.get("epochs"):
+        parts.append(f"{st['epochs']} epoch{'s' if st['epochs'] != 1 else ''}")
+    if st.get("best_epoch") is not None:
+        parts.append(f"validation peaked at epoch {st['best_epoch']:.1f}")
+    return "; ".join(parts)
+
+
+def _loser(v: Verdict) -> str:
+    return v.other if v.winner == v.reference else v.reference
+
+
+def _partner(v: Verdict, name: str) -> str | None:
+    return v.other if v.reference == name else v.reference if v.other == name else None
+
+
+def _cost(g: Group, st: Mapping[str, Any] | None) -> float:
+    """What 'cheaper' means here: the bytes a user keeps, else the trainable parameters."""
+    return (st or {}).get("kept_bytes") or g.trainable_params or math.inf
+
+
+def standing(verdicts: Sequence[Verdict]) -> tuple[list[str], str]:
+    """The groups the data lets the guide recommend, and on what ground: the validation pick(s) nothing beats on test,
+    else what beats them on test."""
+    refs = sorted({v.reference for v in verdicts})
+    beaten = {_loser(v) for v in verdicts if v.kind == "beats"}
+    up = [r for r in refs if r not in beaten]
+    if up:
+        return up, "best on validation" if len(refs) == 1 else "tied best on validation"
+    winners = sorted({v.winner for v in verdicts if v.kind == "beats" and v.winner not in refs})
+    return winners, f"beats the validation pick ({', '.join(refs)}) on test"
+
+
+def _evidence_cell(name: str, ground: str, verdicts: Sequence[Verdict], metric: str | None) -> str:
+    said: dict[str, list[str]] = defaultdict(list)
+    for v in verdicts:
+        other = _partner(v, name)
+        if other is None:
+            continue
+        if v.kind == "beats":
+            said["beats" if v.winner == name else "beaten by"].append(other)
+        elif v.kind == "inconclusive":
+            said["inconclusive against"].append(f"{other} (detectable: {fmt_detectable(v, metric)})")
+        else:
+            said[{"equivalent": "equivalent to", "single_seed": "not compared (single seed) with"}[v.kind]].append(
+                other)
+    text = ground + "".join(f"; {k} {', '.join(vs)}" for k, vs in said.items())
+    if set(said) == {"not compared (single seed) with"}:
+        return "no conclusion (single seed): " + text
+    decided = said.get("beats") or said.get("equivalent to")
+    return text if decided or not said.get("inconclusive against") else "inconclusive: " + text
+
+
+def decide(groups: Sequence[Group], verdicts: Sequence[Verdict], st: Mapping[tuple[str, str, str], Any]
+           ) -> list[str]:
+    """One task's row of the decision table."""
+    g0 = groups[0]
+    by = {g.group: g for g in groups}
+    cost = {g.group: _cost(g, st.get((g.task, g.dimension, g.group))) for g in groups}
+    if not verdicts:
+        names, ground = [g.group for g in groups if g.test_values][:1], "the only group with a result"
+    else:
+        names, ground = standing(verdicts)
+    if len(names) > 1:
+        tied = {frozenset((v.reference, v.other)) for v in verdicts if v.kind == "equivalent"}
+        if all(frozenset(p) in tied for p in itertools.combinations(names, 2)):
+            names, ground = [min(names, key=lambda n: (cost[n], n))], f"{ground}, equivalent; the cheapest of them"
+        else:
+            return [task_title(g0.task), " or ".join(names), "–", "; ".join(by[n].shown for n in names), "–", "–",
+                    "–", f"undecided: {' and '.join(names)} are {ground} and their test comparison is not conclusive",
+                    "–"]
+    if not names:
+        return [task_title(g0.task)] + ["–"] * 8
+    pick = by[names[0]]
+    key = (pick.task, pick.dimension, pick.group)
+    equivalents = [_partner(v, pick.group) for v in verdicts if v.kind == "equivalent" and _partner(v, pick.group)]
+    cheaper = [n for n in equivalents if cost[n] < cost[pick.group]]
+    if cheaper:
+        c = by[min(cheaper, key=lambda n: (cost[n], n))]
+        ckey = (c.task, c.dimension, c.group)
+        alt = (f"{c.group}: {c.shown}, keeps {fmt_bytes((st.get(ckey) or {}).get('kept_bytes'))}, "
+               f"{fmt_seconds(c.train_seconds)}, {fmt_memory(c)}; equivalent within "
+               f"{fmt_margin(_margin(next(v for v in verdicts if v.kind == 'equivalent'), c.metric), c.metric)}")
+    else:
+        alt = "– (nothing cheaper is shown equivalent)"
+    return [task_title(pick.task), pick.group, fmt_settings(pick, st.get(key)), pick.shown,
+            fmt_seconds(pick.train_seconds), fmt_memory(pick), fmt_bytes((st.get(key) or {}).get("kept_bytes")),
+            _evidence_cell(pick.group, ground, verdicts, pick.metric), alt]
+
+
+def decisions(all_groups: Sequence[Group], main: Mapping[str, str],
+              verdicts: Mapping[tuple[str, str], Sequence[Verdict]], st: Mapping[tuple[str, str, str], Any]
+              ) -> Block | None:
+    """Per task: the recommended configuration of its main dimension, its expected test metric and cost, the claims
+    behind it, and the cheapest configuration the data shows equivalent; then, per other dimension, what its
+    comparisons found (rank, layers, optimizer, ...). Nothing is chosen on test except through the verdicts."""
+    families: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for g in all_groups:
+        families[(g.task, g.dimension)].append(g)
+    rows, lines = [], []
+    for task in _by_task(all_groups):
+        rows.append(decide(order_groups(families[(task, main[task])]), verdicts.get((task, main[task]), []), st))
+        for (t, dim), gs in sorted(families.items()):
+            if t == task and dim != main[task] and verdicts.get((t, dim)):
+                lines.append(_across_sentence(task, gs, verdicts[(t, dim)], lead=f"{task}, {dim}: "))
+    if not rows:
+        return None
+    table = Table(["task", "use", "settings", "expected test metric (95% CI)", "train time", "memory", "you keep",
+                   "why (Holm-adjusted comparisons)", "cheapest equivalent"], rows,
+                  align=["l", "l", "l", "r", "r", "r", "r", "l", "l"])
+    return Block("all", "What to use", None, table, lines)
 
 
 def main_rows(con: duckdb.DuckDBPyConnection, main: dict[str, str], sql: str) -> list[dict[str, Any]]:
@@ -713,9 +878,12 @@ def scope(con: duckdb.DuckDBPyConnection, sweeps: Sequence[dict[str, Any]], init
     completed = sum(s["completed"] for s in sweeps)
     model_text = ", ".join(f"{m['model']} ({m['model_n_layer'] or 'preset'} layers)" if m["model_n_layer"]
                            else m["model"] for m in q.records(con, q.MODELS))
+    sources = [f"{r['task']} read **{r['used']}** in {r['trials']} trials (configured: {r['configured']}"
+               + (f"; {r['fallback']}" if r["fallback"] else "") + ")" for r in q.records(con, q.DATA_SOURCES)]
     return [f"Study **{sweeps[0]['study']}**: {len(sweeps)} sweep(s), {total} trials, {completed} completed.",
             f"Model: {model_text}; initialisation: {', '.join(f'{k} ({v} trials)' for k, v in inits.items())}.",
-            f"Tasks: {', '.join(task_title(t) for t in tasks)}."]
+            f"Tasks: {', '.join(task_title(t) for t in tasks)}."] + ([f"Data: {'; '.join(sources)}."] if sources
+                                                                      else [])
 
 
 def reproduce(con: duckdb.DuckDBPyConnection, sweeps: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -756,10 +924,12 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
     tasks = list(_by_task(all_groups))
     return Guide(
         title="Fine-tuning GPT-2: a measured guide", random_init="random" in inits,
-        scope=scope(con, sweeps, inits, tasks), how_to_read=how_to_read(margins), summary=summary,
+        scope=scope(con, sweeps, inits, tasks), how_to_read=how_to_read(margins),
+        decisions=decisions(all_groups, main, verdicts, q.settings(con)), summary=summary,
         recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures, verdicts),
         sections=sections, pareto=pareto_blocks(main_groups, figures),
-        learning_rate=lr_blocks(main_rows(con, main, q.LR_SWEEP), figures),
+        learning_rate=lr_blocks(q.records(con, q.LR_SWEEP_ALL), figures, main,
+                                lr_ratios(q.records(con, q.LR_BY_SEED), main)),
         generations=generation_sets(main_rows(con, main, q.GENERATIONS)), reproduce=reproduce(con, sweeps),
         findings=found.all, figures=figures)
 
@@ -797,12 +967,13 @@ def _across_marks(task: str, verdicts: Sequence[Verdict]) -> dict[tuple[str, str
     return marks
 
 
-def _across_sentence(task: str, groups: Sequence[Group], verdicts: Sequence[Verdict]) -> str:
-    """One task's line: the group(s) best on validation and what the comparisons with them found."""
+def _across_sentence(task: str, groups: Sequence[Group], verdicts: Sequence[Verdict], lead: str | None = None
+                     ) -> str:
+    """One family's line: the group(s) best on validation and what the comparisons with them found."""
     kind = TASK_KINDS.get(task, task)
     shown = {g.group: g.shown for g in groups}
     refs = sorted({v.reference for v in verdicts})
-    text = f"{kind[:1].upper() + kind[1:]} ({task}): "
+    text = lead if lead is not None else f"{kind[:1].upper() + kind[1:]} ({task}): "
     if len(refs) == 1:
         text += f"{refs[0]} is best on validation (test {shown[refs[0]]})"
     else:
@@ -922,23 +1093,67 @@ def _lr_group(task: str, name: str, lrs: Sequence[dict[str, Any]], metric: str |
             fmt_metric(worst["val_mean"], metric), note], sentences
 
 
-def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]]) -> list[Block]:
-    """Per task, each group's best learning rate and how much the metric moves across the grid, with a figure."""
+def best_lr_per_seed(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, float]]:
+    """Per (task, dimension, group) and seed, the learning rate with the best validation metric of that seed."""
+    best: dict[tuple[str, str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
+    for r in rows:
+        score = r["val"] if r["higher_is_better"] else -r["val"]
+        seeds = best[(r["task"], r["dimension"], r["group"])]
+        if r["seed"] not in seeds or score > seeds[r["seed"]][0]:
+            seeds[r["seed"]] = (score, r["lr"])
+    return {k: {seed: lr for seed, (_, lr) in v.items()} for k, v in best.items()}
+
+
+def lr_ratios(rows: Sequence[dict[str, Any]], main: Mapping[str, str]) -> dict[str, list[str]]:
+    """Per task, the measured ratio of each LoRA group's best learning rate to full fine-tuning's in the task's main
+    dimension: per seed (each chosen on that seed's validation), and their geometric mean."""
+    methods = {(r["task"], r["dimension"], r["group"]): r["method"] for r in rows}
+    grids: dict[tuple[str, str, str], set[float]] = defaultdict(set)
+    for r in rows:
+        grids[(r["task"], r["dimension"], r["group"])].add(r["lr"])
+    best = best_lr_per_seed(rows)
+    out: dict[str, list[str]] = defaultdict(list)
+    for (task, dim, group), seeds in best.items():
+        if dim != main.get(task) or methods[(task, dim, group)] != "lora" or len(grids[(task, dim, group)]) < 2:
+            continue
+        for (t2, d2, full), full_seeds in best.items():
+            if (t2, d2) != (task, dim) or methods[(t2, d2, full)] != "full" or len(grids[(t2, d2, full)]) < 2:
+                continue
+            shared = sorted(set(seeds) & set(full_seeds))
+            if not shared:
+                continue
+            ratios = [seeds[s] / full_seeds[s] for s in shared]
+            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            out[task].append(f"On {task}, {group}'s best learning rate is {geo:.3g}× {full}'s (geometric mean over "
+                             f"{len(shared)} seed{'s' if len(shared) != 1 else ''}; per seed "
+                             f"{', '.join(f'{x:.3g}×' for x in ratios)}), each chosen on that seed's validation "
+                             "metric.")
+    return out
+
+
+def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]], main: Mapping[str, str] | None = None,
+              ratios: Mapping[str, list[str]] | None = None) -> list[Block]:
+    """Per task, every group's best learning rate and how much the metric moves across the grid (groups of other
+    dimensions than the task's main one are named ``dimension/group``), with a figure of the main dimension and the
+    measured ratio of LoRA's best learning rate to full fine-tuning's."""
     blocks = []
     for task, rs in _by_task(rows).items():
         metric = next((r["metric"] for r in rs if r["metric"]), None)
         hib = next((r["higher_is_better"] for r in rs if r["higher_is_better"] is not None), None)
-        table_rows, sentences = [], []
+        table_rows, sentences = [], list((ratios or {}).get(task, []))
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        home = (main or {}).get(task)
         for r in rs:
-            groups[r["group"]].append(r)
+            dim = r.get("dimension", home)
+            groups[r["group"] if dim == home else f"{dim}/{r['group']}"].append(r)
         for name, lrs in groups.items():
             row, said = _lr_group(task, name, lrs, metric, hib)
             table_rows.append(row)
             sentences += said
+        shown = [r for r in rs if r.get("dimension", home) == home]
         fig = {"kind": "lr", "file": f"figures/lr_{task}.png", "task": task, "metric": metric,
                "higher_is_better": hib,
-               "title": f"Learning rate: {task_title(task)}", "rows": rs}
+               "title": f"Learning rate: {task_title(task)}", "rows": shown}
         figures.append(fig)
         blocks.append(Block(task, task_title(task),
                             Figure(fig["file"], fig["title"],

@@ -96,6 +96,10 @@ class TrainConfig:
     """Evaluate on validation every N optimizer steps (always also at the end, with test)."""
     eval_at_start: bool = False
     """Also evaluate on validation before the first step (learning curves start at step 0)."""
+    train_metrics: bool = False
+    """At every validation also evaluate a fixed subset of the training split (the first examples, as many as the
+    validation split has): the task's metrics on training data along training, beside validation, to see when a run
+    starts to over-fit (how many epochs are worth it). Costs about one validation pass per evaluation."""
     baseline_eval: bool = True
     """Evaluate the untrained model (base weights, fresh head; LoRA's B = 0 leaves it the base) on the test split once,
     before the first step of a trial that starts at step 0: the guide's "before training" baseline. Costs one test
@@ -147,7 +151,7 @@ class TrainConfig:
             problems.add("early_stopping_patience", "needs train.eval_every (evaluations to compare)")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.add("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        for key in ("compile", "group_by_length", "eval_at_start", "baseline_eval", "export"):
+        for key in ("compile", "group_by_length", "eval_at_start", "train_metrics", "baseline_eval", "export"):
             if not isinstance(getattr(self, key), bool):
                 problems.add(key, f"must be true or false, got {getattr(self, key)!r}")
         problems.raise_if_any("invalid training configuration")

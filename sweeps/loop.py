@@ -147,6 +147,8 @@ def setup(config: TrialConfig) -> Trial:
     use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
     task = get_task(config.task, dpo=config.dpo)
     splits = task.load(get_tokenizer(), seed=SUBSET_SEED)
+    if train.train_metrics:  # before prepare: DPO computes the subset's reference log-probs with the others
+        splits[TRAIN_SUBSET] = splits["train"].subset(range(min(len(splits["train"]), len(splits["validation"]))))
     model = build_model(config.model, train.seed, None if config.dpo.init == "base" else config.dpo.init)
     torch.manual_seed(train.seed)
     head = task.make_head(model.config.n_embd)
@@ -283,6 +285,9 @@ def optimizer_step(trial: Trial, group: list[list[int]]) -> StepRecord | None:
                       step_tokens / max(elapsed, 1e-9), state.tokens_seen)
 
 
+TRAIN_SUBSET = "train_subset"  # the fixed training examples evaluated along training (train.train_metrics)
+
+
 def evaluate(trial: Trial, split: str, examples: ExampleResults | None = None) -> dict[str, float]:
     """The task's metrics of the current weights on a split (evaluation mode, then back to training); with
     ``examples``, each example's outcome under its index in the split."""
@@ -302,8 +307,10 @@ def evaluate(trial: Trial, split: str, examples: ExampleResults | None = None) -
 
 
 def validate(trial: Trial, emit: Callback) -> EvalRecord:
-    """Validation metrics into the history and the callback."""
-    record = EvalRecord(trial.state.step, evaluate(trial, "validation"))
+    """Validation metrics (and, with ``train.train_metrics``, the training subset's) into the history and the
+    callback."""
+    on_train = evaluate(trial, TRAIN_SUBSET) if TRAIN_SUBSET in trial.splits else {}
+    record = EvalRecord(trial.state.step, evaluate(trial, "validation"), train=on_train)
     trial.state.history.append(record)
     emit(record)
     return record
@@ -403,6 +410,8 @@ def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -
             record.best_step = state.best_step
         outcomes = {split: ExampleResults() for split in ("validation", "test")}
         record.validation = evaluate(trial, "validation", outcomes["validation"])
+        if TRAIN_SUBSET in trial.splits:  # the training-subset curve ends where validation's does
+            record.history.append(EvalRecord(state.step, record.validation, train=evaluate(trial, TRAIN_SUBSET)))
         record.test = evaluate(trial, "test", outcomes["test"])
         record.predictions = {split: results.columns() for split, results in outcomes.items()}
         if task.generates and trial.config.task.num_generations:

@@ -31,6 +31,7 @@ ROW_FIELDS = ("trainable_params", "total_params", "tokens_seen", "tokens_per_s",
 FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
 DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
 
+TRAIN_PREFIX = "train_subset_"  # report keys of the training-subset metrics of an evaluation (train.train_metrics)
 EVAL_STEP = "eval_step"  # the step of an evaluation, in eval reports only: schedulers decide at evaluations alone
 MetricRow = tuple[int, str, str, float]  # (step, split, name, value): one row of the metrics table
 PredictionRow = tuple[str, int, int | None, int | None, bool | None, float | None, int | None]
@@ -87,23 +88,28 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """The metrics of one evaluation of a split, by the task's own metric names."""
+    """The metrics of one evaluation of a split, by the task's own metric names; with ``train.train_metrics`` also
+    the same metrics on a fixed subset of the training split at the same step (``train``)."""
 
     event: ClassVar[str] = "eval"
     step: int
     metrics: dict[str, float]
     split: str = "validation"
+    train: dict[str, float] = field(default_factory=dict)
 
     def to_report(self) -> dict[str, Any]:
         return {"event": self.event, "step": self.step, EVAL_STEP: self.step,
-                **{metric_key(self.split, k): v for k, v in self.metrics.items()}}
+                **{metric_key(self.split, k): v for k, v in self.metrics.items()},
+                **{TRAIN_PREFIX + k: v for k, v in self.train.items()}}
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any], split: str = "validation") -> EvalRecord:
-        return cls(int(report.get("step") or 0), split_metrics(report, split), split)
+        train = {k[len(TRAIN_PREFIX):]: v for k, v in report.items() if k.startswith(TRAIN_PREFIX) and _is_number(v)}
+        return cls(int(report.get("step") or 0), split_metrics(report, split), split, train)
 
     def metric_rows(self) -> list[MetricRow]:
-        return _metric_rows(self.step, self.split, self.metrics)
+        """Rows of the split, and the training-subset metrics as the ``train`` split (beside the training loss)."""
+        return _metric_rows(self.step, self.split, self.metrics) + _metric_rows(self.step, "train", self.train)
 
 
 @dataclass(frozen=True)

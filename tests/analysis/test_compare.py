@@ -20,18 +20,19 @@ def _arm(name: str, val: float, correct: list[list[int]]) -> Arm:
 
 def test_null_studies_claim_a_winner_in_at_most_five_percent_of_families() -> None:
     """2,160 simulated studies where every group is truly equal, over realistic group counts, seed counts (seed
-    spread about 1.7 accuracy points) and test-set sizes: the share of families claiming any winner stays <= 5%."""
+    spread about 1.7 accuracy points) and test-set sizes: the share of families claiming any winner stays <= 5%, in
+    every setting (not only on average: 2 seeds and a large test set is where a narrower interval would fail)."""
     rng = np.random.default_rng(2026)
     settings = [Setting(groups=g, seeds=s, examples=n)
                 for g, s, n in itertools.product((2, 3, 4, 6), (2, 3, 5), (100, 1000, 5000))]
-    claimed = studies = 0
+    claimed: dict[Setting, int] = {}
     for setting in settings:
-        for _ in range(60):
-            arms, _ = simulate_study(setting, rng)
-            claimed += claims_winner(compare_family(arms, "accuracy", True, MARGINS["accuracy"]))
-            studies += 1
-    assert studies >= 2000
-    assert claimed / studies <= ALPHA, f"{claimed} of {studies} null families claimed a winner"
+        claimed[setting] = sum(claims_winner(compare_family(simulate_study(setting, rng)[0], "accuracy", True,
+                                                            MARGINS["accuracy"])) for _ in range(60))
+    assert 60 * len(settings) >= 2000
+    assert sum(claimed.values()) / (60 * len(settings)) <= ALPHA
+    worst = max(claimed, key=claimed.get)
+    assert claimed[worst] <= 6, f"{claimed[worst]} of 60 null families claimed a winner with {worst}"
 
 
 def test_a_planted_five_point_difference_is_found_with_five_seeds() -> None:
@@ -62,8 +63,11 @@ def test_groups_tied_on_validation_are_both_references_whatever_their_names() ->
 
 def test_identical_groups_are_equivalent_and_a_single_seed_is_not_tested() -> None:
     row = [1] * 900 + [0] * 100
-    same = compare_family([_arm("a", 0.9, [row, row]), _arm("b", 0.8, [row, row])], "accuracy", True, 0.01)
+    same = compare_family([_arm("a", 0.9, [row] * 5), _arm("b", 0.8, [row] * 5)], "accuracy", True, 0.01)
     assert [v.kind for v in same] == ["equivalent"]
+    # two seeds cannot tell: their seed variance (here 0) is unknown, so the interval is t(1) wide
+    two = compare_family([_arm("a", 0.9, [row] * 2), _arm("b", 0.8, [row] * 2)], "accuracy", True, 0.01)
+    assert [v.kind for v in two] == ["inconclusive"]
     single = compare_family([_arm("a", 0.9, [row]), _arm("b", 0.8, [row])], "accuracy", True, 0.01)
     assert [v.kind for v in single] == ["single_seed"]
 

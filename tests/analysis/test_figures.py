@@ -153,3 +153,48 @@ def test_a_best_learning_rate_at_the_grid_edge_says_the_optimum_may_lie_outside(
     assert "interior on sms_spam: the best" not in said and "outside the grid" not in notes["interior"]
     assert notes["top"].endswith("best at the grid's highest learning rate (1e-2): the optimum may lie above the grid")
     assert "below the grid" in notes["bottom"]
+
+
+def test_training_set_size_and_model_size_get_numeric_log_axes(kept: dict[str, Any], tmp_path: Path) -> None:
+    sizes = [_group(f"{m}_n{n}", 0.7 + 0.01 * i, method=m, dimension="train_size")
+             for i, (m, n) in enumerate([("full", "100"), ("full", "1000"), ("full", "all"), ("lora", "100"),
+                                         ("lora", "1000")])]
+    axis = figures.numeric_axis(sizes, "train_size")
+    assert axis.x == {"full_n100": 100, "full_n1000": 1000, "full_nall": 3000, "lora_n100": 100, "lora_n1000": 1000}
+    assert axis.series["full_nall"] == "full" and axis.series["lora_n100"] == "lora" and axis.ticks[3000] == "all"
+    assert figures.numeric_axis([_group("a", 0.5), _group("b_n10", 0.5)], "x") is None  # not every name parses
+    models = [_group("full_gpt2", 0.8, method="full", dimension="model_size"),
+              _group("full_gpt2-medium", 0.85, method="full", dimension="model_size")]
+    models[0].total_params, models[1].total_params = 124e6, 355e6
+    models.append(_group("lora_gpt2-medium", 0.84, method="lora", dimension="model_size"))
+    models[2].total_params = 355.8e6  # LoRA's adapters add a little: still the same model on the axis
+    axis = figures.numeric_axis(models, "model_size")
+    assert axis.x == {"full_gpt2": 124e6, "full_gpt2-medium": 355e6, "lora_gpt2-medium": 355e6}
+    assert axis.ticks == {124e6: "124M", 355e6: "355M"} and axis.series["lora_gpt2-medium"] == "lora"
+    batches = [_group(f"{m}_bs{b}", 0.8, method=m, dimension="batch_size") for m in ("full", "lora") for b in (8, 32)]
+    axis = figures.numeric_axis(batches, "batch_size")
+    assert axis.x["lora_bs32"] == 32 and axis.label.startswith("batch size") and axis.ticks == {8: "8", 32: "32"}
+    figures.render([{"kind": "dimension", "file": "size.png", "dimension": "train_size", "title": "t",
+                     "groups": sizes, "curves": []},
+                    {"kind": "dimension", "file": "model.png", "dimension": "model_size", "title": "t",
+                     "groups": models, "curves": []}], tmp_path)
+    left = kept["size"].axes[0]
+    assert left.get_xscale() == "log" and left.get_xlabel().startswith("training examples (log axis")
+    assert sorted(t.get_text() for t in left.get_legend().get_texts()) == ["full", "lora"]
+    assert kept["model"].axes[0].get_xlabel() == "model parameters (log axis)"
+
+
+def test_learning_curves_mark_the_peak_and_draw_the_training_subset(kept: dict[str, Any], tmp_path: Path) -> None:
+    g = _group("lora", 0.8)
+    curves = [{"group": "lora", "split": "validation", "name": "accuracy", "step": s, "value": v}
+              for s, v in ((10, 0.7), (20, 0.85), (30, 0.8))]
+    curves += [{"group": "lora", "split": "train", "name": "accuracy", "step": s, "value": v}
+               for s, v in ((10, 0.72), (20, 0.9), (30, 0.97))]
+    curves += [{"group": "lora", "split": "train", "name": "loss", "step": s, "value": v} for s, v in ((10, 1.0),)]
+    figures.render([{"kind": "dimension", "file": "curves.png", "dimension": "method", "title": "t",
+                     "groups": [g], "curves": curves}], tmp_path)
+    right = kept["curves"].axes[1]
+    lines = {line.get_linestyle(): [tuple(p) for p in line.get_xydata()] for line in right.get_lines()}
+    assert lines[":"] == [(10, 0.72), (20, 0.9), (30, 0.97)]  # the training subset, dotted
+    [ring] = [c for c in right.collections if len(c.get_offsets()) == 1]
+    assert tuple(ring.get_offsets()[0]) == (20, 0.85)  # where validation peaked

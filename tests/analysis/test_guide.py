@@ -41,23 +41,26 @@ def test_states_exactly_the_planted_conclusions(planted: tuple[Path, Path]) -> N
         if f.kind != "single_seed":
             assert f.text in md
     # the sentences themselves say it, with their numbers
-    assert ("full beats lora on sms_spam by 15.0 accuracy points (full − lora = +15.0 points, 95% CI +13.7 to "
-            "+16.3; paired over 3 seeds and 1,000 test examples; Holm-adjusted p < 0.001 over 1 comparison)") in md
+    assert ("full beats lora on sms_spam by 15.0 accuracy points (full − lora = +15.0 points, 95% CI +13.6 to "
+            "+16.4; paired over 3 seeds and 4,000 test examples; Holm-adjusted p < 0.001 over 1 comparison)") in md
     assert "full and lora are equivalent on imdb within ±1 accuracy point: the whole interval lies inside it" in md
     assert "take lora when memory or checkpoint size matters" in md
-    assert ("Inconclusive on imdb between full and bitfit (full − bitfit = +1.3 points, 95% CI −3.5 to +6.1; "
-            "paired over 3 seeds and 1,000 test examples; Holm-adjusted p = 1 over 3 comparisons). With 3 seeds the "
-            "smallest difference this study can detect is about 9.4 points; about 51 seeds would settle") in md
+    assert ("Inconclusive on imdb between full and bitfit (full − bitfit = +1.3 points, 95% CI −3.9 to +6.5; "
+            "paired over 3 seeds and 4,000 test examples; Holm-adjusted p = 1 over 3 comparisons). With 3 seeds the "
+            "smallest difference this study can detect is about 10.5 points; about 29 seeds would settle") in md
     assert "No conclusion on nli: full 0.600 (1 seed), lora 0.500 (1 seed). With a single seed no interval" in md
     assert "full at learning rate 1e-3 diverged in 1 of 3 seeds" in md
     # and nothing else is claimed (each appears in Recommendations and again in its dimension's section)
     claims = md.split("## Recommendations")[1].split("## Pareto")[0]  # recommendations, across tasks, sections
     assert {ln for ln in claims.splitlines() if " beats " in ln} == {
         next(f.text for f in guide.findings if f.kind == "beats").join(["- ", ""]),
-        "- Classification (sms_spam): full is best on validation (test 0.960 ± 0.019); full beats lora."}
+        "- Classification (sms_spam): full is best on validation (test 0.960 ± 0.026); full beats lora."}
     assert {ln for ln in md.splitlines() if "are equivalent on" in ln} == {
         next(f.text for f in guide.findings if f.kind == "equivalent").join(["- ", ""])}
     assert "± 0.000" not in md and "Random-init" not in md
+    # the data a task actually read is labelled at the top (NLI fell back to SICK)
+    assert ("Data: nli read **sick** in 2 trials (configured: None; all_nli_med unavailable)."
+            in md.split("## What to use")[0])
 
 
 def test_groups_tied_on_validation_are_both_references(planted: tuple[Path, Path]) -> None:
@@ -89,12 +92,11 @@ def _table(md: str, task_title: str) -> list[list[str]]:
 def _mean_interval(seed_values: list[float], example_means: list[float], pseudo: tuple[float, float]
                    ) -> tuple[float, float]:
     """Mean and 95% half-width over seeds and test examples, written out from the formulas in How to read:
-    var = s²(seeds)/n + s²(examples, with two pseudo-examples)/N, Welch-Satterthwaite degrees of freedom."""
+    var = s²(seeds)/n + s²(examples, with two pseudo-examples)/N, t quantile at n - 1 degrees of freedom."""
     n, big_n = len(seed_values), len(example_means)
     seed_part = statistics.variance(seed_values) / n
     example_part = statistics.variance([*example_means, *pseudo]) / big_n
-    df = (seed_part + example_part) ** 2 / (seed_part ** 2 / (n - 1) + example_part ** 2 / (big_n - 1))
-    return statistics.fmean(seed_values), stats.t.ppf(0.975, df) * math.sqrt(seed_part + example_part)
+    return statistics.fmean(seed_values), stats.t.ppf(0.975, n - 1) * math.sqrt(seed_part + example_part)
 
 
 def _chosen_lr(con: duckdb.DuckDBPyConnection, task: str, group: str) -> float:
@@ -276,3 +278,49 @@ def test_margin_option_changes_equivalence_and_bad_values_exit_2(planted: tuple[
     kinds = {(f.a, f.b): f.kind for f in guide.findings if f.task == "imdb"}
     assert kinds[("full", "lora")] == "inconclusive"
     assert any("±0.1 accuracy points" in line for line in guide.how_to_read)
+
+
+def test_decision_table_has_exactly_the_planted_rows(planted: tuple[Path, Path]) -> None:
+    """What to use, per task, follows from the verdicts alone: full where it beats lora; lora where the two tie on
+    validation and are equivalent (lora is far cheaper); no conclusion from one seed; inconclusive where the planted
+    difference is below what three seeds can detect."""
+    _, out = planted
+    md = (out / "guide.md").read_text()
+    assert md.index("## What to use") < md.index("## How to read")  # the first thing a reader sees
+    part = md.split("## What to use")[1].split("## How to read")[0]
+    lines = [ln for ln in part.splitlines() if ln.startswith("|")][2:]
+    rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
+    summary = {(title, r[0]): r[3] for title in rows for r in _table(md, title)}
+    assert set(rows) == {"SMS spam (classification)", "IMDB reviews (sentiment)",
+                         "Natural-language inference (3-class)", "Preference pairs (DPO)"}
+    sms, imdb, nli, pref = (rows[t] for t in ("SMS spam (classification)", "IMDB reviews (sentiment)",
+                                              "Natural-language inference (3-class)", "Preference pairs (DPO)"))
+    assert sms[1] == "full" and sms[7] == "best on validation; beats lora"
+    assert sms[8] == "– (nothing cheaper is shown equivalent)"
+    assert imdb[1] == "lora" and imdb[7].startswith("tied best on validation, equivalent; the cheapest of them")
+    assert "equivalent to full" in imdb[7] and "inconclusive against bitfit (detectable: about " in imdb[7]
+    assert imdb[2].startswith("LoRA r8, α 16; layers all;") and imdb[6] == "1.69 MB"  # 442,368 parameters × 4 bytes
+    assert nli[1] == "full" and nli[7] == "no conclusion (single seed): best on validation; not compared (single " \
+                                          "seed) with lora"
+    assert pref[1] == "full" and pref[7].startswith("inconclusive: best on validation; inconclusive against lora "
+                                                    "(detectable: about ")
+    for title, row in rows.items():  # the expected metric is the summary's own number
+        assert row[3] == summary[(title, row[1])]
+
+
+def test_lora_to_full_learning_rate_ratio_is_measured_per_seed() -> None:
+    from analysis.guide import lr_ratios
+
+    def row(group: str, method: str, seed: int, lr: float, val: float) -> dict:
+        return {"task": "sms_spam", "dimension": "method", "group": group, "method": method, "seed": seed, "lr": lr,
+                "val": val, "higher_is_better": True}
+
+    rows = [row("full", "full", 0, 1e-5, 0.8), row("full", "full", 0, 3e-5, 0.9), row("full", "full", 1, 1e-5, 0.9),
+            row("full", "full", 1, 3e-5, 0.7), row("lora", "lora", 0, 1e-4, 0.5), row("lora", "lora", 0, 3e-4, 0.95),
+            row("lora", "lora", 1, 1e-4, 0.9), row("lora", "lora", 1, 3e-4, 0.8),
+            row("r8", "lora", 0, 1e-4, 0.9), row("r8", "lora", 0, 3e-4, 0.8)]  # another dimension: left out
+    rows[-2]["dimension"] = rows[-1]["dimension"] = "lora_rank"
+    [sentence] = lr_ratios(rows, {"sms_spam": "method"})["sms_spam"]
+    # seed 0: 3e-4 / 3e-5 = 10; seed 1: 1e-4 / 1e-5 = 10
+    assert sentence.startswith("On sms_spam, lora's best learning rate is 10× full's (geometric mean over 2 seeds; "
+                               "per seed 10×, 10×)")

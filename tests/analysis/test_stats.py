@@ -44,22 +44,21 @@ def test_agreeing_seeds_still_carry_the_test_sets_sampling_error() -> None:
     est = mean_estimate([0.88, 0.88], _outcomes([row, row]))
     values = np.array([*row, 0, 1], dtype=float)  # two pseudo-examples of opposite outcome
     assert est.seed_var == 0 and est.example_var == pytest.approx(values.var(ddof=1) / 100)
-    assert est.df == pytest.approx(99)  # the example part alone: N - 1
-    assert interval(est).half == pytest.approx(stats.t.ppf(0.975, 99) * math.sqrt(values.var(ddof=1) / 100))
-    assert interval(est).half > 0.06
+    assert est.df == 1  # the seed part's degrees of freedom: agreeing seeds do not prove a zero seed variance
+    assert interval(est).half == pytest.approx(stats.t.ppf(0.975, 1) * math.sqrt(values.var(ddof=1) / 100))
     perfect = mean_estimate([1.0, 1.0], _outcomes([[1] * 50, [1] * 50]))
     assert interval(perfect).half > 0  # accuracy 1.0 is not known to ±0
 
 
-def test_satterthwaite_degrees_of_freedom_combine_both_parts() -> None:
+def test_both_variance_parts_add_at_the_seed_parts_degrees_of_freedom() -> None:
     a = [[1, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 1, 1, 1]]
     out = _outcomes(a)
     per_seed = out.per_seed().tolist()
     est = mean_estimate(per_seed, out)
     s1 = np.var(per_seed, ddof=1) / 3
     s2 = np.var(np.concatenate([np.mean(a, axis=0), [0, 1]]), ddof=1) / 8
-    assert est.se == pytest.approx(math.sqrt(s1 + s2))
-    assert est.df == pytest.approx((s1 + s2) ** 2 / (s1 ** 2 / 2 + s2 ** 2 / 7))
+    assert est.se == pytest.approx(math.sqrt(s1 + s2)) and est.df == 2
+    assert interval(est).half == pytest.approx(stats.t.ppf(0.975, 2) * math.sqrt(s1 + s2))
 
 
 def test_paired_difference_cancels_what_two_groups_share() -> None:

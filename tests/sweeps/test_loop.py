@@ -220,3 +220,26 @@ def test_a_resumed_trial_keeps_its_baseline_without_evaluating_again(real_data, 
     resumed = run_trial(config, resume_from=checkpoint).record
     assert evaluated == [("validation", 4), ("test", 4)]
     assert resumed.resumed_from_step == 2 and resumed.baseline_test == straight.baseline_test
+
+
+@pytest.mark.parametrize("task", ["sms_spam", "preference"])
+def test_training_metrics_along_training_come_from_a_fixed_training_subset(task: str, real_data) -> None:
+    """train.train_metrics: every validation also scores the first len(validation) training examples, recorded as
+    the ``train`` split at that step; the last one equals an independent evaluation of the final weights there."""
+    flat = {"task__name": task, "train__max_steps": 4, "train__eval_every": 2, "train__batch_size": 8,
+            "optim__lr": 1e-3, "train__train_metrics": True, "task__max_train_examples": 40,
+            "task__max_eval_examples": 16, "task__max_length": 64 if task == "sms_spam" else 128}
+    result = run_trial(_config(**flat))
+    record = result.record
+    metric = record.primary_metric
+    assert [e.step for e in record.history] == [2, 4] and all(metric in e.train for e in record.history)
+    rows = {(step, name) for step, split, name, _ in record.metric_rows() if split == "train"}
+    assert {(2, metric), (4, metric)} <= rows
+    assert record.split_sizes["train_subset"] == 16
+    trial = setup(_config(**flat))
+    trial.model.load_state_dict(result.model.state_dict())
+    if result.head is not None:
+        trial.head.load_state_dict(result.head.state_dict())
+    assert loop.evaluate(trial, loop.TRAIN_SUBSET)[metric] == pytest.approx(record.history[-1].train[metric])
+    off = run_trial(_config(**{**flat, "train__train_metrics": False})).record
+    assert all(not e.train for e in off.history) and "train_subset" not in off.split_sizes
