@@ -531,6 +531,8 @@ def verdict_cell(group: str, verdicts: Sequence[Verdict], metric: str | None) ->
                  f"({fmt_points(-hi, metric, digits=d)} to {fmt_points(-lo, metric, digits=d)})")
         label = {"beats": "better" if v.winner == group else "worse", "equivalent": "equivalent",
                  "inconclusive": "inconclusive"}[v.kind]
+        if v.kind == "inconclusive" and (lo > 0 or hi < 0):  # the interval alone excludes 0; the family does not
+            label += f" after Holm over {v.family} comparisons"
         parts.append(f"{prefix}{label}: {shown}")
     return "; ".join(parts) or "–"
 

@@ -264,17 +264,19 @@ def detectable(estimate: Estimate, family: int) -> float:
 
 
 def seeds_to_settle(estimate: Estimate, family: int, difference: float | None = None) -> int | None:
-    """About how many seeds would detect a true difference the size of ``difference`` (default: the one seen)
-    with probability POWER at level ALPHA / family on the same test set; None when no number of seeds can (the test
-    set's own sampling error is too large, or the difference is 0)."""
+    """About how many seeds would detect a true difference the size of ``difference`` (default: the one seen) with
+    probability POWER at level ALPHA / family on the same test set, at the t quantiles of that many seeds (as the
+    comparison itself would use them); None when no number up to MAX_SEEDS can (the test set's own sampling error is
+    too large, or the difference is 0), MAX_SEEDS + 1 when only more would."""
     size = abs(estimate.value if difference is None else difference)
-    z = stats.norm.ppf(1 - ALPHA / (2 * family)) + stats.norm.ppf(POWER)
-    budget = (size / z) ** 2 - (estimate.example_var_total or 0.0)
-    if size == 0 or budget <= 0:
+    example = estimate.example_var_total or 0.0
+    if size == 0 or size <= (stats.norm.ppf(1 - ALPHA / (2 * family)) + stats.norm.ppf(POWER)) * math.sqrt(example):
         return None
-    if estimate.seed_var_per_seed == 0:
-        return max(2, estimate.n)
-    return max(2, math.ceil(estimate.seed_var_per_seed / budget))
+    for seeds in range(2, MAX_SEEDS + 1):
+        quantiles = stats.t.ppf(1 - ALPHA / (2 * family), seeds - 1) + stats.t.ppf(POWER, seeds - 1)
+        if quantiles * math.sqrt(estimate.seed_var_per_seed / seeds + example) <= size:
+            return seeds
+    return MAX_SEEDS + 1
 
 
 # --------------------------------------------------------------------------------------------------------------------

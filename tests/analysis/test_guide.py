@@ -47,7 +47,7 @@ def test_states_exactly_the_planted_conclusions(planted: tuple[Path, Path]) -> N
     assert "take lora when memory or checkpoint size matters" in md
     assert ("Inconclusive on imdb between full and bitfit (full − bitfit = +1.3 points, 95% CI −3.9 to +6.5; "
             "paired over 3 seeds and 4,000 test examples; Holm-adjusted p = 1 over 3 comparisons). With 3 seeds the "
-            "smallest difference this study can detect is about 10.5 points; about 29 seeds would settle") in md
+            "smallest difference this study can detect is about 10.5 points; about 32 seeds would settle") in md
     assert "No conclusion on nli: full 0.600 (1 seed), lora 0.500 (1 seed). With a single seed no interval" in md
     assert "full at learning rate 1e-3 diverged in 1 of 3 seeds" in md
     # and nothing else is claimed (each appears in Recommendations and again in its dimension's section)

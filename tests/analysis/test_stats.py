@@ -119,8 +119,9 @@ def test_detectable_difference_and_seeds_needed_follow_the_power_formula() -> No
     est = mean_estimate([0.80, 0.82, 0.84])  # seed part only, sd 0.02
     se = 0.02 / math.sqrt(3)
     assert detectable(est, 1) == pytest.approx((stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * se)
-    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
-    assert seeds_to_settle(est, 1, 0.01) == math.ceil(0.02 ** 2 / (0.01 / z) ** 2)
+    need = seeds_to_settle(est, 1, 0.01)  # the first seed count whose own t quantiles reach 80% power
+    t = lambda m: stats.t.ppf(0.975, m - 1) + stats.t.ppf(0.8, m - 1)  # noqa: E731
+    assert t(need) * 0.02 / math.sqrt(need) <= 0.01 < t(need - 1) * 0.02 / math.sqrt(need - 1)
     assert seeds_to_settle(est, 1, 0.0) is None
     row = [1] * 50 + [0] * 50
     noisy_test = mean_estimate([0.5, 0.5], _outcomes([row, row]))
