@@ -27,7 +27,7 @@ class OptimConfig:
     """Optimizer and its hyperparameters (the schedule is ``ScheduleConfig``)."""
 
     name: str = "adamw"
-    """``adamw`` (fused kernel on CUDA), ``adam``, ``sgd`` or ``adafactor``."""
+    """``adamw`` (torch's fused kernel on CPU and CUDA), ``adam`` (fused likewise), ``sgd`` or ``adafactor``."""
     lr: float = 5e-5
     """Peak learning rate (after warmup); > 0."""
     weight_decay: float = 0.0
@@ -113,18 +113,28 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     return [g for g in groups if g["params"]]
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam(W) kernel can take these parameters: floating point, all on one CPU or CUDA device.
+    It is the same update in one pass instead of a chain of foreach kernels: on 2 CPU cores, AdamW over 67M float32
+    parameters took 0.34 s a step with foreach and 0.06 s fused (measured side by side), which dominated small-batch
+    full fine-tuning on a CPU."""
+    return (bool(params) and all(p.is_floating_point() for p in params)
+            and len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda"))
+
+
 def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig) -> Optimizer:
     """The configured ``torch.optim`` optimizer over the trainable parameters of ``modules``."""
     modules = list(modules)
     groups = param_groups(modules, config.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: the method froze everything")
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    fused = fused_supported([p for g in groups for p in g["params"]]) or None
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                                 fused=on_cuda or None)
+                                 fused=fused)
     if config.name == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+        return torch.optim.Adam(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                                fused=fused)
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.Adafactor(groups, lr=config.lr)

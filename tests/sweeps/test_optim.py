@@ -114,3 +114,24 @@ def test_invalid_values_are_all_named() -> None:
         ScheduleConfig(warmup_steps=5, warmup_ratio=0.1)
     with pytest.raises(ConfigError, match="Nesterov"):
         OptimConfig(name="sgd", nesterov=True, momentum=0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_uses_the_fused_kernel_on_cpu_with_the_same_update(name: str) -> None:
+    """The fused kernel is chosen on CPU and gives the foreach kernel's parameters after a few steps."""
+    torch.manual_seed(0)
+    model, _ = _tiny()
+    twin, _ = _tiny()
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer([model], OptimConfig(name=name, lr=1e-2, weight_decay=0.1))
+    assert fused.defaults["fused"] is True
+    reference_cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    reference = reference_cls(param_groups([twin], 0.1), lr=1e-2, foreach=True)
+    inputs = [torch.randint(0, 20, (2, 8)) for _ in range(3)]
+    for m, opt in ((model, fused), (twin, reference)):
+        for x in inputs:
+            opt.zero_grad()
+            m(x).float().pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
