@@ -182,11 +182,16 @@ ORDER BY task, dimension
 """
 
 PROBLEM_TRIALS = """
--- Trials that did not complete: diverged, failed, stopped early by the scheduler, or never finished.
-SELECT id, sweep_id, task, dimension, "group", optim_lr AS lr, seed, status, steps,
-       split_part(coalesce(error, ''), chr(10), 1) AS error
+-- Trials that did not complete: diverged, failed, stopped early by the scheduler, or never finished; one row per
+-- trial, with every (dimension, group) it serves.
+SELECT id, any_value(sweep_id) AS sweep_id, any_value(task) AS task,
+       string_agg(dimension, ', ' ORDER BY dimension, "group") AS dimension,
+       string_agg("group", ', ' ORDER BY dimension, "group") AS "group",
+       any_value(optim_lr) AS lr, any_value(seed) AS seed, any_value(status) AS status, any_value(steps) AS steps,
+       split_part(coalesce(any_value(error), ''), chr(10), 1) AS error
 FROM guide_trials
 WHERE status <> 'completed'
+GROUP BY id
 ORDER BY status, task, dimension, "group", lr, seed
 """
 

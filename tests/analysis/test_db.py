@@ -219,3 +219,24 @@ def test_an_older_database_without_trial_groups_still_reads_and_is_migrated(tmp_
     writer = connect(path)
     assert writer.execute("SELECT count(*), count(DISTINCT trial_id) FROM trial_groups").fetchone() == (9, 9)
     writer.close()
+
+
+def test_a_failed_shared_trial_is_listed_once_with_every_group_it_serves(tmp_path: Path) -> None:
+    from analysis.db import membership_rows
+    from analysis.queries import PROBLEM_TRIALS, records, select_sweeps
+
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    writer.start_sweep({"id": "s1", "study": "x", "kind": "grid", "started_at": "2026-01-01 00:00:00",
+                        "status": "completed", "planned_trials": 1, "model_init": "pretrained"})
+    config = TrialConfig.from_flat({"task.name": "sms_spam", "method.name": "lora", "train.seed": 0}).to_flat()
+    spec = {"trial_id": "lora-0", "sweep_id": "s1", "study": "x", "dimension": "method", "group": "lora",
+            "config": config, "memberships": [("method", "lora"), ("lora_targets", "all")]}
+    writer.plan_trials([trial_row(spec, "pending")])
+    writer.write_memberships(membership_rows(spec))
+    writer.write_trial(trial_row(spec, "failed", None, error="RuntimeError: boom\ntraceback"))
+    con = writer.con
+    select_sweeps(con, ["s1"])
+    [row] = records(con, PROBLEM_TRIALS)
+    assert (row["id"], row["dimension"], row["group"], row["error"]) == (
+        "lora-0", "lora_targets, method", "all, lora", "RuntimeError: boom")
+    writer.close()
