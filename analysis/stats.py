@@ -119,8 +119,11 @@ class Estimate:
     example_var: float | None  # s²_example / N; None when no per-example outcomes were stored
     n: int
     n_examples: int | None
-    seed_var_per_seed: float = 0.0     # s²_seed, to project other seed counts
-    example_var_total: float | None = None  # s²_example / N again, kept apart for projections
+
+    @property
+    def seed_var_per_seed(self) -> float:
+        """s²_seed itself, to project other seed counts."""
+        return self.seed_var * self.n
 
     @property
     def se(self) -> float:
@@ -179,11 +182,11 @@ def mean_estimate(per_seed: Sequence[float], outcomes: Outcomes | None = None, l
     n, mean = len(values), float(values.mean())
     seed_var = float(values.var(ddof=1)) if n > 1 else 0.0
     if outcomes is None:
-        return Estimate(mean, seed_var / n, None, n, None, seed_var)
+        return Estimate(mean, seed_var / n, None, n, None)
     contrib = outcomes.contributions().mean(axis=0)
     big_n = len(contrib)
     ex = _example_var(contrib, outcomes.proportion, (0.0, 1.0)) / big_n * (mean * mean if log_scale else 1.0)
-    return Estimate(mean, seed_var / n, ex, n, big_n, seed_var, ex)
+    return Estimate(mean, seed_var / n, ex, n, big_n)
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def paired_difference(a: Outcomes, b: Outcomes) -> Estimate | None:
     seed_var = float(per_seed.var(ddof=1)) if n > 1 else 0.0
     diff = (a.contributions() - b.contributions()).mean(axis=0)
     ex = _example_var(diff, a.proportion, (-1.0, 1.0)) / big_n
-    return Estimate(float(per_seed.mean()), seed_var / n, ex, n, big_n, seed_var, ex)
+    return Estimate(float(per_seed.mean()), seed_var / n, ex, n, big_n)
 
 
 def seed_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Estimate | None:
@@ -269,7 +272,7 @@ def seeds_to_settle(estimate: Estimate, family: int, difference: float | None = 
     comparison itself would use them); None when no number up to MAX_SEEDS can (the test set's own sampling error is
     too large, or the difference is 0), MAX_SEEDS + 1 when only more would."""
     size = abs(estimate.value if difference is None else difference)
-    example = estimate.example_var_total or 0.0
+    example = estimate.example_var or 0.0
     if size == 0 or size <= (stats.norm.ppf(1 - ALPHA / (2 * family)) + stats.norm.ppf(POWER)) * math.sqrt(example):
         return None
     for seeds in range(2, MAX_SEEDS + 1):
