@@ -46,8 +46,20 @@ def hub_repo_id(name: str) -> str:
     return f"openai-community/{key}" if key is not None else name
 
 
+_RESOLVED: dict[str, Path] = {}  # hub id -> snapshot folder, per process
+
+
 def _download(name: str) -> Path:
-    """Fetch config + weights of a hub id into the standard Hugging Face cache and return the snapshot folder."""
+    """Fetch config + weights of a hub id into the standard Hugging Face cache and return the snapshot folder.
+
+    Asked once per process: a sweep worker reused across trials (Ray's ``reuse_actors``) would otherwise ask the hub
+    for every trial; the weights themselves are then read from the local snapshot (memory-mapped safetensors)."""
+    if name not in _RESOLVED or not _RESOLVED[name].is_dir():  # a cleared cache is fetched again
+        _RESOLVED[name] = _fetch(name)
+    return _RESOLVED[name]
+
+
+def _fetch(name: str) -> Path:
     from huggingface_hub import snapshot_download
 
     repo_id = hub_repo_id(name)

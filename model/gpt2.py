@@ -211,12 +211,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention of every position, or, with ``query_index`` (B,), of one query per row over all keys: the
+        output is then (B, 1, C)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        if query_index is not None:
+            q = q[torch.arange(B, device=x.device), query_index][:, None]  # (B, 1, C)
         # (B, T, C) -> (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, q.size(1), self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is not None:
@@ -225,7 +230,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.attn_pdrop if self.training else 0.0,
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, q.size(2), C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -251,9 +256,16 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache)
+        """(B, T, C) -> (B, T, C); with ``query_index`` (B,), only that position of each row: (B, 1, C). Keys and
+        values still come from every position, so the one output equals the full block's at that position."""
+        if query_index is None:
+            x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache)
+        else:
+            rows = torch.arange(x.size(0), device=x.device)
+            x = x[rows, query_index][:, None] + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, query_index)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -322,6 +334,33 @@ class GPT2(nn.Module):
         ``attention_mask`` (1 = token, 0 = padding) may pad on either side. Positions count real tokens only, so a
         padded row computes what the same tokens compute unpadded.
         """
+        x, attn_mask, is_causal = self._embed(input_ids, attention_mask, kv_cache)
+        for block in self._blocks(kv_cache):
+            x = block(x, attn_mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += input_ids.size(1)
+        return self.ln_f(x)
+
+    def last_token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``last_token_hidden(hidden_states(...))``, ``(batch, n_embd)``, computed without the work nobody reads: the
+        last block runs its query, output projection and MLP at each row's last real token only (its keys and values
+        still cover every position). A classification head reads nothing else; the saving is most of one block."""
+        B, T = input_ids.shape
+        index = last_token_index(attention_mask, B, T, input_ids.device)  # (B,)
+        x, attn_mask, is_causal = self._embed(input_ids, attention_mask, None)
+        blocks = self._blocks(None)
+        for block in blocks[:-1]:
+            x = block(x, attn_mask, is_causal, None)
+        keys = torch.arange(T, device=input_ids.device)[None, :] <= index[:, None]  # (B, T) causal for that query
+        if attention_mask is not None:
+            keys = keys & attention_mask.bool()
+        x = blocks[-1](x, keys[:, None, None, :], False, None, query_index=index)  # (B, 1, C)
+        return self.ln_f(x[:, 0])
+
+    def _embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Token + position embeddings ``(B, T, n_embd)`` and how attention must mask: (mask or None, is_causal)."""
         B, T = input_ids.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.n_positions:
@@ -344,13 +383,19 @@ class GPT2(nn.Module):
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past : past + T]  # (B, T), real tokens counted
             attn_mask = _build_attn_mask(mask, past, T)
             is_causal = False
+        return self.drop(self.wte(input_ids) + self.wpe(pos)), attn_mask, is_causal
 
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, n_embd)
-        for block in self.h:
-            x = block(x, attn_mask, is_causal, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
-        return self.ln_f(x)
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` each block (regional compilation: one block's graph, compiled once, serves all) for the
+        passes over whole sequences: training and evaluation, through every entry point (``hidden_states``,
+        ``last_token_states``, ``forward``). Cached generation keeps the eager blocks: its cache grows a token a step
+        and would recompile at every one. Compiling the whole module would not do: ``torch.compile(model)`` compiles
+        ``forward`` only, and the task heads call ``hidden_states``."""
+        self._compiled = [torch.compile(block, **options) for block in self.h]
+
+    def _blocks(self, kv_cache: KVCache | None) -> list[nn.Module]:
+        compiled = self.__dict__.get("_compiled")  # a plain list, so the compiled wrappers add no state_dict keys
+        return compiled if compiled is not None and kv_cache is None else list(self.h)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from hidden states through the tied token embedding."""
@@ -485,14 +530,17 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The hidden state of each row's last real token, ``(batch, n_embd)``; where a classification head reads.
-
-    Works for right padding (index = number of tokens - 1) and left padding (the last column).
-    """
+def last_token_index(attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """Each row's last real token, ``(B,)``: for right padding, number of tokens - 1; for left padding (or no mask)
+    the last column."""
     if attention_mask is None:
-        return hidden[:, -1]
-    mask = attention_mask.long()
-    positions = torch.arange(mask.size(1), device=mask.device)[None, :]
-    last = (positions * mask).max(dim=1).values  # (B,), index of the rightmost real token
-    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        return torch.full((B,), T - 1, dtype=torch.long, device=device)
+    positions = torch.arange(T, device=attention_mask.device)[None, :]
+    return (positions * attention_mask.long()).max(dim=1).values  # (B,), index of the rightmost real token
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The hidden state of each row's last real token, ``(batch, n_embd)``; where a classification head reads."""
+    B, T, _ = hidden.shape
+    index = last_token_index(attention_mask, B, T, hidden.device)
+    return hidden[torch.arange(B, device=hidden.device), index]

@@ -115,7 +115,8 @@ class TrainConfig:
     precision: str = "auto"
     """``auto`` (bf16 autocast on CUDA, float32 on CPU), ``fp32`` or ``bf16``."""
     compile: bool = False
-    """Wrap the model in ``torch.compile`` (CUDA runs; costs compile time up front)."""
+    """Compile each transformer block with ``torch.compile`` (``GPT2.compile_blocks``) for training and evaluation
+    passes; generation stays eager. Pays compile time up front (seconds per shape on a GPU); for long CUDA runs."""
     log_every: int = 10
     """Report a ``step`` record every N optimizer steps (and the first)."""
     checkpoint_every: int | None = None

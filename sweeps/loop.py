@@ -29,7 +29,7 @@ from model.methods import MethodSummary, apply_method
 from model.tokenizer import EOT_TOKEN_ID
 from sweeps import memory
 from sweeps.config import ModelConfig, TrialConfig
-from sweeps.optim import build_optimizer, build_scheduler
+from sweeps.optim import EmbeddingGrads, build_optimizer, build_scheduler
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, StepRecord
 from tasks import EncodedSplit, ExampleResults, Task, batch_order, get_task
 
@@ -81,7 +81,6 @@ class Trial:
     state: TrainState = field(default_factory=TrainState)
     resumed_from_step: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
-    forward_model: nn.Module | None = None  # the model as called in forward passes (compiled or not)
     activation_bytes: int | None = None  # saved for backward by the first micro-batch of this run (memory account)
     eval_seconds: float = 0.0
 
@@ -165,7 +164,8 @@ def setup(config: TrialConfig) -> Trial:
     started = time.perf_counter()
     trial.notes = task.prepare(model, splits, device, trial.autocast(), train.eval_batch_size)  # DPO: reference
     trial.prepare_seconds = time.perf_counter() - started
-    trial.forward_model = torch.compile(model) if train.compile else model
+    if train.compile:  # each block, so every forward path is compiled (torch.compile(model) covers forward only)
+        model.compile_blocks()
     return trial
 
 
@@ -251,25 +251,32 @@ def step_groups(trial: Trial) -> Iterator[list[list[int]]]:
             state.batch_in_epoch = 0
 
 
-def optimizer_step(trial: Trial, group: list[list[int]]) -> StepRecord | None:
-    """Forward and backward over the group's micro-batches, clip, step; None when the loss is not finite."""
+def optimizer_step(trial: Trial, group: list[list[int]], grads: EmbeddingGrads | None = None) -> StepRecord | None:
+    """Forward and backward over the group's micro-batches, clip, step; None when the loss is not finite. ``grads``
+    gathers sparse embedding gradients into kept dense buffers (``train`` sets it up on CPU)."""
     state, train = trial.state, trial.config.train
     started = time.perf_counter()
     trial.optimizer.zero_grad(set_to_none=True)
     loss_value, step_tokens, padded = 0.0, 0, 0
     measure = trial.activation_bytes is None and not train.compile  # saved-tensor hooks do not trace under compile
-    for indices in group:
-        batch = trial.task.collate(trial.splits["train"], indices).to(trial.device)
+    for i, indices in enumerate(group):
+        batch = trial.task.collate(trial.splits["train"], indices)
+        step_tokens += batch.real_tokens  # counted on the host: no wait for the device
+        padded += batch.padded_tokens
+        batch = batch.to(trial.device)
         with trial.autocast(), memory.measure_saved(trial.modules) if measure else contextlib.nullcontext() as saved:
-            loss, _ = trial.task.loss(trial.forward_model, trial.head, batch)
+            loss, _ = trial.task.loss(trial.model, trial.head, batch)
         if measure:
             trial.activation_bytes = max(trial.activation_bytes or 0, saved.nbytes)
-        if not torch.isfinite(loss):
-            return None
         (loss / len(group)).backward()
-        loss_value += loss.item() / len(group)
-        step_tokens += batch.real_tokens
-        padded += batch.padded_tokens
+        value = loss.item()  # the one wait for the device per micro-batch, once its backward is queued
+        if not math.isfinite(value):
+            return None  # before any optimizer step: the weights stay those of the last finite step
+        if grads is not None:
+            grads.collect(first=i == 0)
+        loss_value += value / len(group)
+    if grads is not None:
+        grads.apply()
     if train.max_grad_norm is not None:
         params = [p for m in trial.modules for p in m.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
@@ -300,7 +307,7 @@ def evaluate(trial: Trial, split: str, examples: ExampleResults | None = None) -
         examples.example += [i for indices in order for i in indices]
     try:
         with trial.autocast():
-            return trial.task.evaluate(trial.forward_model, trial.head, batches, examples=examples)
+            return trial.task.evaluate(trial.model, trial.head, batches, examples=examples)
     finally:
         trial.model.train()
         trial.eval_seconds += time.perf_counter() - started
@@ -351,17 +358,24 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
         validate(trial, emit)
     for module in trial.modules:
         module.train()
-    for group in step_groups(trial):
-        record = optimizer_step(trial, group)
-        if record is None:
-            return "diverged"
-        if state.step == 1 or _due(state.step, config.log_every):
-            emit(record)
-        evaluates = _due(state.step, config.eval_every) and state.step < trial.total_steps  # the end evaluates anyway
-        if evaluates and should_stop(trial, validate(trial, emit)):
-            return "early_stopped"
-        if checkpoint_dir is not None and _due(state.step, config.checkpoint_every):
-            emit(CheckpointRecord(state.step, str(save_checkpoint(trial, checkpoint_dir))))
+    # CPU, a task head (no LM head reads wte), eager: embedding gradients in kept buffers (sweeps/optim.py says why)
+    sparse = trial.device.type == "cpu" and trial.head is not None and not config.compile
+    grads = EmbeddingGrads.attach([trial.model]) if sparse else None
+    try:
+        for group in step_groups(trial):
+            record = optimizer_step(trial, group, grads)
+            if record is None:
+                return "diverged"
+            if state.step == 1 or _due(state.step, config.log_every):
+                emit(record)
+            evaluates = _due(state.step, config.eval_every) and state.step < trial.total_steps  # the end does anyway
+            if evaluates and should_stop(trial, validate(trial, emit)):
+                return "early_stopped"
+            if checkpoint_dir is not None and _due(state.step, config.checkpoint_every):
+                emit(CheckpointRecord(state.step, str(save_checkpoint(trial, checkpoint_dir))))
+    finally:
+        if grads is not None:
+            grads.release()
     return "completed"
 
 

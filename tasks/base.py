@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.gpt2 import GPT2, last_token_hidden
+from model.gpt2 import GPT2
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.data import DataError, Source, data_dir, ensure, sha256_file
 from tasks.metrics import classification_metrics
@@ -371,8 +371,7 @@ class ClassificationTask(Task):
         return head
 
     def logits(self, model: GPT2, head: nn.Module, batch: Batch) -> torch.Tensor:
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)  # (B, T, C)
-        return head(last_token_hidden(hidden, batch.attention_mask))  # (B, num_classes)
+        return head(model.last_token_states(batch.input_ids, batch.attention_mask))  # (B, num_classes)
 
     def loss(self, model: GPT2, head: nn.Module | None, batch: Batch) -> tuple[torch.Tensor, int]:
         return F.cross_entropy(self.logits(model, head, batch).float(), batch.labels), len(batch.labels)

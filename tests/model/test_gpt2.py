@@ -69,6 +69,47 @@ def test_last_token_hidden_reads_last_real_token() -> None:
     assert torch.equal(last_token_hidden(hidden, None), hidden[:, 4])
 
 
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_last_token_states_equal_full_pass_values_and_gradients(padding: str) -> None:
+    """The last block computing only the read position gives what the full pass gives there: outputs and every
+    parameter's gradient (dropout off), on unpadded, right- and left-padded batches."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=1000, n_positions=64))
+    ids, mask = _right_padded(3, 12, 1000)
+    mask = {"none": None, "right": mask, "left": mask.flip(1)}[padding]
+    full = last_token_hidden(model.hidden_states(ids, mask), mask)
+    full.pow(2).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    last = model.last_token_states(ids, mask)
+    last.pow(2).sum().backward()
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+    for name, param in model.named_parameters():  # float32 summation order differs: relative to the gradient's scale
+        error = (param.grad - expected[name]).abs().max() / expected[name].abs().max()
+        assert error < 1e-4, f"{name}: gradient differs by {error:.1e} of its largest entry"
+
+
+def test_compiled_blocks_serve_every_pass_and_leave_generation_eager() -> None:
+    """``compile_blocks`` compiles what training and evaluation call (``hidden_states``, ``last_token_states``; a
+    compiled ``forward`` alone would miss both), with unchanged values; cached generation runs the eager blocks."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=1000, n_positions=64)).eval()
+    ids, mask = _right_padded(2, 10, 1000)
+    expected = model.hidden_states(ids, mask), model.last_token_states(ids, mask), model.generate(ids, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks(backend="aot_eager")
+    torch.testing.assert_close(model.hidden_states(ids, mask), expected[0])
+    torch.testing.assert_close(model.last_token_states(ids, mask), expected[1])
+    traced = counters["stats"]["unique_graphs"]
+    assert traced >= 2  # the whole-sequence block and the last-position block
+    assert torch.equal(model.generate(ids, 6), expected[2])
+    assert counters["stats"]["unique_graphs"] == traced  # the growing cache compiled nothing
+    assert set(model.state_dict()) == set(GPT2(model.config).state_dict())
+
+
 # --- generation --------------------------------------------------------------------------------------------------------
 
 

@@ -243,3 +243,42 @@ def test_training_metrics_along_training_come_from_a_fixed_training_subset(task:
     assert loop.evaluate(trial, loop.TRAIN_SUBSET)[metric] == pytest.approx(record.history[-1].train[metric])
     off = run_trial(_config(**{**flat, "train__train_metrics": False})).record
     assert all(not e.train for e in off.history) and "train_subset" not in off.split_sizes
+
+
+def test_a_full_trial_trains_the_same_weights_with_and_without_kept_embedding_buffers(
+        real_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = TrialConfig.from_flat({
+        "model.init": "random", "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "task.name": "sms_spam",
+        "task.max_train_examples": 48, "task.max_eval_examples": 8, "task.max_length": 48, "train.max_steps": 4,
+        "train.grad_accum": 2, "train.baseline_eval": False, "optim.lr": 1e-3, "train.device": "cpu"})
+    attached = []
+    real_attach = loop.EmbeddingGrads.attach
+    monkeypatch.setattr(loop.EmbeddingGrads, "attach", lambda modules: attached.append(real_attach(modules))
+                        or attached[-1])
+    kept = run_trial(config).model
+    monkeypatch.setattr(loop.EmbeddingGrads, "attach", lambda modules: None)
+    dense = run_trial(config).model
+    assert attached and attached[0] is not None and not kept.wte.sparse  # used, then released
+    for (name, a), b in zip(kept.named_parameters(), dense.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_train_compile_compiles_the_blocks_every_task_calls(real_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile`` used to wrap the model in ``torch.compile``, which compiles ``forward`` only: classification
+    and language-model losses call ``hidden_states`` and ran eager. Now each block is compiled; the trial's numbers
+    match eager's (``aot_eager`` here: inductor needs a compiler run of tens of seconds on 2 cores)."""
+    from torch._dynamo.utils import counters
+
+    from model import GPT2
+
+    real = GPT2.compile_blocks
+    monkeypatch.setattr(GPT2, "compile_blocks", lambda self: real(self, backend="aot_eager"))
+    flat = {"model.init": "random", "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "task.name": "sms_spam",
+            "task.max_train_examples": 16, "task.max_eval_examples": 8, "task.max_length": 32, "train.max_steps": 2,
+            "train.baseline_eval": False, "train.device": "cpu"}
+    eager = run_trial(TrialConfig.from_flat(flat)).record
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run_trial(TrialConfig.from_flat({**flat, "train.compile": True})).record
+    assert counters["stats"]["unique_graphs"] >= 2  # the whole-sequence block and the last-position block
+    assert compiled.test == pytest.approx(eager.test, rel=1e-4)

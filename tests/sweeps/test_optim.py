@@ -12,6 +12,7 @@ from model import GPT2, ConfigError, GPT2Config
 from sweeps.optim import (
     OPTIMIZERS,
     SCHEDULES,
+    EmbeddingGrads,
     OptimConfig,
     ScheduleConfig,
     build_optimizer,
@@ -135,3 +136,29 @@ def test_adam_uses_the_fused_kernel_on_cpu_with_the_same_update(name: str) -> No
             opt.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kept_embedding_gradient_buffers_give_the_dense_gradient_bit_for_bit() -> None:
+    """``EmbeddingGrads`` (a CPU speed-up of classification trials) must not change what training computes:
+    two micro-batches with repeated tokens, summed exactly as the dense backward and its accumulation sum them."""
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 8)
+    ids = [torch.randint(0, 12, (4, 9)) for _ in range(4)]  # few distinct tokens: many repeated rows
+    upstream = [torch.randn(4, 9, 8) for _ in range(4)]
+    dense = []
+    for step in range(2):  # two steps of two micro-batches, the second step over rows the first touched
+        table.weight.grad = None
+        for i in (2 * step, 2 * step + 1):
+            (table(ids[i]) * upstream[i]).sum().backward()
+        dense.append(table.weight.grad.clone())
+    grads = EmbeddingGrads.attach([table])
+    assert grads is not None and table.sparse
+    for step in range(2):
+        table.weight.grad = None
+        for first, i in ((True, 2 * step), (False, 2 * step + 1)):
+            (table(ids[i]) * upstream[i]).sum().backward()
+            grads.collect(first)
+        grads.apply()
+        assert not table.weight.grad.is_sparse and torch.equal(table.weight.grad, dense[step])
+    grads.release()
+    assert not table.sparse
