@@ -23,3 +23,9 @@ def test_dpo_reference_bench_smoke_compares_both_strategies(capsys) -> None:
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"(full|last_k) ", line)]
     assert [r[:2] for r in rows] == [["full", "1"], ["full", "2"], ["last_k", "1"], ["last_k", "2"]]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x") for r in rows)
+
+
+def test_trial_level_runs_the_trial_benchmark(real_data, capsys) -> None:
+    assert main(["--level", "trial", "--smoke", "--methods", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "Trainer" in out and re.search(r"^lora .*\dx", out, re.M)
