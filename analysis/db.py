@@ -13,7 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
+try:
+    import duckdb
+except ImportError:  # json_text serves the trial side (sweeps/records.py), which runs where DuckDB may be missing
+    duckdb = None  # (a bare GPU machine running sweeps/preflight.py); opening a database says so
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 DEFAULT_DB = Path("results/results.duckdb")  # relative to the working directory; every CLI's --db default
@@ -28,6 +31,8 @@ class DatabaseError(RuntimeError):
 
 def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the study database; writers also create the schema. Lock conflicts become one clear message."""
+    if duckdb is None:
+        raise DatabaseError("the study database needs DuckDB, which is not installed here (pip install duckdb)")
     path = Path(path)
     if read_only and not path.is_file():
         raise DatabaseError(f"{path}: no such database; run a sweep first (python sweeps/launch.py grid ...)")

@@ -6,6 +6,7 @@
     python sweeps/launch.py search --task sms_spam --method lora --num-samples 20   # Optuna + ASHA
     python sweeps/launch.py resume                              # continue the last interrupted sweep
     python sweeps/launch.py status                              # progress of every sweep, from the database
+    python sweeps/launch.py preflight                           # sweeps/preflight.py: this GPU, checked and timed
 
 Bad input (malformed study, unknown key, unsatisfiable resources) prints every problem and exits with code 2 before
 anything starts.
@@ -36,6 +37,13 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry unless the user opts in
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent saves are deliberate
 
+if __name__ == "__main__" and sys.argv[1:2] == ["preflight"]:
+    # The preflight needs neither Ray nor DuckDB (a bare GPU machine may have neither): forwarded before the imports
+    # below, which need DuckDB. main() forwards it the same way when called in-process.
+    from sweeps.preflight import main as preflight_main
+
+    sys.exit(preflight_main(sys.argv[2:]))
+
 from analysis import queries
 from analysis.db import DEFAULT_DB, DatabaseError, ResultsWriter, connect, membership_rows, trial_row
 from model import CheckpointError, ConfigError, TokenizerError
@@ -45,7 +53,9 @@ from sweeps.config import TrialConfig
 from sweeps.records import EVAL_STEP, metric_key
 from sweeps.study import (
     ASSUMED_RATES,
+    PREFLIGHT_REPORT,
     PlannedTrial,
+    PreflightRates,
     RateKey,
     Rates,
     Study,
@@ -60,6 +70,7 @@ from sweeps.study import (
     planned_memberships,
     rate_key,
     rate_label,
+    read_preflight,
     resolve_init,
     trial_cost,
     write_plan_csv,
@@ -180,22 +191,58 @@ def dimension_costs(study: Study, trials: list[PlannedTrial], costs: list[TrialC
     return {dim: row for dim, row in table.items() if row["trials"]}  # --dimensions may leave some out
 
 
+def load_preflight(path: Path | None) -> tuple[PreflightRates | None, str | None]:
+    """A preflight's measured rates (``--preflight``, else the preflight's default report where there is one), and a
+    note when there is a report the estimate does not use (one from ``--cpu`` mode: tiny shapes on a CPU). A named
+    file that is missing or malformed is a ConfigError naming it."""
+    if path is None:
+        if not PREFLIGHT_REPORT.is_file():
+            return None, None
+        path = PREFLIGHT_REPORT
+    elif not Path(path).is_file():
+        raise ConfigError([("--preflight", f"{path}: no such file (python sweeps/preflight.py writes "
+                                           f"{PREFLIGHT_REPORT})")])
+    preflight = read_preflight(Path(path))
+    if preflight.cpu_mode:
+        return None, (f"preflight {path} ran with --cpu (tiny shapes on a CPU, {preflight.date}): its rates are not "
+                      "used")
+    return preflight, None
+
+
+def preflight_note(preflight: PreflightRates, trials: int) -> str:
+    """What the estimate took from the preflight, and what it still assumed."""
+    flops = preflight.train_flops_per_s
+    took = [f"training {flops['full']:.2e} FLOP/s full fine-tuning (evaluation at that rate)" if "full" in flops
+            else "full fine-tuning assumed", f"{flops['lora']:.2e} FLOP/s with frozen weights (LoRA)" if "lora" in flops
+            else "frozen weights assumed", f"{preflight.setup_seconds:.1f} s setup per trial"
+            if preflight.setup_seconds is not None else "setup assumed"]
+    return (f"from preflight {preflight.path} on {preflight.device} ({preflight.date}) for {trials:,} planned trials: "
+            + ", ".join(took))
+
+
 def rates_note(trials: list[PlannedTrial], costs: list[TrialCost], rates: dict[RateKey, Rates], db: Path,
-               problem: str | None) -> str:
-    """Which rates the estimate used: measured (from how many trials, where, for which model/method) or assumed."""
+               problem: str | None, preflight: PreflightRates | None = None, preflight_problem: str | None = None
+               ) -> str:
+    """Which rates the estimate used: measured (from how many trials, where, for which model/method), a preflight's,
+    or assumed."""
     used = {rate_key(t.config) for t, c in zip(trials, costs, strict=True) if c.measured}
-    assumed = sum(not c.measured for c in costs)
+    from_preflight = sum(c.preflight and not c.measured for c in costs)
+    assumed = sum(not c.measured and not c.preflight for c in costs)
     parts = []
     if used:
         devices = sorted({d for k in used for d in rates[k].devices})
         parts.append(f"measured from {sum(rates[k].trials for k in used)} trials in {db} "
                      f"({', '.join(rate_label(k) for k in sorted(used, key=str))}"
-                     + (f"; ran on {', '.join(devices)}" if devices else "") + f") for {len(costs) - assumed:,} planned "
-                     "trials: their training tokens/s, evaluation and setup seconds")
+                     + (f"; ran on {', '.join(devices)}" if devices else "") + f") for {sum(c.measured for c in costs):,} "
+                     "planned trials: their training tokens/s, evaluation and setup seconds")
+    if from_preflight and preflight is not None:
+        parts.append(preflight_note(preflight, from_preflight))
     if assumed:
-        why = ("" if used else f"; nothing measured: {problem}" if problem
+        why = ("" if used or from_preflight else f"; nothing measured: {problem}" if problem
                else f"; {db} has no completed trial of these models and methods")
         parts.append(f"assumed for {assumed:,} planned trials ({ASSUMED_RATES}){why}")
+    if preflight_problem:
+        parts.append(preflight_problem)
     return "Rates: " + "; ".join(parts) + "."
 
 
@@ -204,8 +251,23 @@ def hours_unit(costs: list[TrialCost]) -> str:
     return "GPU-hours" if all(c.device == "gpu" for c in costs) else "hours"
 
 
-def plan_summary(study: Study, trials: list[PlannedTrial], costs: list[TrialCost], gpus_per_trial: float) -> str:
-    """What the dry run says a study costs: trials per dimension and in all, duplicates removed, hours."""
+def packing_note(total: float, gpus_per_trial: float, preflight: PreflightRates | None) -> str:
+    """With a fraction of a GPU per trial: the GPU-hours at the trials-per-hour gain the preflight measured for that
+    many trials per GPU (small LoRA trials), where it measured it."""
+    if preflight is None or not 0 < gpus_per_trial < 1:
+        return ""
+    per_gpu = round(1 / gpus_per_trial)
+    gain = preflight.packing.get(per_gpu)
+    if gain is None:
+        return ""
+    return (f" At {per_gpu} trials per GPU the preflight measured {gain:.2f}x the trials per hour of one trial per "
+            f"GPU (small LoRA trials): about {total / gain:,.2f} GPU-hours of GPU time.")
+
+
+def plan_summary(study: Study, trials: list[PlannedTrial], costs: list[TrialCost], gpus_per_trial: float,
+                 preflight: PreflightRates | None = None) -> str:
+    """What the dry run says a study costs: trials per dimension and in all, duplicates removed, hours (and, with a
+    preflight and a fraction of a GPU per trial, the GPU-hours packed)."""
     unit, on_cpu = hours_unit(costs), sum(c.device == "cpu" for c in costs)
     lines = [f"Study {study.name}: {len(trials):,} distinct trials planned from {planned_memberships(trials):,} "
              f"(trial, group) memberships; {duplicates_removed(trials):,} duplicate configurations removed (each trains "
@@ -223,7 +285,8 @@ def plan_summary(study: Study, trials: list[PlannedTrial], costs: list[TrialCost
                  f"assumed rates {estimate_hours(trials, 'cpu'):,.1f} CPU-hours on a 2-core CPU"
                  + (f"; with {gpus_per_trial:g} GPU per trial" if gpus_per_trial else "") + "."
                  + (f" {on_cpu} trials are costed on a CPU (train.device=cpu, or rates measured on one)."
-                    if on_cpu else ""))
+                    if on_cpu else "")
+                 + (packing_note(total, gpus_per_trial, preflight) if unit == "GPU-hours" else ""))
     return "\n".join(lines)
 
 
@@ -245,9 +308,10 @@ def plan_table(trials: list[PlannedTrial]) -> str:
 def print_plan(args: argparse.Namespace, study: Study, trials: list[PlannedTrial], gpus_per_trial: float) -> None:
     """The dry run: the plan as a table (text), CSV or JSON on stdout (the summary then goes to stderr)."""
     rates, problem = load_rates(args.db)
-    costs = [trial_cost(t.config, "gpu", rates) for t in trials]
-    note = rates_note(trials, costs, rates, args.db, problem)
-    summary = plan_summary(study, trials, costs, gpus_per_trial) + "\n" + note
+    preflight, preflight_problem = load_preflight(args.preflight)
+    costs = [trial_cost(t.config, "gpu", rates, preflight) for t in trials]
+    note = rates_note(trials, costs, rates, args.db, problem, preflight, preflight_problem)
+    summary = plan_summary(study, trials, costs, gpus_per_trial, preflight) + "\n" + note
     if args.format == "text":
         print(plan_table(trials) + "\n\n" + summary)
         return
@@ -692,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--name", help="sweep id (default: study name and UTC time)")
     grid.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate only (measured "
                                                              "rates from --db's completed trials where it has them)")
+    grid.add_argument("--preflight", type=Path, help="dry run: the rates a GPU preflight measured (sweeps/preflight.py"
+                                                     f"'s JSON; default {PREFLIGHT_REPORT} where it exists) for trials "
+                                                     "--db has no measured rates of")
     grid.add_argument("--format", choices=("text", "csv", "json"), default="text",
                       help="dry run: the plan as a table (text), or one row per trial as CSV or JSON on stdout (the "
                            "summary then goes to stderr)")
@@ -722,10 +789,18 @@ def build_parser() -> argparse.ArgumentParser:
     summary = sub.add_parser("summary", help="a short table of a sweep's results")
     summary.add_argument("--db", type=Path, default=DEFAULT_DB)
     summary.add_argument("--sweep", help="sweep id (default: the most recent)")
+
+    # listed for --help; main() hands everything after the word to sweeps/preflight.py's own parser
+    sub.add_parser("preflight", add_help=False, help="check and time this GPU (sweeps/preflight.py; --help there)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["preflight"]:
+        from sweeps.preflight import main as preflight_main
+
+        return preflight_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         commands = {"grid": cmd_grid, "search": cmd_search, "resume": cmd_resume, "status": cmd_status,

@@ -360,16 +360,27 @@ def estimate_eval_tokens(config: Mapping[str, Any]) -> int:
     return (vals * val + tests * test) * _example_tokens(config) + generated
 
 
+def shape_params(n_layer: int, n_embd: int) -> int:
+    """Parameters the estimate counts for a GPT-2 shape: the blocks' matrices and the (tied) token embedding."""
+    return 12 * n_layer * n_embd**2 + 50257 * n_embd
+
+
 def estimate_params(config: Mapping[str, Any]) -> int:
     key = preset_name(str(config["model.name"])) or "gpt2"
     shape = {**PRESETS[key], **{k: config[f"model.{k}"] for k in ("n_layer", "n_embd") if config[f"model.{k}"]}}
-    return 12 * shape["n_layer"] * shape["n_embd"] ** 2 + 50257 * shape["n_embd"]
+    return shape_params(shape["n_layer"], shape["n_embd"])
+
+
+def method_flops_factor(method: str) -> int:
+    """Training FLOPs per token per parameter: 6 for full fine-tuning, 4 when the weights are frozen (no weight
+    gradients): every other method, LoRA included."""
+    return 6 if method == "full" else 4
 
 
 def training_flops_per_token(config: Mapping[str, Any]) -> float:
     """≈ 6·params (full) or 4·params (frozen weights need no weight gradients), + 2·params for DPO's reference
     log-probs (one more forward pass: precomputed once, or the LoRA policy with its adapters off)."""
-    factor = 6 if config["method.name"] == "full" else 4
+    factor = method_flops_factor(str(config["method.name"]))
     return (factor + 2 * (config["task.name"] == "preference")) * estimate_params(config)
 
 
@@ -398,17 +409,77 @@ class Rates:
 @dataclass(frozen=True)
 class TrialCost:
     """Estimated seconds of one trial, by part; ``measured``: from the rates of completed trials, not assumed;
-    ``device``: what the seconds are of (gpu or cpu), so hours on a CPU are never called GPU-hours."""
+    ``preflight``: from a GPU preflight's measured rates (``sweeps/preflight.py``), not assumed; ``device``: what the
+    seconds are of (gpu or cpu), so hours on a CPU are never called GPU-hours."""
 
     train_s: float
     eval_s: float
     setup_s: float
     measured: bool = False
     device: str = "gpu"
+    preflight: bool = False
 
     @property
     def total_s(self) -> float:
         return self.train_s + self.eval_s + self.setup_s
+
+
+# Where ``sweeps/preflight.py`` writes its JSON report, and where the dry run looks for it (relative to the working
+# directory, like the database).
+PREFLIGHT_REPORT = Path("results/preflight/preflight.json")
+
+
+@dataclass(frozen=True)
+class PreflightRates:
+    """What a preflight measured on one machine, for the cost estimate: effective training FLOP/s (measured tokens/s
+    times ``method_flops_factor``·``shape_params``, so the estimate converts back with the same count) for full
+    fine-tuning and for frozen-weight methods (measured on LoRA), setup seconds per trial, and how many more trials
+    an hour k trials per GPU ran than one (``packing``). A rate the preflight could not measure is absent."""
+
+    path: str
+    device: str
+    date: str
+    cpu_mode: bool
+    train_flops_per_s: dict[str, float]
+    setup_seconds: float | None
+    packing: dict[int, float]
+
+    def train_flops(self, method: str) -> float | None:
+        return self.train_flops_per_s.get("full" if method == "full" else "lora")
+
+
+def _number(value: Any, where: str, problems: list[tuple[str, str]]) -> float | None:
+    """A positive number, or None (not measured); anything else is a problem."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        problems.append((where, f"expected a positive number or null, got {value!r}"))
+        return None
+    return float(value)
+
+
+def read_preflight(path: Path) -> PreflightRates:
+    """The ``rates`` of a preflight JSON report; a ConfigError naming the file when it is unreadable or malformed."""
+    try:
+        rates = json.loads(Path(path).read_text())["rates"]
+        if not isinstance(rates, dict):
+            raise TypeError(f"'rates' is {type(rates).__name__}, not an object")
+        flops, packing = rates.get("train_flops_per_s") or {}, rates.get("packing") or {}
+        problems: list[tuple[str, str]] = []
+        checked = {k: _number(v, f"rates.train_flops_per_s.{k}", problems) for k, v in flops.items()}
+        speedups = {int(k): _number(v, f"rates.packing.{k}", problems) for k, v in packing.items()}
+        result = PreflightRates(str(path), str(rates["device"]), str(rates["date"]), bool(rates.get("cpu_mode")),
+                                {k: v for k, v in checked.items() if v is not None},
+                                _number(rates.get("setup_seconds"), "rates.setup_seconds", problems),
+                                {k: v for k, v in speedups.items() if v is not None})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise ConfigError([("--preflight", f"{path}: not a readable preflight report ({detail}); run python "
+                                           "sweeps/preflight.py again")]) from None
+    if problems:
+        raise ConfigError([("--preflight", f"{path}: {where}: {message}") for where, message in problems],
+                          "malformed preflight report")
+    return result
 
 
 def measured_rates(rows: Sequence[Mapping[str, Any]]) -> dict[RateKey, Rates]:
@@ -432,15 +503,27 @@ def measured_rates(rows: Sequence[Mapping[str, Any]]) -> dict[RateKey, Rates]:
     return rates
 
 
-def trial_cost(config: Mapping[str, Any], device: str = "gpu",
-               rates: Mapping[RateKey, Rates] | None = None) -> TrialCost:
+def assumed_cost(config: Mapping[str, Any], device: str, preflight: PreflightRates | None = None) -> TrialCost:
+    """FLOPs at ``THROUGHPUT[device]`` and ``SETUP_SECONDS[device]``; on a GPU, a preflight's measured FLOP/s and setup
+    seconds instead where it has them (evaluation at its full fine-tuning rate: the same matrix products, forward)."""
+    params, flops, setup = estimate_params(config), THROUGHPUT[device], SETUP_SECONDS[device]
+    train_flops = eval_flops = flops
+    used = preflight is not None and device == "gpu" and not preflight.cpu_mode
+    if used:
+        train_flops = preflight.train_flops(str(config["method.name"])) or flops
+        eval_flops = preflight.train_flops("full") or flops
+        setup = preflight.setup_seconds or setup
+    return TrialCost(training_flops_per_token(config) * estimate_tokens(config) / train_flops,
+                     2 * params * estimate_eval_tokens(config) / eval_flops, setup, device=device, preflight=used)
+
+
+def trial_cost(config: Mapping[str, Any], device: str = "gpu", rates: Mapping[RateKey, Rates] | None = None,
+               preflight: PreflightRates | None = None) -> TrialCost:
     """Seconds of training, evaluation and setup: at measured rates of the same model and method where ``rates`` has
-    them, else FLOPs at ``THROUGHPUT[device]`` and ``SETUP_SECONDS[device]`` (a trial pinned to ``train.device=cpu``
-    at the CPU's)."""
+    them, else as ``assumed_cost`` (a preflight's rates, or FLOPs at ``THROUGHPUT[device]``; a trial pinned to
+    ``train.device=cpu`` at the CPU's)."""
     device = "cpu" if config["train.device"] == "cpu" else device
-    params, flops = estimate_params(config), THROUGHPUT[device]
-    assumed = TrialCost(training_flops_per_token(config) * estimate_tokens(config) / flops,
-                        2 * params * estimate_eval_tokens(config) / flops, SETUP_SECONDS[device], device=device)
+    assumed = assumed_cost(config, device, preflight)
     measured = (rates or {}).get(rate_key(config))
     if measured is None:
         return assumed

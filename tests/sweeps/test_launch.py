@@ -294,7 +294,8 @@ def test_bad_input_exits_2_and_starts_nothing(study_text, args, expected, tmp_pa
     assert not ray.is_initialized()
 
 
-def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys) -> None:
+def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a preflight report at the default path would change the estimate
     from sweeps.study import config_key, duplicates_removed, load_study, plan, planned_memberships
 
     db = tmp_path / "results.duckdb"
@@ -322,7 +323,8 @@ def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys) -> None:
     assert not db.exists()
 
 
-def test_dry_run_writes_the_plan_as_csv_and_json(tmp_path: Path, capsys) -> None:
+def test_dry_run_writes_the_plan_as_csv_and_json(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a preflight report at the default path would change the estimate
     from sweeps.study import duplicates_removed, load_study, plan, planned_memberships, read_plan_csv
 
     db = tmp_path / "results.duckdb"
@@ -366,7 +368,8 @@ def _measured_db(path: Path) -> Path:
     return path
 
 
-def test_dry_run_uses_measured_rates_where_the_database_has_them(tmp_path: Path, capsys) -> None:
+def test_dry_run_uses_measured_rates_where_the_database_has_them(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a preflight report at the default path would change the estimate
     from sweeps.study import estimate_eval_tokens, estimate_tokens, load_study, plan
 
     db = _measured_db(tmp_path / "measured.duckdb")

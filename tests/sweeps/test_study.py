@@ -11,8 +11,11 @@ import yaml
 from model import ConfigError
 from sweeps.launch import main
 from sweeps.study import (
+    SETUP_SECONDS,
     STUDIES_DIR,
+    THROUGHPUT,
     PlannedTrial,
+    PreflightRates,
     Study,
     config_key,
     duplicates_removed,
@@ -21,6 +24,7 @@ from sweeps.study import (
     planned_memberships,
     read_plan_csv,
     resolve_study_path,
+    trial_cost,
     write_plan_csv,
 )
 
@@ -175,3 +179,26 @@ def test_plan_csv_reads_back_as_the_same_trials(tmp_path: Path) -> None:
         back = read_plan_csv(f)
     assert back == trials
     assert [type(v) for v in back[-1].config.values()] == [type(v) for v in trials[-1].config.values()]
+
+
+def test_a_gpu_preflights_rates_replace_the_assumed_ones_on_gpus_only() -> None:
+    """Training at the preflight's FLOP/s of the method's kind (full, or frozen weights), evaluation at its full
+    rate, its setup seconds; a trial pinned to the CPU and a --cpu mode report keep the assumed rates."""
+    from sweeps.config import TrialConfig
+
+    preflight = PreflightRates("pf.json", "H100", "2026-11-20", False, {"full": 3e14, "lora": 1e14}, 5.0, {1: 1.0})
+    full = TrialConfig.from_flat({"method.name": "full", "task.name": "sms_spam"}).to_flat()
+    lora = {**full, "method.name": "lora"}
+    assumed, measured = trial_cost(full), trial_cost(full, preflight=preflight)
+    assert (assumed.preflight, measured.preflight) == (False, True)
+    assert measured.train_s == pytest.approx(assumed.train_s * THROUGHPUT["gpu"] / 3e14)
+    assert measured.eval_s == pytest.approx(assumed.eval_s * THROUGHPUT["gpu"] / 3e14)
+    assert (assumed.setup_s, measured.setup_s) == (SETUP_SECONDS["gpu"], 5.0)
+    assert trial_cost(lora, preflight=preflight).train_s == pytest.approx(
+        trial_cost(lora).train_s * THROUGHPUT["gpu"] / 1e14)
+    assert trial_cost({**full, "train.device": "cpu"}, preflight=preflight) == trial_cost({**full, "train.device": "cpu"})
+    on_cpu = PreflightRates("pf.json", "CPU", "2026-11-20", True, {"full": 3e14}, 5.0, {})
+    assert trial_cost(full, preflight=on_cpu) == assumed
+    partial = PreflightRates("pf.json", "H100", "2026-11-20", False, {"full": 3e14}, None, {})
+    assert trial_cost(lora, preflight=partial).train_s == trial_cost(lora).train_s  # LoRA not measured: assumed
+    assert trial_cost(lora, preflight=partial).setup_s == SETUP_SECONDS["gpu"]
