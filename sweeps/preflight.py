@@ -569,7 +569,7 @@ def check_memory(ctx: Context) -> list[Check]:
 
 
 @dataclass
-class TrialTiming:
+class TrialPhases:
     """Where one trial's wall time went, from ``run_trial``'s call to its final record (seconds)."""
 
     wall_s: float
@@ -586,7 +586,7 @@ def trial_config(ctx: Context, seed: int = 0) -> Any:
     return TrialConfig.from_flat({**ctx.shapes.trial, "train.seed": seed})
 
 
-def timed_trial(config: Any) -> tuple[TrialTiming, Any]:
+def timed_trial(config: Any) -> tuple[TrialPhases, Any]:
     """Run a trial through ``sweeps.loop.run_trial`` and time its parts from the records it emits (every step is
     reported: ``train.log_every=1``); the timing and the final record."""
     from sweeps.loop import run_trial
@@ -609,7 +609,7 @@ def timed_trial(config: Any) -> tuple[TrialTiming, Any]:
     record = run_trial(config, callback).record
     first_step = first[0].tokens_seen / first[0].tokens_per_s  # the first step's own seconds
     before = seen["first"] - first_step - started
-    return TrialTiming(seen["final"] - started, record.setup_seconds, before, seen["last"] - started - before,
+    return TrialPhases(seen["final"] - started, record.setup_seconds, before, seen["last"] - started - before,
                        seen["final"] - seen["last"], record.step), record
 
 
