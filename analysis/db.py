@@ -1,7 +1,8 @@
 """The DuckDB study database: opening it (clear message when another process holds it) and idempotent writes.
 
-Writers: only the sweep driver, through ``ResultsWriter`` (used by the Ray Tune callback in ``sweeps/``). Readers
-(``launch.py status``, ``build_guide.py``, people with SQL) open it read-only.
+Writers: the sweep driver, through ``ResultsWriter`` (used by the Ray Tune callback in ``sweeps/``), and
+``analysis/judge.py`` (the ``judgments`` table only). Readers (``launch.py status``, ``build_guide.py``, people with
+SQL) open it read-only.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         raise DatabaseError(f"{path}: not a readable DuckDB database ({err})") from None
     if not read_only:
         con.execute(SCHEMA.read_text())
+        con.execute(f"INSERT INTO generations {GENERATIONS_IN_RESULT} ON CONFLICT DO NOTHING")
     else:
         _memberships_of_an_older_file(con)
+        _generations_of_an_older_file(con)
     return con
 
 
@@ -66,6 +69,25 @@ def _memberships_of_an_older_file(con: duckdb.DuckDBPyConnection) -> None:
     the same name gives each trial its own dimension and group as its one membership, so every query still works."""
     if _has_table(con, "trials") and not _has_table(con, "trial_groups"):
         con.execute('CREATE TEMP VIEW trial_groups AS SELECT id AS trial_id, dimension, "group" FROM trials')
+
+
+# Databases written before the generations table kept each trial's generations in its result: a JSON list of
+# {prompt, generation, reference}, the final weights', the index in the list the example. Their rows, one place for
+# both uses: copied into the table whenever a writer opens the file (a no-op for results without generations, as
+# every result is since), and a reader's temporary view of an older file that no writer opened since.
+GENERATIONS_IN_RESULT = """
+SELECT t.id AS trial_id, 'final' AS stage, CAST(g.i - 1 AS INTEGER) AS example, g.item ->> 'prompt' AS prompt,
+       g.item ->> 'reference' AS reference, g.item ->> 'generation' AS response
+FROM trials AS t, unnest(CAST(t.result -> 'generations' AS JSON[])) WITH ORDINALITY AS g(item, i)
+WHERE g.item ->> 'prompt' IS NOT NULL AND g.item ->> 'generation' IS NOT NULL
+"""
+
+
+def _generations_of_an_older_file(con: duckdb.DuckDBPyConnection) -> None:
+    """A database from before the ``generations`` table, opened read-only: a temporary view of the same name gives
+    the generations its trials kept in their result, so queries of the table still work."""
+    if _has_table(con, "trials") and not _has_table(con, "generations"):
+        con.execute(f"CREATE TEMP VIEW generations AS {GENERATIONS_IN_RESULT}")
 
 
 def column_name(flat_key: str) -> str:
@@ -123,6 +145,10 @@ def trial_row(spec: Mapping[str, Any], status: str, measured: Mapping[str, Any] 
     return row
 
 
+GENERATIONS_INSERT = """
+INSERT OR REPLACE INTO generations
+SELECT ?, unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[])
+"""
 PREDICTIONS_INSERT = """
 INSERT OR REPLACE INTO predictions
 SELECT ?, unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::INTEGER[]), unnest(?::INTEGER[]),
@@ -212,6 +238,22 @@ class ResultsWriter:
         columns = [list(c) for c in zip(*rows, strict=True)]
         if columns:  # one statement over list parameters: executemany takes ~40 s for IMDB's 25,000 test rows
             self.con.execute(PREDICTIONS_INSERT, [trial_id, *columns])
+
+    def write_final(self, spec: Mapping[str, Any], record: Any) -> None:
+        """Everything a trial's final record (``sweeps.records.FinalRecord``) puts in the database: its ``trials``
+        row, per-example predictions, kept generations and metric rows."""
+        trial_id = spec["trial_id"]
+        self.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
+        self.write_predictions(trial_id, record.prediction_rows())
+        self.write_generations(trial_id, record.generation_rows())
+        self.write_metric_rows(trial_id, record.metric_rows())
+
+    def write_generations(self, trial_id: str, rows: Iterable[tuple[str, int, str, str, str]]) -> None:
+        """A trial's kept generations ``(stage, example, prompt, reference, response)`` (``FinalRecord.
+        generation_rows``); a replayed row replaces itself."""
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        if columns:  # one statement over list parameters (executemany is slow in DuckDB)
+            self.con.execute(GENERATIONS_INSERT, [trial_id, *columns])
 
     def write_metric_rows(self, trial_id: str, rows: Iterable[tuple[int, str, str, float]]) -> None:
         """Learning-curve rows ``(step, split, name, value)``; a replayed row replaces itself."""

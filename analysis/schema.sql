@@ -132,7 +132,8 @@ CREATE TABLE IF NOT EXISTS trials (
     test_macro_f1            DOUBLE,
     test_loss                DOUBLE,
     test_perplexity          DOUBLE,
-    result                   JSON,              -- the whole final record (per-class F1, generations, notes, ...)
+    result                   JSON,              -- the final record (per-class F1, notes, ...); its predictions
+                                                --   and generations are in their own tables
     updated_at               TIMESTAMP NOT NULL
 );
 
@@ -199,4 +200,54 @@ CREATE TABLE IF NOT EXISTS metrics (
     name      VARCHAR NOT NULL,   -- loss, lr, tokens_per_s, accuracy, perplexity, ...; test at step 0: before training
     value     DOUBLE,
     PRIMARY KEY (trial_id, step, split, name)
+);
+
+-- Greedy generations that generating trials (instruction tuning, DPO) keep on fixed test prompts: what the guide
+-- shows side by side and what analysis/judge.py asks a judge about. stage 'final' is the trial's trained weights;
+-- 'start' the weights it started from (DPO keeps both: its answers are judged against its starting model's).
+CREATE TABLE IF NOT EXISTS generations (
+    trial_id   VARCHAR NOT NULL,
+    stage      VARCHAR NOT NULL CHECK (stage IN ('final', 'start')),
+    example    INTEGER NOT NULL,   -- index of the prompt in the test split: the same index is the same prompt in
+                                   --   every trial of a task with the same data settings
+    prompt     VARCHAR NOT NULL,   -- the prompt as the model saw it (decoded)
+    reference  VARCHAR,            -- the dataset's reference answer (preference pairs: the chosen one)
+    response   VARCHAR NOT NULL,   -- the greedy continuation, decoded, without the end-of-text token
+    PRIMARY KEY (trial_id, stage, example)
+);
+
+-- Databases written before the generations table kept them in trials.result -> 'generations'. analysis/db.py
+-- connect copies those rows here whenever a writer opens the file (a no-op for newer results, which have none) and
+-- gives a reader of an older file a temporary view of the same name; the one SELECT of both is
+-- analysis/db.py GENERATIONS_IN_RESULT.
+
+-- One request to an LLM judge and what came back (analysis/judge.py; only that CLI writes here). Mode 'score' asks
+-- once per generation (position 'only'): a 0-100 score given the prompt and the reference answer. Mode 'pairwise'
+-- asks twice, the trial's response shown first and then second against an opponent (the reference answer, or for
+-- DPO its starting model's generation of the same prompt); the pair is a win or a loss only when both orders agree,
+-- else a tie (analysis/queries.py derives it). A row is written as its reply arrives, so an interrupted run resumes
+-- with what is missing; a 'failed' row (no usable reply after the retries) is asked again by the next run.
+CREATE TABLE IF NOT EXISTS judgments (
+    trial_id          VARCHAR NOT NULL,
+    example           INTEGER NOT NULL,
+    judge_model       VARCHAR NOT NULL,
+    rubric_version    VARCHAR NOT NULL,   -- changes whenever the judge's instructions change
+    mode              VARCHAR NOT NULL CHECK (mode IN ('score', 'pairwise')),
+    position          VARCHAR NOT NULL CHECK (position IN ('only', 'first', 'second')),  -- where the trial's
+                                          --   response was shown
+    opponent          VARCHAR CHECK (opponent IN ('reference', 'start')),  -- pairwise only
+    score             DOUBLE,             -- score mode: 0-100
+    preferred         VARCHAR CHECK (preferred IN ('response', 'opponent')),  -- pairwise: the judge's choice,
+                                          --   mapped back from its letter
+    parse_status      VARCHAR NOT NULL CHECK (parse_status IN ('ok', 'unparsed', 'failed')),
+    raw_reply         VARCHAR,            -- the judge's reply, verbatim
+    error             VARCHAR,            -- failed: the last error after the retries
+    request_key       VARCHAR NOT NULL,   -- sha256 of (judge model, rubric version, mode, the messages sent): the
+                                          --   cache key; an identical request reuses the reply
+    cached            BOOLEAN NOT NULL,   -- the reply was reused, not asked (no tokens spent, no latency)
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    latency_s         DOUBLE,
+    judged_at         TIMESTAMP NOT NULL,
+    PRIMARY KEY (trial_id, example, judge_model, rubric_version, mode, position)
 );

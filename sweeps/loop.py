@@ -2,8 +2,9 @@
 
 ``run_trial(config, callback)`` reads top to bottom as four steps: ``setup`` builds the model, task head, method,
 optimizer and data from a ``TrialConfig``; ``train`` evaluates the untrained model on test once
-(``evaluate_baseline``), then takes optimizer steps (``optimizer_step``) and evaluates (``validate``, with early
-stopping) until the step budget is spent or the trial stops; ``finish`` evaluates the final weights and returns the
+(``evaluate_baseline``; DPO also keeps its starting weights' generations, ``Task.keeps_start_generations``), then
+takes optimizer steps (``optimizer_step``) and evaluates (``validate``, with early stopping) until the step budget is
+spent or the trial stops; ``finish`` evaluates the final weights, generates from them and returns the
 ``FinalRecord``. Everything reported goes through ``callback(record)`` as a typed record of ``sweeps/records.py``.
 Ray Tune's trainable is a thin adapter over this function; nothing here imports Ray.
 """
@@ -30,7 +31,7 @@ from model.tokenizer import EOT_TOKEN_ID
 from sweeps import memory
 from sweeps.config import ModelConfig, TrialConfig
 from sweeps.optim import EmbeddingGrads, build_optimizer, build_scheduler
-from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, StepRecord
+from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Generation, Record, StepRecord
 from tasks import EncodedSplit, ExampleResults, Task, batch_order, get_task
 
 Callback = Callable[[Record], None]
@@ -52,13 +53,16 @@ class TrainState:
     evals_without_improvement: int = 0
     history: list[EvalRecord] = field(default_factory=list)
     baseline_test: dict[str, float] = field(default_factory=dict)  # test metrics before step 1 (baseline_eval)
+    start_generations: list[Generation] = field(default_factory=list)  # the starting weights' (keeps_start_...)
 
     def to_saved(self) -> dict[str, Any]:
-        return asdict(self)  # history as plain dicts: what torch.load(weights_only=True) reads back
+        return asdict(self)  # records as plain dicts: what torch.load(weights_only=True) reads back
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainState:
-        return cls(**{**saved, "history": [EvalRecord(**e) for e in saved["history"]]})
+        """The state a checkpoint saved (one from before ``start_generations`` has none)."""
+        return cls(**{**saved, "history": [EvalRecord(**e) for e in saved["history"]],
+                      "start_generations": [Generation(**g) for g in saved.get("start_generations", [])]})
 
 
 @dataclass
@@ -354,6 +358,8 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
     state, config = trial.state, trial.config.train
     if config.baseline_eval and state.step == 0:
         evaluate_baseline(trial)
+    if trial.task.keeps_start_generations and state.step == 0:  # in the state: a resumed run still has them
+        state.start_generations = timed_generations(trial, "start")
     if config.eval_at_start and state.step == 0:
         validate(trial, emit)
     for module in trial.modules:
@@ -402,7 +408,8 @@ def account_memory(trial: Trial, record: FinalRecord) -> None:
 
 
 def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -> FinalRecord:
-    """Evaluate the final weights (the best ones after early stopping) and assemble the trial's final record."""
+    """Evaluate the final weights (the best ones after early stopping), generate from them, and assemble the trial's
+    final record (its generations: the starting weights' kept in the state, then the final ones)."""
     state, task, summary = trial.state, trial.task, trial.summary
     record = FinalRecord(
         status=status, task=task.name, task_kind=task.kind, primary_metric=task.primary_metric,
@@ -428,32 +435,63 @@ def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -
             record.history.append(EvalRecord(state.step, record.validation, train=evaluate(trial, TRAIN_SUBSET)))
         record.test = evaluate(trial, "test", outcomes["test"])
         record.predictions = {split: results.columns() for split, results in outcomes.items()}
-        if task.generates and trial.config.task.num_generations:
-            started = time.perf_counter()
-            record.generations = generate_samples(trial)
-            trial.eval_seconds += time.perf_counter() - started
+        record.generations = list(state.start_generations) + timed_generations(trial, "final")
     account_memory(trial, record)
     record.setup_seconds, record.eval_seconds = setup_seconds, trial.eval_seconds
     record.wall_seconds = time.perf_counter() - wall_start
     return record
 
 
+def timed_generations(trial: Trial, stage: str) -> list[Generation]:
+    """The kept generations of the current weights when the task keeps any (``task.num_generations``), their time
+    counted as evaluation time."""
+    if not (trial.task.generates and trial.config.task.num_generations):
+        return []
+    started = time.perf_counter()
+    try:
+        return generate_samples(trial, stage)
+    finally:
+        trial.eval_seconds += time.perf_counter() - started
+
+
 @torch.no_grad()
-def generate_samples(trial: Trial) -> list[dict[str, str]]:
-    """Greedy continuations of the first test prompts (fixed across trials), decoded, with the reference answer."""
-    enc, model, split = get_tokenizer(), trial.model, trial.splits["test"]
-    samples = []
-    for i in range(min(trial.config.task.num_generations, len(split))):
-        prompt, reference = trial.task.prompt_and_reference(split, i)
-        budget = min(trial.config.train.max_new_tokens, model.config.n_positions - len(prompt))
-        if budget < 1:
-            continue
-        with trial.autocast():
-            out = model.generate(prompt[None].to(trial.device), budget, eos_token_id=EOT_TOKEN_ID)[0, len(prompt):]
-        new = [t for t in out.tolist() if t != EOT_TOKEN_ID]
-        samples.append({"prompt": enc.decode(prompt.tolist()), "generation": enc.decode(new),
-                        "reference": enc.decode(reference)})
-    return samples
+def generate_samples(trial: Trial, stage: str) -> list[Generation]:
+    """Greedy continuations of the first ``task.num_generations`` test prompts (fixed across trials), decoded, with
+    the reference answer, in example order.
+
+    Batched for speed (``train.eval_batch_size`` rows, similar prompt lengths together, left-padded: ``GPT2.generate``
+    continues each row exactly as it would alone) wherever prompt + ``train.max_new_tokens`` fits the context; a
+    longer prompt generates alone with what room is left, and one that leaves no room is skipped."""
+    enc, split, train = get_tokenizer(), trial.splits["test"], trial.config.train
+    n_positions = trial.model.config.n_positions
+    pairs = {i: trial.task.prompt_and_reference(split, i) for i in range(min(trial.config.task.num_generations,
+                                                                              len(split)))}
+    fits = sorted((i for i, (p, _) in pairs.items() if len(p) + train.max_new_tokens <= n_positions),
+                  key=lambda i: len(pairs[i][0]))
+    responses: dict[int, list[int]] = {}
+    for start in range(0, len(fits), train.eval_batch_size):
+        rows = fits[start : start + train.eval_batch_size]
+        responses.update(zip(rows, _greedy(trial, [pairs[i][0] for i in rows], train.max_new_tokens), strict=True))
+    for i, (prompt, _) in pairs.items():
+        if i not in responses and n_positions - len(prompt) >= 1:
+            responses[i] = _greedy(trial, [prompt], n_positions - len(prompt))[0]
+    return [Generation(stage, i, enc.decode(pairs[i][0].tolist()), enc.decode(pairs[i][1]), enc.decode(responses[i]))
+            for i in sorted(responses)]
+
+
+def _greedy(trial: Trial, prompts: list[torch.Tensor], budget: int) -> list[list[int]]:
+    """The new tokens of each prompt's greedy continuation, up to ``budget`` and without end-of-text tokens (a row
+    that ended is filled with them); the prompts left-padded into one batch."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), EOT_TOKEN_ID, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    with trial.autocast():
+        out = trial.model.generate(ids.to(trial.device), budget, eos_token_id=EOT_TOKEN_ID,
+                                   attention_mask=mask.to(trial.device))
+    return [[t for t in row if t != EOT_TOKEN_ID] for row in out[:, width:].tolist()]
 
 
 # --------------------------------------------------------------------------------------------------------------------

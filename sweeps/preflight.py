@@ -627,13 +627,13 @@ def data_ready(ctx: Context) -> None:
 
 def db_write_seconds(record: Any, config: Any, workdir: Path) -> float | None:
     """Seconds from a final record to its rows in the study database, as the sweep driver takes them: Ray's report
-    (``to_report``), read back (``record_from_report``), the ``trials`` row, predictions and metric rows through
-    ``analysis.db.ResultsWriter`` (``sweeps/ray_trial.py``'s DuckDBCallback); None without DuckDB."""
+    (``to_report``), read back (``record_from_report``), then ``ResultsWriter.write_final`` as
+    ``sweeps/ray_trial.py``'s DuckDBCallback calls it; None without DuckDB."""
     try:
         import duckdb  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
-    from analysis.db import ResultsWriter, trial_row
+    from analysis.db import ResultsWriter
     from sweeps.records import record_from_report
 
     writer = ResultsWriter(workdir / "preflight.duckdb")
@@ -642,9 +642,7 @@ def db_write_seconds(record: Any, config: Any, workdir: Path) -> float | None:
             "group": "lora", "config": config.to_flat()}
     started = time.perf_counter()
     final = record_from_report(record.to_report())
-    writer.write_trial(trial_row(spec, final.db_status, final.to_row(), error=final.error))
-    writer.write_predictions(spec["trial_id"], final.prediction_rows())
-    writer.write_metric_rows(spec["trial_id"], final.metric_rows())
+    writer.write_final(spec, final)
     seconds = time.perf_counter() - started
     writer.close()
     return seconds

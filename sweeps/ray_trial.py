@@ -105,15 +105,15 @@ class DuckDBCallback(tune.Callback):
         record = record_from_report(result)
         if record is None:
             return
-        if isinstance(record, FinalRecord):
-            self.finished.add(spec["trial_id"])
-            self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
-            self.writer.write_predictions(spec["trial_id"], record.prediction_rows())
-            if self.progress:
-                shown = record.test.get(record.primary_metric)
-                print(f"trial {spec['trial_id']} {record.db_status}" + (
-                    f" test {record.primary_metric}={shown:.4f}" if shown is not None else ""), flush=True)
-        self.writer.write_metric_rows(spec["trial_id"], record.metric_rows())
+        if not isinstance(record, FinalRecord):
+            self.writer.write_metric_rows(spec["trial_id"], record.metric_rows())
+            return
+        self.finished.add(spec["trial_id"])
+        self.writer.write_final(spec, record)
+        if self.progress:
+            shown = record.test.get(record.primary_metric)
+            print(f"trial {spec['trial_id']} {record.db_status}" + (
+                f" test {record.primary_metric}={shown:.4f}" if shown is not None else ""), flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial that ended without its final record was stopped by the scheduler (ASHA) or the user: recorded

@@ -4,7 +4,8 @@ The loop (``sweeps/loop.py``) emits a ``StepRecord`` per logged optimizer step, 
 a ``CheckpointRecord`` per checkpoint and one ``FinalRecord`` at the end. Each record has one way to become a Ray
 report (``to_report``: flat scalars, what Tune's schedulers and searchers read) and one way back
 (``record_from_report``, on the driver), and the records that carry measurements have one way to become database
-rows (``metric_rows`` for the ``metrics`` table, ``FinalRecord.to_row`` for the measured columns of ``trials``).
+rows (``metric_rows`` for the ``metrics`` table, ``FinalRecord.to_row`` for the measured columns of ``trials``,
+``prediction_rows`` and ``generation_rows`` for the per-example tables).
 Metric names are the task's own (``accuracy``, ``perplexity``); the ``val_``/``test_`` prefix of flat keys is added
 and removed by ``metric_key``/``split_metrics`` alone. Records hold no live objects: ``run_trial`` returns the
 trained model beside its final record. Nothing here imports Ray.
@@ -28,6 +29,7 @@ ROW_FIELDS = ("trainable_params", "total_params", "tokens_seen", "tokens_per_s",
               "memory_account_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes", "kept_bytes",
               "setup_seconds", "train_seconds", "eval_seconds", "wall_seconds",
               "baseline_majority")  # FinalRecord fields with a column
+TABLE_FIELDS = ("predictions", "generations")  # FinalRecord lists with a table of their own, not in trials.result
 FINAL_STATUSES = ("completed", "early_stopped", "diverged", "failed", "stopped")
 DB_STATUS = {"early_stopped": "completed"}  # an early-stopped trial completed, with its best weights restored
 
@@ -35,6 +37,8 @@ TRAIN_PREFIX = "train_subset_"  # report keys of the training-subset metrics of 
 EVAL_STEP = "eval_step"  # the step of an evaluation, in eval reports only: schedulers decide at evaluations alone
 MetricRow = tuple[int, str, str, float]  # (step, split, name, value): one row of the metrics table
 PredictionRow = tuple[str, int, int | None, int | None, bool | None, float | None, int | None]
+GenerationRow = tuple[str, int, str, str, str]  # (stage, example, prompt, reference, response): the generations table
+GENERATION_STAGES = ("final", "start")
 
 
 def metric_key(split: str, name: str) -> str:
@@ -127,6 +131,38 @@ class CheckpointRecord:
         return []
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One kept greedy generation: what the guide shows side by side and an LLM judge scores (a row of the
+    ``generations`` table)."""
+
+    stage: str
+    """``final`` (the trial's trained weights) or ``start`` (the weights it started from; DPO keeps both, since its
+    answers are judged against its starting model's)."""
+    example: int
+    """Index of the prompt in the test split: the same index is the same prompt in every trial of a task with the
+    same data settings, so generations pair across trials by it."""
+    prompt: str
+    """The prompt as the model saw it, decoded."""
+    reference: str
+    """The dataset's reference answer (preference pairs: the chosen one), decoded."""
+    response: str
+    """The greedy continuation, decoded, without the end-of-text token."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in GENERATION_STAGES:
+            raise ValueError(f"unknown generation stage {self.stage!r}; expected one of {GENERATION_STAGES}")
+
+
+def _generation(data: Mapping[str, Any], index: int) -> Generation:
+    """A generation from its dict; one in the form records had before ``Generation`` (``prompt``, ``generation``,
+    ``reference``: final weights, its index in the list the example), as the ``trials.result`` of an older database
+    holds it (``launch.py resume`` replays those)."""
+    if "generation" in data:
+        return Generation("final", index, data["prompt"], data["reference"], data["generation"])
+    return Generation(**_known(Generation, data))
+
+
 @dataclass
 class FinalRecord:
     """How a trial ended and everything it measured. The task's primary metric and its direction travel with it,
@@ -196,7 +232,9 @@ class FinalRecord:
     resumed_from_step: int = 0
     diverged_at_step: int | None = None
     best_step: int | None = None
-    generations: list[dict[str, str]] = field(default_factory=list)
+    generations: list[Generation] = field(default_factory=list)
+    """The kept greedy generations of fixed test prompts (tasks that generate): the final weights' and, for DPO, the
+    starting weights'. Rows of the ``generations`` table, not of ``result``."""
     predictions: dict[str, dict[str, list]] = field(default_factory=dict)
     """Per split (validation, test), the final weights' outcome on every example, as columns: ``example`` (index in
     the split), ``label`` and ``prediction`` (classification, preference pairs) or ``loss`` and ``tokens``
@@ -226,19 +264,22 @@ class FinalRecord:
         """The status the ``trials`` table records."""
         return DB_STATUS.get(self.status, self.status)
 
-    def to_dict(self, predictions: bool = True) -> dict[str, Any]:
-        """The flat form: scalars, ``val_``/``test_`` metrics, and the lists (history as flat eval reports). It is
-        what ``result.json`` and the Ray report hold; the ``trials.result`` column holds it without the per-example
-        ``predictions``, which have a table of their own."""
+    def to_dict(self, tables: bool = True) -> dict[str, Any]:
+        """The flat form: scalars, ``val_``/``test_`` metrics, and the lists (history as flat eval reports,
+        generations as dicts). It is what ``result.json`` and the Ray report hold (the driver needs everything);
+        ``tables=False`` leaves out the lists that have a table of their own (``TABLE_FIELDS``): the
+        ``trials.result`` column holds the record without them."""
         out: dict[str, Any] = {"event": self.event}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "predictions" and not predictions:
+            if f.name in TABLE_FIELDS and not tables:
                 continue
             if f.name in ("validation", "test"):
                 out.update({metric_key(f.name, k): v for k, v in value.items()})
             elif f.name == "history":
                 out["history"] = [e.to_report() for e in value]
+            elif f.name == "generations":
+                out["generations"] = [asdict(g) for g in value]
             else:
                 out[f.name] = value
         return out
@@ -250,6 +291,7 @@ class FinalRecord:
         known["test"] = split_metrics(data, "test")
         known["baseline_test"] = {k: v for k, v in (data.get("baseline_test") or {}).items() if _is_number(v)}
         known["history"] = [EvalRecord.from_report(e) for e in data.get("history") or []]
+        known["generations"] = [_generation(g, i) for i, g in enumerate(data.get("generations") or [])]
         return cls(**known)
 
     def to_json(self) -> str:
@@ -273,6 +315,10 @@ class FinalRecord:
                       loss[i], tokens[i]) for i in range(n)]
         return rows
 
+    def generation_rows(self) -> list[GenerationRow]:
+        """Rows of the ``generations`` table: (stage, example, prompt, reference, response)."""
+        return [(g.stage, g.example, g.prompt, g.reference, g.response) for g in self.generations]
+
     def metric_rows(self) -> list[MetricRow]:
         """The final evaluations at the last step, the validation history, and the step-0 test baseline."""
         rows = _metric_rows(self.step, "validation", self.validation) + _metric_rows(self.step, "test", self.test)
@@ -288,7 +334,7 @@ class FinalRecord:
                "val_primary": self.validation.get(self.primary_metric),
                "test_primary": self.test.get(self.primary_metric),
                "baseline_step0": self.baseline_test.get(self.primary_metric),
-               "result": json_text(self.to_dict(predictions=False))}
+               "result": json_text(self.to_dict(tables=False))}
         for name in ROW_FIELDS:
             row[name] = getattr(self, name)
         for split in ("validation", "test"):

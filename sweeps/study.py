@@ -348,15 +348,17 @@ def estimate_tokens(config: Mapping[str, Any]) -> int:
 def estimate_eval_tokens(config: Mapping[str, Any]) -> int:
     """Tokens the trial's evaluations read: the step-0 test baseline (``train.baseline_eval``), validation at the start
     (``train.eval_at_start``) and every ``train.eval_every`` steps before the last, the final validation and test, and
-    kept generations. An evaluation of a big test split (IMDB's 25,000 reviews) can cost more than the training."""
+    kept generations (twice for a task that also keeps its starting weights', DPO). An evaluation of a big test split
+    (IMDB's 25,000 reviews) can cost more than the training."""
     val, test = EVAL_SCALE[config["task.name"]]
     cap = config["task.max_eval_examples"]
     val, test = min(val, cap or val), min(test, cap or test)
     every = config["train.eval_every"]
     vals = 1 + bool(config["train.eval_at_start"]) + ((estimate_steps(config) - 1) // every if every else 0)
     tests = 1 + bool(config["train.baseline_eval"])
-    generated = config["task.num_generations"] * config["train.max_new_tokens"] if TASKS[
-        config["task.name"]].generates else 0
+    task = TASKS[config["task.name"]]
+    stages = (1 + task.keeps_start_generations) if task.generates else 0
+    generated = stages * config["task.num_generations"] * config["train.max_new_tokens"]
     return (vals * val + tests * test) * _example_tokens(config) + generated
 
 

@@ -231,6 +231,9 @@ class Task:
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     generates: ClassVar[bool] = False  # keeps greedy generations of held-out prompts (task.num_generations)
+    keeps_start_generations: ClassVar[bool] = False
+    """Also keep the generations of the weights the trial started from (before its first step), against which its
+    own generations are judged: what DPO changed is only visible next to what its starting model said."""
     source_names: ClassVar[tuple[str, ...]] = ()
     """The choices of ``task.source``, the default first; empty for a task with a single source (``task.source``
     must then stay unset). ``TaskConfig`` validates against this, so each task names its sources once."""

@@ -32,7 +32,8 @@ class TaskConfig:
     prompt_loss: bool = False
     """alpaca: also train on the prompt tokens (default: loss on response tokens only)."""
     num_generations: int = 3
-    """alpaca: greedy generations kept for fixed held-out prompts."""
+    """Tasks that generate (alpaca, preference): greedy generations kept for the first test prompts (fixed across
+    trials), for the guide and an LLM judge; DPO also keeps its starting weights' for the same prompts."""
 
     def __post_init__(self) -> None:
         problems = Problems()

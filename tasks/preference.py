@@ -129,6 +129,7 @@ class Preference(Task):
     primary_metric = "preference_accuracy"
     higher_is_better = True
     generates = True
+    keeps_start_generations = True
 
     def __init__(self, config: TaskConfig, dpo: DPOConfig | None = None) -> None:
         super().__init__(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -239,4 +240,69 @@ def test_a_failed_shared_trial_is_listed_once_with_every_group_it_serves(tmp_pat
     [row] = records(con, PROBLEM_TRIALS)
     assert (row["id"], row["dimension"], row["group"], row["error"]) == (
         "lora-0", "lora_targets, method", "all, lora", "RuntimeError: boom")
+    writer.close()
+
+
+# --- kept generations: their own table, and those of an older file's trials.result ---------------------------------
+
+def test_generations_are_written_once_per_row(tmp_path: Path) -> None:
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    rows = [("start", 0, "p0", "r0", "s0"), ("final", 0, "p0", "r0", "f0"), ("final", 1, "p1", None, "f1")]
+    for _ in range(2):  # Ray replays results after a restore
+        writer.write_generations("t0", rows)
+    writer.write_generations("t0", [("final", 1, "p1", None, "again")])  # a replayed row replaces itself
+    writer.write_generations("t0", [])
+    assert writer.con.execute("SELECT * FROM generations ORDER BY example, stage").fetchall() == [
+        ("t0", "final", 0, "p0", "r0", "f0"), ("t0", "start", 0, "p0", "r0", "s0"),
+        ("t0", "final", 1, "p1", None, "again")]
+    writer.close()
+
+
+def _older_file_with_generations(path: Path) -> Path:
+    """A database from before the generations table: a trial whose result keeps its generations (index in the list
+    = example), and one whose result has none."""
+    writer = ResultsWriter(path)
+    old = [{"prompt": "p0", "generation": "g0", "reference": "r0"}, {"prompt": "p1", "generation": "", "reference": ""}]
+    for seed, generations in ((0, old), (1, None)):
+        record = FinalRecord(status="completed", task="alpaca", task_kind="lm", primary_metric="perplexity",
+                             higher_is_better=False, step=5, test={"perplexity": 20.0})
+        row = record.to_row()
+        if generations is not None:
+            row["result"] = json.dumps({**json.loads(row["result"]), "generations": generations})
+        writer.write_trial(trial_row(_spec(seed), "completed", row))
+    writer.con.execute("DROP TABLE generations")
+    writer.close()
+    return path
+
+
+OLD_ROWS = [("t0", "final", 0, "p0", "r0", "g0"), ("t0", "final", 1, "p1", "", "")]
+
+
+def test_an_older_database_reads_its_generations_and_a_writer_moves_them_to_the_table(tmp_path: Path) -> None:
+    path = _older_file_with_generations(tmp_path / "db.duckdb")
+    reader = connect(path, read_only=True)
+    assert reader.execute("SELECT * FROM generations ORDER BY ALL").fetchall() == OLD_ROWS  # a temporary view
+    reader.close()
+    writer = ResultsWriter(path)
+    assert writer.con.execute("SELECT * FROM generations ORDER BY ALL").fetchall() == OLD_ROWS  # the table now
+    writer.write_generations("t0", [("final", 0, "p0", "r0", "newer")])
+    writer.close()
+    writer = ResultsWriter(path)  # opening it again copies nothing over what the table has
+    assert writer.con.execute("SELECT response FROM generations ORDER BY example").fetchall() == [("newer",), ("",)]
+    writer.close()
+    reader = connect(path, read_only=True)
+    assert reader.execute("SELECT count(*) FROM generations").fetchone() == (2,)
+    assert reader.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'generations'"
+                          ).fetchall() == [("BASE TABLE",)]
+    reader.close()
+
+
+def test_a_new_database_copies_nothing_from_results(tmp_path: Path) -> None:
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    record = FinalRecord(status="completed", task="alpaca", task_kind="lm", primary_metric="perplexity",
+                         higher_is_better=False, step=5)
+    writer.write_trial(trial_row(_spec(0), "completed", record.to_row()))
+    writer.close()
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    assert writer.con.execute("SELECT count(*) FROM generations").fetchone() == (0,)
     writer.close()

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import get_tokenizer
+from model.tokenizer import EOT_TOKEN_ID
 from sweeps import loop
 from sweeps.config import TrialConfig
-from sweeps.loop import TrialResult, run_trial, setup
+from sweeps.loop import TrialResult, generate_samples, run_trial, setup
 from sweeps.records import CheckpointRecord, FinalRecord
 from tasks.base import ClassificationTask
 
@@ -42,9 +44,8 @@ def test_alpaca_lowers_held_out_perplexity(real_data) -> None:
     before, after = result.history[0].metrics["perplexity"], result.validation["perplexity"]
     assert result.history[0].step == 0
     assert after < 0.5 * before, (before, after)
-    assert len(result.generations) == 2
-    assert {"prompt", "generation", "reference"} <= set(result.generations[0])
-    assert result.generations[0]["prompt"].endswith("### Response:\n")
+    assert [(g.stage, g.example) for g in result.generations] == [("final", 0), ("final", 1)]
+    assert result.generations[0].prompt.endswith("### Response:\n") and result.generations[0].reference
 
 
 @pytest.mark.parametrize("task", ["nli", "imdb"])
@@ -282,3 +283,49 @@ def test_train_compile_compiles_the_blocks_every_task_calls(real_data, monkeypat
     compiled = run_trial(TrialConfig.from_flat({**flat, "train.compile": True})).record
     assert counters["stats"]["unique_graphs"] >= 2  # the whole-sequence block and the last-position block
     assert compiled.test == pytest.approx(eager.test, rel=1e-4)
+
+
+def test_batched_generations_are_what_each_prompt_generates_alone(real_data) -> None:
+    """Batches of left-padded prompts of different lengths give each prompt's own greedy continuation; a prompt too
+    long for the batch budget generates alone with the room left, and one that leaves no room is skipped."""
+    trial = setup(_config(task__name="alpaca", task__max_eval_examples=16, task__max_length=96,
+                          task__num_generations=8, train__max_new_tokens=8, train__eval_batch_size=3,
+                          train__precision="fp32"))
+    model, enc = trial.model, get_tokenizer()
+    prompts = {i: trial.task.prompt_and_reference(trial.splits["test"], i)[0] for i in range(8)}
+    model.config.n_positions = max(len(p) for p in prompts.values())  # the longest prompt leaves no room
+    room = {i: model.config.n_positions - len(p) for i, p in prompts.items()}
+    batched, alone = [i for i in room if room[i] >= 8], [i for i in room if 1 <= room[i] < 8]
+    assert len(batched) > 3 and alone and len({len(prompts[i]) for i in batched}) > 3  # every case, mixed lengths
+    expected = []
+    for i in sorted(batched + alone):
+        out = model.generate(prompts[i][None], min(8, room[i]), eos_token_id=EOT_TOKEN_ID)[0, len(prompts[i]):]
+        expected.append((i, enc.decode([t for t in out.tolist() if t != EOT_TOKEN_ID])))
+    sizes: list[int] = []
+    generate = model.generate
+    model.generate = lambda ids, *args, **kwargs: sizes.append(len(ids)) or generate(ids, *args, **kwargs)
+    samples = generate_samples(trial, "final")
+    assert [(g.example, g.response) for g in samples] == expected and {g.stage for g in samples} == {"final"}
+    assert sorted(sizes) == sorted([len(batched[k : k + 3]) for k in range(0, len(batched), 3)] + [1] * len(alone))
+
+
+def test_dpo_keeps_its_starting_generations_across_a_resume(real_data, tmp_path: Path) -> None:
+    """A preference (DPO) trial keeps the generations of its starting weights beside its final ones, on the same
+    prompts; a checkpoint carries them, so a resumed run has the same without generating again."""
+    config = _config(task__name="preference", task__max_train_examples=16, task__max_eval_examples=8,
+                     task__max_length=128, task__num_generations=3, train__max_new_tokens=4, train__batch_size=4,
+                     train__max_steps=2, train__checkpoint_every=1, optim__lr=1e-2)
+    events: list = []
+    straight = run_trial(config, events.append, checkpoint_dir=tmp_path / "ckpt").record
+    by_stage = {stage: [g for g in straight.generations if g.stage == stage] for stage in ("start", "final")}
+    assert [g.example for g in by_stage["start"]] == [g.example for g in by_stage["final"]] == [0, 1, 2]
+    assert [g.prompt for g in by_stage["start"]] == [g.prompt for g in by_stage["final"]]
+    assert straight.eval_seconds > 0
+    assert {r[:2] for r in straight.generation_rows()} == {(s, i) for s in ("start", "final") for i in range(3)}
+    checkpoint = next(e.path for e in events if isinstance(e, CheckpointRecord))
+    resumed = run_trial(config, resume_from=checkpoint).record
+    assert resumed.resumed_from_step == 1 and resumed.generations == straight.generations
+    alpaca = run_trial(_config(task__name="alpaca", task__max_train_examples=8, task__max_eval_examples=8,
+                               task__max_length=96, task__num_generations=2, train__max_new_tokens=2,
+                               train__max_steps=1)).record
+    assert {g.stage for g in alpaca.generations} == {"final"}  # instruction tuning keeps its final weights' only

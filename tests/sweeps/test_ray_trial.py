@@ -57,3 +57,27 @@ def test_final_record_writes_predictions_once_even_when_replayed(tmp_path: Path)
     rows = con.execute("SELECT split, example, label, prediction, correct FROM predictions ORDER BY example").fetchall()
     assert rows == [("test", 0, 1, 1, True), ("test", 1, 0, 1, False), ("test", 2, 1, 1, True)]
     assert con.execute("SELECT result->'predictions' FROM trials").fetchone()[0] is None
+
+
+def test_final_record_writes_its_generations_to_their_table(tmp_path: Path) -> None:
+    """DPO's start and final generations reach the generations table through the report, once, and not
+    trials.result."""
+    from sweeps.records import FinalRecord, Generation
+
+    config = TrialConfig.from_flat({"task.name": "preference"}).to_flat()
+    spec = {"trial_id": "dpo-full-1", "sweep_id": "s", "study": "smoke", "dimension": "dpo", "group": "full",
+            "config": config}
+    db = tmp_path / "db.duckdb"
+    callback = DuckDBCallback(db, {spec["trial_id"]: spec}, progress=False)
+    trial = SimpleNamespace(config={"trial": spec}, last_result=None)
+    generations = [Generation(stage, i, f"p{i}", f"r{i}", f"{stage}{i}") for stage in ("start", "final")
+                   for i in range(2)]
+    record = FinalRecord(status="completed", task="preference", task_kind="preference",
+                         primary_metric="preference_accuracy", higher_is_better=True, step=3, generations=generations)
+    for _ in range(2):  # Ray replays results after a restore
+        callback.on_trial_result(0, [], trial, {**record.to_report(), "trial_id": spec["trial_id"]})
+    callback.on_experiment_end([])
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT * FROM generations ORDER BY stage DESC, example").fetchall()
+    assert rows == [(spec["trial_id"], g.stage, g.example, g.prompt, g.reference, g.response) for g in generations]
+    assert con.execute("SELECT result->'generations' FROM trials").fetchone()[0] is None

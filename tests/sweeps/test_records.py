@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 from analysis.db import connect
@@ -11,6 +12,7 @@ from sweeps.records import (
     CheckpointRecord,
     EvalRecord,
     FinalRecord,
+    Generation,
     StepRecord,
     metric_key,
     record_from_report,
@@ -23,7 +25,8 @@ def _final(**changes) -> FinalRecord:
             "higher_is_better": False, "step": 12, "trainable_params": 10, "total_params": 100,
             "validation": {"perplexity": 30.0, "loss": 3.4}, "test": {"perplexity": 31.0, "loss": float("nan")},
             "history": [EvalRecord(6, {"perplexity": 40.0, "loss": 3.7})], "method_notes": ["wte is frozen"],
-            "generations": [{"prompt": "p", "generation": "g", "reference": "r"}], "notes": {"k": "v"}}
+            "generations": [Generation("start", 3, "p", "r", "s"), Generation("final", 3, "p", "r", "g")],
+            "notes": {"k": "v"}}
     return FinalRecord(**{**base, **changes})
 
 
@@ -39,6 +42,7 @@ def test_every_record_survives_its_ray_report() -> None:
     assert sent.pop("test_loss") is None  # a non-finite metric travels as null, and comes back as not measured
     assert back.to_dict() == sent
     assert back.test == {"perplexity": 31.0} and back.history == final.history
+    assert back.generations == final.generations  # the driver gets them, typed
     assert all(not isinstance(v, list | dict) for v in final.to_report().values())  # Tune's table stays flat
 
 
@@ -116,3 +120,25 @@ def test_a_record_without_baselines_reads_back_and_writes_nulls() -> None:
     assert all(step == 4 for step, *_ in ended.metric_rows())
     old = {k: v for k, v in _final().to_dict().items() if not k.startswith("baseline_")}
     assert FinalRecord.from_dict(old).baseline_test == {}
+
+
+def test_generations_leave_the_result_for_their_own_table(tmp_path: Path) -> None:
+    """Generations travel whole in the report and result.json, become rows of the generations table, and stay out of
+    the trials.result JSON (like predictions)."""
+    final = _final(predictions={"test": {"example": [0], "loss": [1.0], "tokens": [2]}})
+    assert final.to_dict()["generations"][0] == {"stage": "start", "example": 3, "prompt": "p", "reference": "r",
+                                                 "response": "s"}
+    result = json.loads(final.to_row()["result"])
+    assert "generations" not in result and "predictions" not in result and result["notes"] == {"k": "v"}
+    assert final.generation_rows() == [("start", 3, "p", "r", "s"), ("final", 3, "p", "r", "g")]
+    columns = [r[0] for r in connect(tmp_path / "db.duckdb").execute("DESCRIBE generations").fetchall()]
+    assert columns == ["trial_id", *(f.name for f in fields(Generation))]  # a row is the trial and a Generation
+
+
+def test_generations_in_the_form_of_older_results_read_back() -> None:
+    """A final record from before Generation (``launch.py resume`` replays those from trials.result): its index in the
+    list is the example, and they are the final weights'."""
+    old = {**_final(generations=[]).to_dict(), "generations": [
+        {"prompt": "p0", "generation": "g0", "reference": "r0"}, {"prompt": "p1", "generation": "g1", "reference": ""}]}
+    assert FinalRecord.from_dict(old).generations == [Generation("final", 0, "p0", "r0", "g0"),
+                                                      Generation("final", 1, "p1", "", "g1")]

@@ -162,4 +162,5 @@ def test_short_cpu_run_learns_held_out_preferences(real_data: Path) -> None:
     history = result.history
     assert history[0].metrics["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy = reference
     assert result.test["preference_accuracy"] > 0.5 and result.test["reward_margin"] > 0
-    assert result.notes["dpo_reference"] == "precomputed" and result.generations
+    assert result.notes["dpo_reference"] == "precomputed"
+    assert [(g.stage, g.example) for g in result.generations] == [("start", 0), ("final", 0)]  # judged against start
