@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a sweep to report (repeatable); default: every sweep of the latest sweep's study")
     parser.add_argument("--margin", action="append", metavar="METRIC=VALUE",
                         help="practical margin within which two groups count as equivalent (repeatable): absolute "
-                             f"for proportions, relative for perplexity; defaults: "
+                             "for proportions (win_rate too), in points for judge_score (0-100), relative for "
+                             "perplexity; defaults: "
                              f"{', '.join(f'{k}={v:g}' for k, v in sorted(MARGINS.items()))}")
     parser.add_argument("--print-sql", action="store_true", help="print the SQL views the guide reads, and exit")
     args = parser.parse_args(argv)

@@ -11,6 +11,11 @@ A finding is one comparison with the group that is best on validation in one tas
 - ``inconclusive``: neither; the sentence says the smallest difference the study can detect and the seeds needed;
 - ``single_seed``:  the two share fewer than two seeds, so nothing is concluded;
 - ``diverged``:     some seeds of a group at a learning rate diverged.
+
+The Judged quality section (``judged_section``, present only when an LLM judge was run: analysis/judge.py) treats the
+judge's 0-100 scores and pairwise win rates of the kept generations like a test metric measured on judged prompts:
+the same intervals, the same paired comparisons with the group best on validation, worded by the same functions.
+Its findings stay in that section: Recommendations and What to use read the task's primary metric only.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
+from scipy.stats import spearmanr
 
 from analysis import queries as q
 from analysis.compare import Arm, Verdict, compare_family
@@ -51,7 +57,13 @@ TASK_TITLES = {
 }
 TASK_KINDS = {"sms_spam": "classification", "imdb": "sentiment", "nli": "NLI", "alpaca": "instruction tuning",
               "preference": "preference tuning (DPO)"}
-METRIC_TITLES = {"accuracy": "accuracy", "perplexity": "perplexity", "preference_accuracy": "preference accuracy"}
+METRIC_TITLES = {"accuracy": "accuracy", "perplexity": "perplexity", "preference_accuracy": "preference accuracy",
+                 "judge_score": "judged score", "win_rate": "win rate"}
+# Metrics shown as they are counted, not as a proportion (a judged score is already in points, 0-100), and the range
+# a difference of a metric cannot exceed (a proportion's is 1).
+POINT_METRICS = frozenset({"judge_score"})
+METRIC_RANGES = {"judge_score": 100.0}
+JUDGED_METRICS = frozenset({"judge_score", "win_rate"})  # an LLM judge's, about the kept generations
 
 # One section per proposal dimension, in reading order. ``methods`` narrows a section to some methods of the
 # dimension (the last-k section reads the `method` dimension's full / last-k / head-only groups).
@@ -100,6 +112,8 @@ METHOD_COLOURS = {"full": "#0072B2", "last_k": "#E69F00", "head_only": "#009E73"
                   "lora": "#D55E00"}
 OTHER_COLOUR = "#555555"
 CHEAPER_FACTOR = 2.0  # an equivalence names the cheaper group when it trains at least this factor fewer parameters
+SIDE_BY_SIDE_PROMPTS = 3  # prompts shown side by side per task (a trial keeps up to 100)
+Row = TypeVar("Row")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -112,6 +126,8 @@ def fmt_metric(value: float | None, metric: str | None) -> str:
         return "–"
     if metric == "perplexity":
         return f"{value:,.1f}" if value >= 100 else f"{value:.2f}"
+    if metric in POINT_METRICS:
+        return f"{value:.1f}"
     return f"{value:.3f}"
 
 
@@ -240,6 +256,7 @@ class Finding:
     b: str | None   # the other group (diverged: the learning rate)
     text: str
     numbers: tuple[str, ...] = ()  # the two groups' results, for merged single-seed sentences
+    where: str | None = None       # what the sentence says it is about, when not the task and dimension (judged)
 
     @property
     def key(self) -> tuple[str, str, str, str, str | None]:
@@ -293,7 +310,8 @@ class Guide:
     sections: list[Section]
     pareto: list[Block]
     learning_rate: list[Block]
-    generations: list[dict[str, Any]]
+    judged: JudgedSection | None  # None: no judgments about the reported groups (the section is left out)
+    generations: list[GenerationSet]
     reproduce: dict[str, Any]
     findings: list[Finding]
     figures: list[dict[str, Any]]  # what figures.render draws
@@ -350,10 +368,16 @@ def _where(task: str, dimension: str) -> str:
     return f"on {task}" + (f" ({dimension})" if dimension != "method" else "")
 
 
+def in_points(value: float, metric: str | None) -> float:
+    """A difference on the comparison scale as a reader counts it: accuracy points, percent for log metrics (a
+    log-perplexity difference d is a relative change of exp(d) - 1), or the metric itself when it is in points."""
+    if metric in LOG_METRICS:
+        return 100 * math.expm1(value)
+    return value if metric in POINT_METRICS else 100 * value
+
+
 def fmt_points(value: float, metric: str | None, signed: bool = True, digits: int = 1) -> str:
-    """A difference on the comparison scale as a reader counts it: accuracy points, or percent for log metrics
-    (a log-perplexity difference d is a relative change of exp(d) - 1)."""
-    shown = 100 * math.expm1(value) if metric in LOG_METRICS else 100 * value
+    shown = in_points(value, metric)
     text = f"{shown:+.{digits}f}" if signed else f"{abs(shown):.{digits}f}"
     return text.replace("-", "−")
 
@@ -362,22 +386,31 @@ def _unit(metric: str | None) -> str:
     return "%" if metric in LOG_METRICS else " points"
 
 
-def _digits(*values: float) -> int:
+def _digits(metric: str | None, *values: float) -> int:
     """One decimal, two when everything shown is below one point (or percent)."""
-    return 2 if max(abs(100 * v) for v in values) < 1 else 1
+    return 2 if max(abs(v if metric in POINT_METRICS else 100 * v) for v in values) < 1 else 1
+
+
+def _sample(metric: str | None) -> tuple[str, str]:
+    """What one outcome of a comparison is measured on, and the set of them: test examples, or judged prompts."""
+    if metric in JUDGED_METRICS:
+        return "judged prompts", "these prompts"
+    return "test examples", "this test set"
 
 
 def fmt_margin(margin: float, metric: str | None) -> str:
     if metric in LOG_METRICS:
         return f"±{100 * margin:g}% ({metric_title(metric)}, relative)"
-    return f"±{100 * margin:g} {metric_title(metric)} point{'s' if margin != 0.01 else ''}"
+    points = in_points(margin, metric)
+    return f"±{points:g} {metric_title(metric)} point{'s' if points != 1 else ''}"
 
 
 def _evidence(v: Verdict, metric: str | None) -> str:
     """The numbers behind a verdict: the interval of reference minus other, what it is paired over, the p-value."""
     lo, hi = v.estimate.ci()
-    d = _digits(v.estimate.value, lo, hi)
-    paired = (f"paired over {v.estimate.n} seeds and {v.estimate.n_examples:,} test examples" if v.paired_examples
+    d = _digits(metric, v.estimate.value, lo, hi)
+    paired = (f"paired over {v.estimate.n} seeds and {v.estimate.n_examples:,} {_sample(metric)[0]}"
+              if v.paired_examples
               else f"paired over {v.estimate.n} seeds; seed spread only, the trials stored no per-example outcomes")
     test = "equivalence " if v.kind == "equivalent" else ""
     p = v.p_equivalent if v.kind == "equivalent" else v.p_adjusted
@@ -398,7 +431,8 @@ def _beats(v: Verdict, where: str, metric: str | None, hib: bool) -> str:
         ratio = math.exp(gain)  # winner / loser
         size = f"with {100 * abs(ratio - 1):.1f}% {'higher' if hib else 'lower'} {metric_title(metric)}"
     else:
-        size = f"by {fmt_points(gain, metric, signed=False, digits=_digits(gain, lo, hi))} {metric_title(metric)} points"
+        size = (f"by {fmt_points(gain, metric, signed=False, digits=_digits(metric, gain, lo, hi))} "
+                f"{metric_title(metric)} points")
     return f"{v.winner} beats {loser} {where} {size} ({_evidence(v, metric)})."
 
 
@@ -424,19 +458,20 @@ def _margin(v: Verdict, metric: str | None) -> float:
 def fmt_detectable(v: Verdict, metric: str | None) -> str:
     """The smallest detectable difference, or a plain statement when it exceeds what the metric can differ by."""
     mde = v.detectable
-    if (metric not in LOG_METRICS and mde >= 1) or (metric in LOG_METRICS and mde >= math.log(10)):
+    if mde >= (math.log(10) if metric in LOG_METRICS else METRIC_RANGES.get(metric or "", 1.0)):
         return "none within the metric's range"
     return f"about {fmt_points(mde, metric, signed=False)}{_unit(metric)}"
 
 
 def _inconclusive(v: Verdict, where: str, metric: str | None) -> str:
-    seen = fmt_points(abs(v.estimate.value), metric, signed=False, digits=_digits(v.estimate.value))
+    seen = fmt_points(abs(v.estimate.value), metric, signed=False, digits=_digits(metric, v.estimate.value))
+    outcomes, sample = _sample(metric)
     text = (f"Inconclusive {where} between {v.reference} and {v.other} ({_evidence(v, metric)}). With "
             f"{v.estimate.n} seeds the smallest difference this study can detect is {fmt_detectable(v, metric)}")
     need = v.seeds_needed
     if need is None:
-        text += (f"; no number of seeds settles a difference of {seen}{_unit(metric)} on this test set, whose own "
-                 f"sampling error is larger: it would take more test examples.")
+        text += (f"; no number of seeds settles a difference of {seen}{_unit(metric)} on {sample}, whose own "
+                 f"sampling error is larger: it would take more {outcomes}.")
     elif need > MAX_SEEDS:
         text += f"; more than {MAX_SEEDS} seeds would be needed to settle a difference of {seen}{_unit(metric)}."
     else:
@@ -454,10 +489,12 @@ def family_verdicts(groups: Sequence[Group], margins: Mapping[str, float] | None
     return compare_family([g.arm() for g in done], metric, done[0].higher_is_better, margin)
 
 
-def verdict_findings(task: str, dimension: str, groups: Sequence[Group], verdicts: Sequence[Verdict]
-                     ) -> list[Finding]:
+def verdict_findings(task: str, dimension: str, groups: Sequence[Group], verdicts: Sequence[Verdict],
+                     where: str | None = None) -> list[Finding]:
+    """Each verdict as a sentence about ``where`` (default: the task and dimension)."""
     by_name = {g.group: g for g in groups}
-    where = _where(task, dimension)
+    said = where
+    where = where or _where(task, dimension)
     findings = []
     for v in verdicts:
         ref, other = by_name[v.reference], by_name[v.other]
@@ -467,7 +504,7 @@ def verdict_findings(task: str, dimension: str, groups: Sequence[Group], verdict
                     f"{fmt_metric(other.test_mean, metric)} {metric_title(metric)} {where}, but they share fewer "
                     f"than two seeds, so no interval can be given and the guide draws no conclusion; run more seeds.")
             findings.append(Finding("single_seed", task, dimension, ref.group, other.group, text,
-                                    (f"{ref.group} {ref.shown}", f"{other.group} {other.shown}")))
+                                    (f"{ref.group} {ref.shown}", f"{other.group} {other.shown}"), said))
         elif v.kind == "beats":
             loser = v.other if v.winner == v.reference else v.reference
             findings.append(Finding("beats", task, dimension, v.winner, loser,
@@ -494,7 +531,7 @@ def sentences(findings: Sequence[Finding]) -> list[str]:
         else:
             out.append(f.text)
     for (task, dimension), fs in single.items():
-        where = _where(task, dimension)
+        where = fs[0].where or _where(task, dimension)
         others = list(dict.fromkeys(n for f in fs for n in f.numbers[1:] if n not in {g.numbers[0] for g in fs}))
         text = (f"No conclusion {where}: {', '.join(fs[0].numbers)}" if len(fs) == 1 else
                 f"No conclusion {where}: best on validation "
@@ -526,7 +563,7 @@ def verdict_cell(group: str, verdicts: Sequence[Verdict], metric: str | None) ->
             parts.append(prefix + "no test (single seed)")
             continue
         lo, hi = v.estimate.ci()
-        d = _digits(v.estimate.value, lo, hi)
+        d = _digits(metric, v.estimate.value, lo, hi)
         shown = (f"{fmt_points(-v.estimate.value, metric, digits=d)}{_unit(metric)} "
                  f"({fmt_points(-hi, metric, digits=d)} to {fmt_points(-lo, metric, digits=d)})")
         label = {"beats": "better" if v.winner == group else "worse", "equivalent": "equivalent",
@@ -591,7 +628,8 @@ def _by_task(items: Iterable[Any]) -> dict[str, list[Any]]:
 def how_to_read(margins: Mapping[str, float] | None = None) -> list[str]:
     """The guide's method notes, with the practical margins it used."""
     used = {**MARGINS, **(margins or {})}
-    shown = ", ".join(f"{metric_title(m)} {fmt_margin(v, m)}" for m, v in sorted(used.items()))
+    shown = ", ".join(f"{metric_title(m)} {fmt_margin(v, m)}" for m, v in sorted(used.items())
+                      if m not in JUDGED_METRICS)  # the Judged quality section states its own
     return [
         "Each group is reported at its own best learning rate: among the learning rates with no diverged or failed "
         "seed, the one with the best mean validation metric. The test metric is reported there and never used to "
@@ -864,12 +902,12 @@ def decisions(all_groups: Sequence[Group], main: Mapping[str, str],
     return Block("all", "What to use", None, table, lines)
 
 
-def main_rows(con: duckdb.DuckDBPyConnection, main: dict[str, str], sql: str) -> list[dict[str, Any]]:
-    """The rows of a per-dimension query for each task's main dimension."""
-    rows: list[dict[str, Any]] = []
+def main_rows(main: Mapping[str, str], fetch: Callable[[str], list[Row]]) -> list[Row]:
+    """The rows (typed, with a ``task``) of a per-dimension query, ``fetch(dimension)``, for each task's main
+    dimension."""
+    rows: list[Row] = []
     for dimension in sorted(set(main.values())):
-        tasks_here = {t for t, d in main.items() if d == dimension}
-        rows += [r for r in q.records(con, sql, {"dimension": dimension}) if r["task"] in tasks_here]
+        rows += [r for r in fetch(dimension) if main.get(r.task) == dimension]
     return rows
 
 
@@ -932,8 +970,10 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
         sections=sections, pareto=pareto_blocks(main_groups, figures),
         learning_rate=lr_blocks(q.records(con, q.LR_SWEEP_ALL), figures, main,
                                 lr_ratios(q.records(con, q.LR_BY_SEED), main)),
-        generations=generation_sets(main_rows(con, main, q.GENERATIONS)), reproduce=reproduce(con, sweeps),
-        findings=found.all, figures=figures)
+        judged=judged_section(con, main, main_groups, margins),
+        generations=generation_sets(main_rows(main, lambda d: q.generations(con, d, SIDE_BY_SIDE_PROMPTS))
+                                    if q.has_relation(con, "generations") else []),
+        reproduce=reproduce(con, sweeps), findings=found.all, figures=figures)
 
 
 def _sweep_view(s: dict[str, Any]) -> dict[str, Any]:
@@ -1171,15 +1211,337 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]], mai
     return blocks
 
 
-def generation_sets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per task, the kept generations for each prompt, one column per group (side by side)."""
+@dataclass
+class PromptOutputs:
+    """One prompt side by side: each group's answer as (group, seed, text)."""
+
+    example: int
+    prompt: str
+    reference: str
+    outputs: list[tuple[str, int, str]]
+
+
+@dataclass
+class GenerationSet:
+    task: str
+    title: str
+    prompts: list[PromptOutputs]
+
+
+def generation_sets(rows: Sequence[q.GenerationRow], prompts: int = SIDE_BY_SIDE_PROMPTS) -> list[GenerationSet]:
+    """Per task, the first ``prompts`` kept prompts (by test index: the same prompt in every group), one answer per
+    group (its lowest seed)."""
     out = []
     for task, rs in _by_task(rows).items():
-        groups = [(r["group"], json.loads(r["generations"]), r["seed"]) for r in rs]
-        prompts = []
-        for i, sample in enumerate(groups[0][1]):
-            prompts.append({"prompt": sample["prompt"], "reference": sample.get("reference", ""),
-                            "outputs": [(g, s, gens[i]["generation"] if i < len(gens) else "")
-                                        for g, gens, s in groups]})
-        out.append({"task": task, "title": task_title(task), "prompts": prompts})
+        groups = list(dict.fromkeys((r.group, r.seed) for r in rs))
+        by = {(r.group, r.example): r for r in rs}
+        shown = []
+        for example in sorted({r.example for r in rs})[:prompts]:
+            first = next(r for r in rs if r.example == example)
+            shown.append(PromptOutputs(example, first.prompt, first.reference or "",
+                                       [(g, seed, by[(g, example)].response if (g, example) in by else "")
+                                        for g, seed in groups]))
+        out.append(GenerationSet(task, task_title(task), shown))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Judged quality: what an LLM judge says about the kept generations (analysis/judge.py fills the judgments table)
+# --------------------------------------------------------------------------------------------------------------------
+
+OPPONENTS = {"reference": "the dataset's reference answer",
+             "start": "the model the trial started from (its own greedy answer to the same prompt)"}
+JUDGED_EXAMPLES = 2  # judged prompts shown side by side per judge and task
+CLIP_CHARS = 400     # a judged example's texts are cut here: the section shows what was judged, not whole answers
+VERDICTS = {1.0: "win", 0.5: "tie (the two orders disagreed)", 0.0: "loss"}
+
+
+@dataclass
+class JudgedOutput:
+    """One group's answer to a judged prompt, from its lowest seed, with what the judge made of it."""
+
+    group: str
+    seed: int
+    response: str
+    score: str      # the judged score, or "–"
+    verdict: str    # win / tie / loss against the opponent, or "–"
+
+
+@dataclass
+class JudgedExample:
+    example: int
+    prompt: str
+    reference: str
+    outputs: list[JudgedOutput]
+
+
+@dataclass
+class JudgeBlock:
+    """One judge (model and rubric version) on one task: how its requests ended, one block per judged metric (a table
+    and its sentences), and a few judged prompts side by side."""
+
+    task: str
+    title: str
+    notes: list[str]
+    metrics: list[Block]
+    examples: list[JudgedExample]
+
+
+@dataclass
+class JudgedSection:
+    about: list[str]
+    blocks: list[JudgeBlock]
+
+
+@dataclass
+class JudgedFamily:
+    """One judged metric over a task's groups: each group as a ``Group`` of that metric (per seed its mean over the
+    compared prompts, with those outcomes, so intervals and verdicts are the test metrics' own), the verdicts, and
+    the rows of the compared prompts."""
+
+    metric: str
+    groups: list[Group]
+    verdicts: list[Verdict]
+    examples: np.ndarray
+    rows: list[q.JudgedRow]
+    judged: int  # prompts with any read reply, compared or not
+
+
+def clip(text: str | None, limit: int = CLIP_CHARS) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " …"
+
+
+def _judged_seeds(groups: Sequence[Group], rows: Sequence[q.JudgedRow]) -> dict[str, list[int]]:
+    """Per group, its completed seeds with any judged prompt (a seed the judge never saw cannot be paired)."""
+    seen: dict[str, set[int]] = defaultdict(set)
+    for r in rows:
+        seen[r.group].add(r.seed)
+    return {g.group: sorted(seen[g.group] & set(g.test_seeds)) for g in groups if seen[g.group] & set(g.test_seeds)}
+
+
+def judged_family(metric: str, groups: Sequence[Group], rows: Sequence[q.JudgedRow],
+                  margins: Mapping[str, float] | None = None) -> JudgedFamily:
+    """The groups' judged ``metric`` over the prompts every judged seed of every group has a read reply for (so every
+    comparison is paired on the same prompts), compared like the test metric: the reference is the group best on
+    *validation* of the task's primary metric (negated when lower is better, so higher is better throughout)."""
+    seeds = _judged_seeds(groups, rows)
+    cells: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for r in rows:
+        cells[(r.group, r.seed)].add(r.example)
+    shared = set.intersection(*(cells[(g, s)] for g, ss in seeds.items() for s in ss)) if seeds else set()
+    examples = np.array(sorted(shared), dtype=int)
+    kept = [r for r in rows if r.group in seeds and r.seed in seeds[r.group] and r.example in shared]
+    judged_prompts = len({r.example for r in rows})
+    if not len(examples):
+        return JudgedFamily(metric, [], [], examples, [], judged_prompts)
+    value = {(r.group, r.seed, r.example): r.value for r in kept}
+    judged = []
+    for g in (g for g in groups if g.group in seeds):
+        ss = seeds[g.group]
+        num = np.array([[value[(g.group, s, e)] for e in examples] for s in ss], dtype=float)
+        outcomes = Outcomes(tuple(ss), examples, num, np.ones_like(num), proportion=metric == "win_rate")
+        per_seed = outcomes.per_seed().tolist()
+        val = g.val_mean if g.val_mean is None or g.higher_is_better else -g.val_mean
+        judged.append(replace(g, metric=metric, higher_is_better=True, val_mean=val,
+                              test_mean=float(np.mean(per_seed)),
+                              test_sd=float(np.std(per_seed, ddof=1)) if len(ss) > 1 else None,
+                              test_values=per_seed, test_seeds=ss, outcomes=outcomes))
+    return JudgedFamily(metric, judged, family_verdicts(judged, margins), examples, kept, judged_prompts)
+
+
+def agreement(family: JudgedFamily, primary: Mapping[str, Group]) -> str:
+    """How the judge's ranking of the groups agrees with the task's primary test metric (Spearman's ρ), oriented so
+    that a positive ρ means agreement whichever way the metric points."""
+    title = metric_title(family.metric)
+    pairs = [(j.test_mean, primary[j.group]) for j in family.groups if primary[j.group].test_mean is not None]
+    if not pairs:
+        return f"No judged group has a test {title}: no agreement to report."
+    ref = pairs[0][1]
+    what = f"test {metric_title(ref.metric)}"
+    if len(pairs) < 3:
+        return (f"Agreement of the {title} with {what}: {len(pairs)} group{'s are' if len(pairs) != 1 else ' is'} "
+                "too few to rank (a rank correlation needs at least 3).")
+    judged = [x for x, _ in pairs]
+    test = [g.test_mean if g.higher_is_better else -g.test_mean for _, g in pairs]
+    if len(set(judged)) == 1 or len(set(test)) == 1:
+        return (f"Agreement of the {title} with {what}: undefined, every group has the same "
+                f"{title if len(set(judged)) == 1 else what}.")
+    rho = float(spearmanr(judged, test)[0])
+    direction = "" if ref.higher_is_better else (
+        f"; {metric_title(ref.metric)} is lower-is-better, so it is ranked reversed: a positive ρ means the judge "
+        f"prefers the groups with lower {metric_title(ref.metric)}")
+    reading = ("the same order" if math.isclose(rho, 1) else "the opposite order" if math.isclose(rho, -1) else
+               "mostly the same order" if rho > 0 else "mostly the opposite order" if rho < 0 else "unrelated orders")
+    shown = f"{rho:+.2f}".replace("-", "−")
+    return (f"Agreement of the {title} with {what}: Spearman ρ = {shown} over {len(pairs)} groups ({reading}"
+            f"{direction}). It describes this study's {len(pairs)} group means only; with so few groups it is no "
+            "test of agreement in general.")
+
+
+def _pairwise_counts(family: JudgedFamily, group: str) -> tuple[str, str]:
+    """A group's wins / ties / losses over its compared seeds and prompts, and the share where the order changed
+    the verdict (the judge's position bias on this group's answers)."""
+    rows = [r for r in family.rows if r.group == group]
+    counts = {v: sum(r.value == v for r in rows) for v in (1.0, 0.5, 0.0)}
+    changed = sum(bool(r.order_changed) for r in rows)
+    return f"{counts[1.0]} / {counts[0.5]} / {counts[0.0]}", f"{fmt_share(changed, len(rows))} ({changed} of {len(rows)})"
+
+
+def order_effect(family: JudgedFamily) -> str:
+    """How often swapping the order changed the pairwise verdict, over every compared group, seed and prompt: the
+    judge's position bias, which makes its win rates say little when it is large."""
+    changed = sum(bool(r.order_changed) for r in family.rows)
+    text = (f"Swapping the order of the two answers changed the verdict on {fmt_share(changed, len(family.rows))} of "
+            f"the compared pairs ({changed} of {len(family.rows)}, every group, seed and prompt)")
+    if 2 * changed >= len(family.rows):
+        return text + (": at least half the verdicts follow the position shown rather than the answer, so these win "
+                       "rates say little about quality.")
+    return text + "; each such pair counts as a tie."
+
+
+def judged_table(family: JudgedFamily, primary: Mapping[str, Group], opponent: str | None) -> Table:
+    """Per group: its judged metric with its interval, how it compares with the group best on validation, and its
+    primary test metric beside it; for win rates the wins, ties, losses and the order effect."""
+    columns = ["group", "method", "best LR", "judged seeds",
+               "judged score, 0-100 (mean ± 95% CI)" if family.metric == "judge_score" else
+               f"win rate against {'the reference' if opponent == 'reference' else 'its start'} (mean ± 95% CI)",
+               f"vs best on validation (difference, {LEVEL:.0%} CI)"]
+    align = ["l", "l", "r", "r", "r", "l"]
+    if family.metric == "win_rate":
+        columns += ["wins / ties / losses", "order changed the verdict"]
+        align += ["r", "r"]
+    columns.append(f"test {metric_title(primary[family.groups[0].group].metric)} (mean ± 95% CI)")
+    align.append("r")
+    rows = []
+    for j in family.groups:
+        g = primary[j.group]
+        row = [j.group, j.method, fmt_lr(j.lr), f"{len(j.test_seeds)} of {g.n_completed}", j.shown,
+               verdict_cell(j.group, family.verdicts, family.metric)]
+        if family.metric == "win_rate":
+            row += list(_pairwise_counts(family, j.group))
+        rows.append([*row, g.shown])
+    return Table(columns, rows, align=align)
+
+
+def judged_block(task: str, family: JudgedFamily, primary: Mapping[str, Group], opponent: str | None,
+                 margins: Mapping[str, float] | None = None) -> Block:
+    """One judged metric of one judge on one task: the table, the verdicts worded like the test metric's, the
+    margin they used, and how the judge's ranking agrees with the primary metric's."""
+    title = metric_title(family.metric)
+    heading = ("Judged score (0-100)" if family.metric == "judge_score"
+               else f"Win rate against {OPPONENTS.get(opponent or '', opponent or 'an opponent')}")
+    read = "score" if family.metric == "judge_score" else "verdict in both orders"
+    if not family.groups:
+        return Block(task, heading, None, None, [
+            f"No prompt has a read {read} for every judged seed of every group, so nothing is compared (the "
+            "counts above say how the requests ended)."])
+    said = [f"Compared on the {len(family.examples)} prompts that every judged seed of all {len(family.groups)} "
+            f"group{'s' if len(family.groups) != 1 else ''} has a read {read} for (of {family.judged} with any)."]
+    if family.metric == "win_rate":
+        said.append(order_effect(family))
+    if len(family.groups) < 2:
+        said.append(f"Only {family.groups[0].group} was judged: nothing to compare.")
+    else:
+        margin = {**MARGINS, **(margins or {})}.get(family.metric, 0.0)
+        said += sentences(verdict_findings(task, family.groups[0].dimension, family.groups, family.verdicts,
+                                           where=f"on {task} ({title})"))
+        said.append(f"Equivalence on the {title} means within {fmt_margin(margin, family.metric)} "
+                    f"(build_guide.py --margin {family.metric}=VALUE changes it).")
+    said.append(agreement(family, primary))
+    return Block(task, heading, None, judged_table(family, primary, opponent), said)
+
+
+def request_notes(requests: Sequence[q.JudgeRequests]) -> list[str]:
+    """How one judge's requests ended, per mode: read, unparsed, failed (those are counted, never scored)."""
+    notes = []
+    for r in requests:
+        what = ("Score requests" if r.mode == "score" else
+                f"Pairwise requests (two per prompt, against {OPPONENTS.get(r.opponent or '', r.opponent)})")
+        notes.append(f"{what}: {r.requests:,} about {r.trials} trial{'s' if r.trials != 1 else ''}; {r.ok:,} read, "
+                     f"{r.unparsed:,} could not be parsed, {r.failed:,} failed after retries"
+                     + (f"; {r.cached:,} reused from the cache" if r.cached else "") + ".")
+    return notes
+
+
+def judged_examples(family: JudgedFamily | None, scores: Sequence[q.JudgedRow], pairs: Sequence[q.JudgedRow],
+                    gens: Sequence[q.GenerationRow]) -> list[JudgedExample]:
+    """The first ``JUDGED_EXAMPLES`` compared prompts (by index, not chosen by outcome): each group's answer from its
+    lowest seed that kept one, with that seed's score and pairwise verdict."""
+    if family is None or not family.groups:
+        return []
+    score = {(r.group, r.seed, r.example): r.value for r in scores}
+    verdict = {(r.group, r.seed, r.example): r.value for r in pairs}
+    answer = {(r.group, r.example): r for r in gens}
+    out = []
+    for example in family.examples[:JUDGED_EXAMPLES].tolist():
+        shown = [answer[(g.group, example)] for g in family.groups if (g.group, example) in answer]
+        if not shown:
+            continue
+        outputs = [JudgedOutput(a.group, a.seed, clip(a.response),
+                                f"{score[k]:g}" if (k := (a.group, a.seed, example)) in score else "–",
+                                VERDICTS.get(verdict[k], "–") if k in verdict else "–") for a in shown]
+        out.append(JudgedExample(example, clip(shown[0].prompt), clip(shown[0].reference), outputs))
+    return out
+
+
+def judge_block(groups: Sequence[Group], requests: Sequence[q.JudgeRequests], scores: Sequence[q.JudgedRow],
+                pairs: Sequence[q.JudgedRow], gens: Sequence[q.GenerationRow],
+                margins: Mapping[str, float] | None = None) -> JudgeBlock:
+    """One judge and rubric on one task's main-dimension groups (``groups``, in reading order)."""
+    task, judge, rubric = requests[0].task, requests[0].judge_model, requests[0].rubric_version
+    primary = {g.group: g for g in groups}
+    opponent = next((r.opponent for r in requests if r.mode == "pairwise"), None)
+    families = [judged_family(metric, groups, rows, margins)
+                for metric, rows in (("judge_score", scores), ("win_rate", pairs)) if rows]
+    notes = request_notes(requests)
+    if not families:
+        notes.append("No reply was read: there is nothing to report beyond these counts.")
+    return JudgeBlock(task, f"{task_title(task)}: judged by {judge} (rubric version {rubric})", notes,
+                      [judged_block(task, f, primary, opponent, margins) for f in families],
+                      judged_examples(next((f for f in families if f.groups), None), scores, pairs, gens))
+
+
+def judged_about(margins: Mapping[str, float] | None = None) -> list[str]:
+    """What the Judged quality section measures and how to read it, with the margins it used."""
+    used = {**MARGINS, **(margins or {})}
+    return [
+        "An LLM judge (python analysis/judge.py) read the greedy answers the trials kept on fixed test prompts: "
+        "every completed seed of each group of the Summary, at its chosen learning rate. The judge is a model "
+        "too: its numbers say how that judge, with that rubric, rates the answers; they are no ground truth, and "
+        "What to use does not read them.",
+        "Judged score: the judge rates each answer 0-100 given the prompt and the reference answer. Win rate: the "
+        "judge compares the answer with an opponent twice, the answer shown first and then second; a prompt is a "
+        "win (1) only when both orders prefer the answer, a loss (0) when both prefer the opponent, else a tie "
+        "(0.5). The share of prompts where swapping the order changed the verdict measures the judge's position "
+        "bias: a judge that always picks the first answer ties every prompt (100%).",
+        "Intervals and comparisons are the test metrics' (How to read): seeds and judged prompts as crossed random "
+        "factors, paired over seeds and prompts, Holm-adjusted, each group against the group best on validation of "
+        "the task's primary metric. Only prompts for which every judged seed of every group has a read reply are "
+        "used, so all groups are judged on the same prompts; replies that could not be parsed and requests that "
+        "failed are counted, never scored. Equivalence margins: "
+        f"{fmt_margin(used['judge_score'], 'judge_score')} and {fmt_margin(used['win_rate'], 'win_rate')}.",
+    ]
+
+
+def judged_section(con: duckdb.DuckDBPyConnection, main: Mapping[str, str], main_groups: Sequence[Group],
+                   margins: Mapping[str, float] | None = None) -> JudgedSection | None:
+    """Per task and judge (model, rubric version), what the judge says about the main dimension's groups; None when
+    nothing about them was judged (or the database predates the judge), and the guide leaves the section out."""
+    if not q.has_relation(con, "judgments"):
+        return None
+    requests = main_rows(main, lambda d: q.judge_requests(con, d))
+    if not requests:
+        return None
+    scores = main_rows(main, lambda d: q.judged_scores(con, d))
+    pairs = main_rows(main, lambda d: q.judged_pairs(con, d))
+    gens = main_rows(main, lambda d: q.generations(con, d, None)) if q.has_relation(con, "generations") else []
+    by_task = _by_task(main_groups)
+    blocks = []
+    for task, asked in _by_task(requests).items():
+        for judge in dict.fromkeys((r.judge_model, r.rubric_version) for r in asked):
+            def mine(rows: Sequence[Row], task: str = task, judge: tuple[str, str] = judge) -> list[Row]:
+                return [r for r in rows if (r.task, r.judge_model, r.rubric_version) == (task, *judge)]
+            blocks.append(judge_block(order_groups(by_task[task]), mine(asked), mine(scores), mine(pairs),
+                                      [g for g in gens if g.task == task], margins))
+    return JudgedSection(judged_about(margins), blocks)

@@ -20,6 +20,7 @@ Metric direction: each trial row stores its task's primary metric and whether hi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -196,15 +197,18 @@ ORDER BY status, task, dimension, "group", lr, seed
 """
 
 GENERATIONS = """
--- Kept greedy generations (instruction tuning) of each group of one dimension at its chosen learning rate, from its
--- lowest completed seed.
-SELECT b.task, b."group", b.method, t.seed, CAST(t.result -> 'generations' AS VARCHAR) AS generations
+-- Kept greedy generations of the trained weights (stage 'final') of each group of one dimension at its chosen learning
+-- rate, from its lowest completed seed that kept any, on its first $prompts prompts by test index (all of them when
+-- $prompts is null): the same index is the same prompt in every group of a task, so the groups line up side by side.
+SELECT b.task, b."group", t.seed, g.example, g.prompt, g.reference, g.response
 FROM guide_best b
 JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
+JOIN generations g ON g.trial_id = t.id AND g.stage = 'final'
 WHERE b.dimension = $dimension AND t.status = 'completed'
-  AND json_array_length(t.result -> 'generations') > 0
-QUALIFY row_number() OVER (PARTITION BY b.task, b."group" ORDER BY t.seed) = 1
-ORDER BY b.task, b."group"
+QUALIFY dense_rank() OVER (PARTITION BY b.task, b."group" ORDER BY t.seed) = 1
+    AND (CAST($prompts AS INTEGER) IS NULL
+         OR row_number() OVER (PARTITION BY b.task, b."group" ORDER BY t.seed, g.example) <= $prompts)
+ORDER BY b.task, b."group", g.example
 """
 
 GROUP_SUMMARY = """
@@ -421,3 +425,140 @@ GROUP BY ALL
 ORDER BY task, used
 """
 
+
+
+# --- kept generations and the LLM judge's verdicts (the guide's side-by-side and Judged quality sections) -----------
+
+RELATION_EXISTS = """
+-- Whether a table or view of this name exists (a temporary one included): a database written before the judge
+-- existed, opened read-only, has no judgments table, and the guide then leaves the section out.
+SELECT count(*) > 0 FROM (SELECT table_name AS name FROM duckdb_tables() UNION ALL
+                          SELECT view_name FROM duckdb_views()) WHERE name = $name
+"""
+
+# What the three judged queries share: the judgments about the generations of each group of one dimension at its
+# chosen learning rate, over its completed seeds (the same trials the summary reports).
+_JUDGED_TRIALS = """
+FROM guide_best b
+JOIN guide_trials t ON t.task = b.task AND t.dimension = b.dimension AND t."group" = b."group" AND t.optim_lr = b.lr
+JOIN judgments j ON j.trial_id = t.id
+WHERE b.dimension = $dimension AND t.status = 'completed'
+"""
+
+JUDGED_SCORES = """
+-- Judged scores (mode 'score': 0-100 given the prompt and the reference answer) whose reply was read, per group,
+-- seed, judge, rubric and prompt.
+SELECT b.task, b."group", t.seed, j.judge_model, j.rubric_version, j.example, j.score AS value
+""" + _JUDGED_TRIALS + """
+  AND j.mode = 'score' AND j.parse_status = 'ok' AND j.score IS NOT NULL
+ORDER BY b.task, b."group", t.seed, j.example
+"""
+
+JUDGED_PAIRS = """
+-- Pairwise verdicts, the one place they are derived: the judge saw the trial's response first, then second, against
+-- the same opponent (the reference answer, or the trial's starting model). A prompt counts only when both replies
+-- were read; it is a win (1) when both orders prefer the response, a loss (0) when both prefer the opponent, else a
+-- tie (0.5): the two orders disagreed (order_changed), so the verdict followed the position, not the answer.
+WITH orders AS (
+    SELECT b.task, b."group", t.seed, j.judge_model, j.rubric_version, j.opponent, j.example,
+           any_value(j.preferred) FILTER (WHERE j.position = 'first')  AS shown_first,
+           any_value(j.preferred) FILTER (WHERE j.position = 'second') AS shown_second
+""" + _JUDGED_TRIALS + """
+      AND j.mode = 'pairwise' AND j.parse_status = 'ok' AND j.preferred IS NOT NULL
+    GROUP BY ALL)
+SELECT task, "group", seed, judge_model, rubric_version, opponent, example,
+       CAST(CASE WHEN shown_first <> shown_second THEN 0.5 WHEN shown_first = 'response' THEN 1 ELSE 0 END
+            AS DOUBLE)                     AS value,
+       shown_first <> shown_second AS order_changed
+FROM orders
+WHERE shown_first IS NOT NULL AND shown_second IS NOT NULL
+ORDER BY task, "group", seed, example
+"""
+
+JUDGE_REQUESTS = """
+-- How the judge's requests about those generations ended, per task, judge, rubric and mode: replies read ('ok'),
+-- replies that could not be parsed, requests that failed after their retries, and replies reused from the cache.
+-- A trial serving several groups of the dimension counts once.
+WITH asked AS (
+    SELECT DISTINCT b.task, j.trial_id, j.example, j.judge_model, j.rubric_version, j.mode, j.position, j.opponent,
+                    j.parse_status, j.cached
+""" + _JUDGED_TRIALS + """)
+SELECT task, judge_model, rubric_version, mode,
+       any_value(opponent) FILTER (WHERE opponent IS NOT NULL) AS opponent,
+       count(*)                                         AS requests,
+       count(*) FILTER (WHERE parse_status = 'ok')       AS ok,
+       count(*) FILTER (WHERE parse_status = 'unparsed') AS unparsed,
+       count(*) FILTER (WHERE parse_status = 'failed')   AS failed,
+       count(*) FILTER (WHERE cached)                    AS cached,
+       count(DISTINCT trial_id)                          AS trials
+FROM asked
+GROUP BY ALL
+ORDER BY task, judge_model, rubric_version, mode DESC  -- score, then pairwise
+"""
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """A kept generation of a group's lowest seed (``GENERATIONS``)."""
+
+    task: str
+    group: str
+    seed: int
+    example: int
+    prompt: str
+    reference: str | None
+    response: str
+
+
+@dataclass(frozen=True)
+class JudgedRow:
+    """One group's judged outcome on one prompt for one seed: a score (0-100), or a pairwise verdict (1 win, 0.5 tie,
+    0 loss) with whether the order of presentation changed it."""
+
+    task: str
+    group: str
+    seed: int
+    judge_model: str
+    rubric_version: str
+    example: int
+    value: float
+    opponent: str | None = None
+    order_changed: bool | None = None
+
+
+@dataclass(frozen=True)
+class JudgeRequests:
+    """How one judge's requests of one mode about one task's compared generations ended."""
+
+    task: str
+    judge_model: str
+    rubric_version: str
+    mode: str
+    opponent: str | None
+    requests: int
+    ok: int
+    unparsed: int
+    failed: int
+    cached: int
+    trials: int
+
+
+def has_relation(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute(RELATION_EXISTS, {"name": name}).fetchone()[0])
+
+
+def generations(con: duckdb.DuckDBPyConnection, dimension: str, prompts: int | None) -> list[GenerationRow]:
+    """``GENERATIONS``: each group's lowest seed's first ``prompts`` generations (all with None)."""
+    return [GenerationRow(**r) for r in records(con, GENERATIONS, {"dimension": dimension, "prompts": prompts})]
+
+
+def judged_scores(con: duckdb.DuckDBPyConnection, dimension: str) -> list[JudgedRow]:
+    return [JudgedRow(**r) for r in records(con, JUDGED_SCORES, {"dimension": dimension})]
+
+
+def judged_pairs(con: duckdb.DuckDBPyConnection, dimension: str) -> list[JudgedRow]:
+    return [JudgedRow(**r) for r in records(con, JUDGED_PAIRS, {"dimension": dimension})]
+
+
+def judge_requests(con: duckdb.DuckDBPyConnection, dimension: str) -> list[JudgeRequests]:
+    return [JudgeRequests(**r) for r in records(con, JUDGE_REQUESTS, {"dimension": dimension})]

@@ -51,7 +51,10 @@ MAX_SEEDS = 100    # beyond this many seeds the guide says "more than" instead o
 
 # The practical margin δ within which two groups count as equivalent, per primary metric: absolute for proportions
 # (0.01 = one accuracy point), relative for perplexity (0.02 = 2%). ``build_guide.py --margin metric=value`` overrides.
-MARGINS: dict[str, float] = {"accuracy": 0.01, "preference_accuracy": 0.01, "macro_f1": 0.01, "perplexity": 0.02}
+# An LLM judge's metrics (the guide's Judged quality section) are coarser and noisier than a test metric, so their
+# margins are wider: 5 points of a 0-100 judged score, and 5 points of a pairwise win rate (a proportion).
+MARGINS: dict[str, float] = {"accuracy": 0.01, "preference_accuracy": 0.01, "macro_f1": 0.01, "perplexity": 0.02,
+                             "judge_score": 5.0, "win_rate": 0.05}
 LOG_METRICS = frozenset({"perplexity"})  # compared on the log scale, margins and differences relative
 
 

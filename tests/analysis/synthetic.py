@@ -21,9 +21,12 @@ accuracies allow.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import duckdb
 import numpy as np
 
 from analysis.db import ResultsWriter, trial_row
@@ -75,23 +78,35 @@ EXPECTED = {
 }
 
 
-# Instruction tuning (perplexity, lower is better), with kept generations; only in the guide built by build(alpaca=True)
-ALPACA = {("alpaca", "full", 5e-5, seed): ("completed", 20.0 + seed, 21.0 + seed) for seed in range(2)}
-ALPACA.update({("alpaca", "lora", 5e-4, seed): ("completed", 24.0 + seed, 25.0 + seed) for seed in range(2)})
-GENERATIONS = [{"prompt": "### Instruction:\nName a colour.\n\n### Response:\n", "generation": "Blue <b>sky</b>",
-                "reference": "Red."}]
+# Instruction tuning (perplexity, lower is better: full < lora < bitfit on validation and test), with kept generations
+# (the generations table) on N_PROMPTS test prompts; only in the guide built by build(alpaca=True). What an LLM judge
+# says about them is planted by the tests (``judgments``).
+ALPACA_LR = {"full": 5e-5, "lora": 5e-4, "bitfit": 1e-3}
+ALPACA = {("alpaca", "full", 5e-5, seed): ("completed", 20.0 + seed, 21.0 + seed) for seed in range(3)}
+ALPACA.update({("alpaca", "lora", 5e-4, seed): ("completed", 24.0 + seed, 25.0 + seed) for seed in range(3)})
+ALPACA.update({("alpaca", "bitfit", 1e-3, seed): ("completed", 29.0 + seed, 30.0 + seed) for seed in range(3)})
+N_PROMPTS = 12
+
+
+def generation_rows(group: str, seed: int) -> list[tuple[str, int, str, str, str]]:
+    """A trial's kept generations (stage, example, prompt, reference, response): prompt 0's answer is markup, which
+    the guide must show as text."""
+    return [("final", i, f"### Instruction:\nName colour number {i}.\n\n### Response:\n", f"Colour {i}.",
+             "Blue <b>sky</b>" if i == 0 else f"Answer {i} of {group} seed {seed}.") for i in range(N_PROMPTS)]
 
 
 def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpaca: bool = False) -> Path:
+    plant = PLANT if plant is None else plant
     writer = ResultsWriter(path)
     writer.start_sweep({
         "id": SWEEP, "study": "synthetic", "kind": "grid", "started_at": datetime(2026, 11, 26, 9, 0),
-        "ended_at": None, "status": "running", "planned_trials": len(plant or PLANT) + (len(ALPACA) if alpaca else 0), "model_init": init,
+        "ended_at": None, "status": "running", "planned_trials": len(plant) + (len(ALPACA) if alpaca else 0),
+        "model_init": init,
         "git_commit": "0123456789abcdef", "package_versions": {"torch": "2.13.0", "ray": "2.60.0"},
         "hardware": {"cpus": 2, "gpus": []}, "command_line": "launch.py grid --study synthetic",
         "storage_path": "/tmp/ray",
     })
-    trials = {**(plant or PLANT), **(ALPACA if alpaca else {})}
+    trials = {**plant, **(ALPACA if alpaca else {})}
     for (task, group, lr, seed), (status, val, test) in trials.items():
         metric = METRICS.get(task, "accuracy")
         config = TrialConfig.from_flat({"task.name": task, "method.name": group, "optim.lr": lr, "train.seed": seed,
@@ -105,7 +120,7 @@ def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpac
                             trainable_params=trainable, total_params=total, wall_seconds=60.0 + seed,
                             train_seconds=40.0 + seed, tokens_per_s=1000.0 * (2 if group == "lora" else 1),
                             peak_memory_mb=2048.0 + seed, memory_source="account", kept_bytes=4 * trainable,
-                            tokens_seen=100_000, generations=GENERATIONS if task == "alpaca" else [],
+                            tokens_seen=100_000,
                             baseline_test={metric: BASELINE_STEP0[task] + 0.01 * seed},
                             baseline_majority=None if task in METRICS else 0.5,
                             notes={"task_source_used": "sick", "task_source_fallback": "all_nli_med unavailable"}
@@ -113,6 +128,8 @@ def build(path: Path, init: str = "pretrained", plant: dict | None = None, alpac
         if status == "completed":
             writer.write_trial(trial_row(spec, status, final.to_row()))
             writer.write_predictions(spec["trial_id"], prediction_rows(task, seed, metric, test))
+            if task == "alpaca":
+                writer.write_generations(spec["trial_id"], generation_rows(group, seed))
             for step in (0, 50, 100):
                 writer.write_metrics(spec["trial_id"], step, "validation", {metric: val * (0.6 + 0.4 * step / 100)})
                 writer.write_metrics(spec["trial_id"], step, "train", {"loss": 1.0 - step / 200})
@@ -135,3 +152,58 @@ def prediction_rows(task: str, seed: int, metric: str, test: float) -> list[tupl
         return [("test", i, None, None, None, float(losses[i]), 10) for i in range(N_TEST)]
     right = set(rank[:round(test * N_TEST)].tolist())
     return [("test", i, 1, 1 if i in right else 0, i in right, None, None) for i in range(N_TEST)]
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """A ``judgments`` row as analysis/judge.py would write it (the columns the guide reads)."""
+
+    trial_id: str
+    example: int
+    judge_model: str
+    rubric_version: str
+    mode: str                  # score | pairwise
+    position: str              # only | first | second
+    opponent: str | None
+    score: float | None
+    preferred: str | None      # response | opponent
+    parse_status: str          # ok | unparsed | failed
+
+
+def judgments(judge: str, scores: Callable[[str, int, int], float] | None = None,
+              prefer: Callable[[str, int, int, str], str] | None = None,
+              broken: Mapping[tuple[str, int, int, str], str] | None = None, rubric: str = "v1",
+              opponent: str = "reference") -> list[Judgment]:
+    """A judge's rows about every alpaca trial's N_PROMPTS generations: ``scores(group, seed, example)`` (mode score),
+    ``prefer(group, seed, example, position)`` (pairwise, both orders); ``broken[(group, seed, example, position)]``
+    makes that reply 'unparsed' or 'failed' (no score, no preference)."""
+    rows = []
+    for (_task, group, lr, seed), _ in ALPACA.items():
+        trial = f"alpaca-{group}-{lr:g}-{seed}"
+        for i in range(N_PROMPTS):
+            asked = ([("score", "only")] if scores else []) + ([("pairwise", p) for p in ("first", "second")]
+                                                                 if prefer else [])
+            for mode, position in asked:
+                status = (broken or {}).get((group, seed, i, position), "ok")
+                ok = status == "ok"
+                rows.append(Judgment(trial, i, judge, rubric, mode, position,
+                                     opponent if mode == "pairwise" else None,
+                                     scores(group, seed, i) if ok and mode == "score" else None,
+                                     prefer(group, seed, i, position) if ok and mode == "pairwise" else None,
+                                     status))
+    return rows
+
+
+def write_judgments(path: Path, rows: Iterable[Judgment]) -> None:
+    """Insert the rows into the study database directly (the judge CLI is not under test here)."""
+    con = duckdb.connect(str(path))
+    try:
+        for r in rows:
+            con.execute("""INSERT INTO judgments (trial_id, example, judge_model, rubric_version, mode, position,
+                                                  opponent, score, preferred, parse_status, raw_reply, request_key,
+                                                  cached, judged_at)
+                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, false, ?)""",
+                        [*astuple(r), "reply", f"{r.trial_id}/{r.example}/{r.judge_model}/{r.mode}/{r.position}",
+                         datetime(2026, 11, 27, 9, 0)])
+    finally:
+        con.close()

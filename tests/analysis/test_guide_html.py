@@ -57,6 +57,8 @@ def test_guide_renders_in_headless_chromium_with_every_image_and_no_console_erro
     from playwright.sync_api import sync_playwright
 
     db = synthetic.build(tmp_path / "study.duckdb", alpaca=True)
+    synthetic.write_judgments(db, synthetic.judgments("judge-a", scores=lambda g, s, e: 50.0 + 10 * s + e,
+                                                      prefer=lambda g, s, e, position: "response"))
     html = build(db, tmp_path / "reports")
     console, page_errors, failed = [], [], []
     with sync_playwright() as p:
@@ -92,7 +94,7 @@ def test_guide_renders_in_headless_chromium_with_every_image_and_no_console_erro
     assert broken == 1 and any("pareto_" in u for u in control_failed)
     for title in ("Summary", "Recommendations", "Across tasks", "Full fine-tuning vs LoRA vs partial methods",
                   "Pareto fronts: quality against cost", "Learning rate: best value and sensitivity",
-                  "Generations side by side", "Reproduce"):
+                  "Judged quality: an LLM judge on the kept generations", "Generations side by side", "Reproduce"):
         assert title in headings
     assert "full beats lora on sms_spam" in body
     assert "Blue <b>sky</b>" in body  # a generation shown as text, not markup

@@ -92,6 +92,31 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
         assert title in md
     assert "Every selected trial completed." in md
     assert "## DPO preference tuning: method and β" in md and "### Preference pairs (DPO)" in md
+    # no judgments yet: no judged section; once a judge (a local OpenAI-compatible server) has read the kept
+    # generations, the guide has it, for instruction tuning (against the reference) and DPO (against its start)
+    assert "## Judged quality" not in md
+    from tests.analysis.judge_server import Behaviour, JudgeServer
+
+    with JudgeServer(Behaviour(models=("judge-1", "judge-first"), first_models=("judge-first",))) as server:
+        for judge, mode in (("judge-1", "both"), ("judge-first", "pairwise")):  # judge-first: pure position bias
+            run = subprocess.run([PY, "analysis/judge.py", "--db", str(db), "--endpoint", server.url, "--model",
+                                  judge, "--mode", mode, "--limit", "2", "--max-concurrency", "8"],
+                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout + run.stderr
+    con = _db(db)
+    judged = dict(con.execute("SELECT opponent, count(*) FROM judgments WHERE mode = 'pairwise' GROUP BY ALL"
+                              ).fetchall())
+    con.close()
+    assert set(judged) == {"reference", "start"}
+    run = subprocess.run([PY, "analysis/build_guide.py", "--db", str(db), "--out", str(tmp_path / "guide")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    judged_md = (tmp_path / "guide" / "guide.md").read_text().split("## Judged quality")[1]
+    assert "### Alpaca (instruction tuning): judged by judge-1" in judged_md
+    assert "### Preference pairs (DPO): judged by judge-1" in judged_md
+    biased = judged_md.split("### Alpaca (instruction tuning): judged by judge-first")[1].split("\n### ")[0]
+    assert "Swapping the order of the two answers changed the verdict on 100% of the compared pairs" in biased
+    assert "0 / 2 / 0 | 100% (2 of 2)" in biased  # every group: two prompts, both ties
 
 
 def _free_port() -> int:
