@@ -1,6 +1,6 @@
 """GPT-2 from scratch: the model, its checkpoints and its tokenizer. Knows nothing of tasks or Ray."""
 
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, NonFiniteWeightsError
 from model.config import ConfigError
 from model.gpt2 import GPT2, PRESETS, GPT2Config, KVCache, eval_mode, last_token_hidden
 from model.tokenizer import EOT_TOKEN_ID, TokenizerError, get_tokenizer
@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "GPT2Config",
     "KVCache",
+    "NonFiniteWeightsError",
     "TokenizerError",
     "eval_mode",
     "get_tokenizer",

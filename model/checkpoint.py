@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,23 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read or mapped onto GPT-2; the message names the file and every problem."""
+
+
+class NonFiniteWeightsError(CheckpointError, FloatingPointError):
+    """Weights with inf or nan entries, refused when written or merged: saved, they would poison every later use (a
+    merge, a resume, a DPO start, an evaluation) far from where they went wrong. A ``CheckpointError`` (so
+    ``sweeps/train.py`` reports it with exit code 2) and a ``FloatingPointError`` (what it is)."""
+
+
+def non_finite_entries(tensors: Mapping[str, Any]) -> list[str]:
+    """``name (k of n non-finite)`` for each floating-point tensor with inf or nan entries; other values ignored."""
+    found = []
+    for name, value in tensors.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                found.append(f"{name} ({bad} of {value.numel()} non-finite)")
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,8 +299,14 @@ def write_checkpoint_files(
     path: str | Path, tensors: dict[str, torch.Tensor], tensor_file: str, json_files: dict[str, Any]
 ) -> Path:
     """Write a safetensors file and JSON files into ``path`` through temporaries renamed at the end, so an
-    interrupted save never leaves a half-written file under a final name."""
+    interrupted save never leaves a half-written file under a final name. Non-finite tensors are refused before
+    anything is written (``NonFiniteWeightsError``)."""
     out_dir = Path(path)
+    bad = non_finite_entries(tensors)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write {out_dir / tensor_file}: non-finite weights in {', '.join(bad[:6])}"
+            f"{f' and {len(bad) - 6} more tensors' if len(bad) > 6 else ''}; nothing was written")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:
         tmp_dir = Path(tmp)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from model.checkpoint import CheckpointError, save_pretrained, write_checkpoint_files
+from model.checkpoint import CheckpointError, NonFiniteWeightsError, save_pretrained, write_checkpoint_files
 from model.config import ConfigError, Problems, is_int, is_number
 from model.gpt2 import GPT2
 
@@ -114,9 +114,10 @@ class LoRAConfig:
 
 def _finite(weight: torch.Tensor, action: str, outcome: str) -> torch.Tensor:
     """``weight`` when every entry is finite. A diverged adapter (inf/nan) would silently poison the base weights,
-    so the result is checked before anything is written, and ``FloatingPointError`` says ``action`` and ``outcome``."""
+    so the result is checked before anything is written, and ``NonFiniteWeightsError`` (a ``FloatingPointError``)
+    says ``action`` and ``outcome``."""
     if not torch.isfinite(weight).all():
-        raise FloatingPointError(f"{action} gives non-finite weights; {outcome}")
+        raise NonFiniteWeightsError(f"{action} gives non-finite weights; {outcome}")
     return weight
 
 
@@ -247,7 +248,7 @@ def save_merged(model: GPT2, path: str | Path) -> Path:
             del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
             if not layer.merged:
                 state[f"{name}.weight"] = _finite(layer.weight + layer.delta_weight(), f"merging the adapter of {name}",
-                                                  "not saved")
+                                                  f"{path} not saved")
     return save_pretrained(model, path, state_dict=state)
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,9 +25,11 @@ import torch
 from torch import nn
 
 from model import GPT2, GPT2Config, get_tokenizer
+from model.checkpoint import non_finite_entries
 from model.methods import MethodSummary, apply_method
 from model.tokenizer import EOT_TOKEN_ID
 from sweeps import memory
+from sweeps.checkpoints import CheckpointCorrupt, first_good, read_payload, resume_candidates, write_payload
 from sweeps.config import ModelConfig, TrialConfig
 from sweeps.optim import EmbeddingGrads, build_optimizer, build_scheduler
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Generation, Record, StepRecord
@@ -198,10 +199,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _trainable_state(trial: Trial) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{n}": p.detach().clone() for n, p in trial.model.named_parameters() if p.requires_grad}
-    if trial.head is not None:
-        tensors.update({f"head.{n}": p.detach().clone() for n, p in trial.head.named_parameters()})
-    return tensors
+    return {name: p.detach().clone() for name, p in _trainable_state_params(trial).items()}
 
 
 def _load_trainable_state(trial: Trial, tensors: dict[str, torch.Tensor]) -> None:
@@ -214,24 +212,107 @@ def _load_trainable_state(trial: Trial, tensors: dict[str, torch.Tensor]) -> Non
 
 
 def save_checkpoint(trial: Trial, checkpoint_dir: str | Path) -> Path:
-    """Trainable weights, optimizer, scheduler, RNG states and position, written atomically."""
-    path = Path(checkpoint_dir) / f"step_{trial.state.step:07d}"
-    path.mkdir(parents=True, exist_ok=True)
+    """Trainable weights, optimizer, scheduler, RNG states and position, written atomically with a checksum beside
+    them (``sweeps.checkpoints.write_payload``)."""
     payload = {"trainable": _trainable_state(trial), "optimizer": trial.optimizer.state_dict(),
                "scheduler": trial.scheduler.state_dict(), "state": trial.state.to_saved(), "rng": _rng_state()}
-    torch.save(payload, path / "state.pt.tmp")
-    os.replace(path / "state.pt.tmp", path / "state.pt")
-    return path
+    return write_payload(payload, Path(checkpoint_dir) / f"step_{trial.state.step:07d}")
+
+
+class VerifiedCheckpoint(NamedTuple):
+    """A verified checkpoint payload that fits its trial, not yet applied."""
+
+    payload: dict[str, Any]
+    state: TrainState
+
+
+def read_checkpoint(trial: Trial, path: str | Path) -> VerifiedCheckpoint:
+    """The checkpoint in folder ``path``, verified (checksum, readable) and checked to fit ``trial``: the payload's
+    parts are there, its tensors are this trial's trainable ones with their shapes, and its weights and optimizer
+    state are finite. Raises ``CheckpointCorrupt`` naming the file; nothing of the trial changes."""
+    file = Path(path) / "state.pt"
+    payload = read_payload(path)
+    missing = [k for k in ("trainable", "optimizer", "scheduler", "state", "rng") if k not in payload]
+    if missing:
+        raise CheckpointCorrupt(file, f"damaged: no {', '.join(missing)} in the payload")
+    _check_trainable(trial, file, payload["trainable"])
+    optimizer_state = payload["optimizer"].get("state", {}) if isinstance(payload["optimizer"], dict) else {}
+    bad = [entry for index, slots in optimizer_state.items() if isinstance(slots, dict)
+           for entry in non_finite_entries({f"optimizer.state[{index}].{k}": v for k, v in slots.items()})]
+    if bad:
+        raise CheckpointCorrupt(file, f"non-finite optimizer state: {', '.join(bad[:6])}")
+    try:
+        state = TrainState.from_saved(payload["state"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointCorrupt(file, f"damaged position state ({type(err).__name__}: {err})") from None
+    return VerifiedCheckpoint(payload, state)
+
+
+def _check_trainable(trial: Trial, file: Path, tensors: Any) -> None:
+    """The saved trainable tensors are exactly this trial's, shaped alike, and finite."""
+    want = {name: p.shape for name, p in _trainable_state_params(trial).items()}
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        raise CheckpointCorrupt(file, "damaged: the trainable weights are not a dict of tensors")
+    if set(tensors) != set(want):
+        odd = sorted(set(tensors) ^ set(want))
+        raise CheckpointCorrupt(file, f"not this trial's weights (differing names: {', '.join(odd[:6])})")
+    shapes = [f"{n}: {tuple(t.shape)} saved, {tuple(want[n])} expected" for n, t in tensors.items()
+              if t.shape != want[n]]
+    if shapes:
+        raise CheckpointCorrupt(file, f"not this trial's weights (wrong shapes: {'; '.join(shapes[:4])})")
+    bad = non_finite_entries(tensors)
+    if bad:
+        raise CheckpointCorrupt(file, f"non-finite weights: {', '.join(bad[:6])}")
+
+
+def apply_checkpoint(trial: Trial, checkpoint: VerifiedCheckpoint, path: str | Path) -> None:
+    """Set the trial's weights, optimizer, scheduler, position and RNG to a checkpoint read by ``read_checkpoint``.
+    A part that still does not fit (an optimizer of another shape) is ``CheckpointCorrupt``; applying another
+    checkpoint after it overwrites everything this one set."""
+    saved = checkpoint.payload
+    try:
+        _load_trainable_state(trial, saved["trainable"])
+        trial.optimizer.load_state_dict(saved["optimizer"])
+        trial.scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointCorrupt(Path(path) / "state.pt", f"does not fit this trial ({type(err).__name__}: "
+                                                         f"{str(err)[:300]})") from None
+    trial.state = checkpoint.state
+    trial.resumed_from_step = trial.state.step
 
 
 def load_checkpoint(trial: Trial, path: str | Path) -> None:
-    saved = torch.load(Path(path) / "state.pt", weights_only=True, map_location="cpu")
-    _load_trainable_state(trial, saved["trainable"])
-    trial.optimizer.load_state_dict(saved["optimizer"])
-    trial.scheduler.load_state_dict(saved["scheduler"])
-    trial.state = TrainState.from_saved(saved["state"])
-    _set_rng_state(saved["rng"])
-    trial.resumed_from_step = trial.state.step
+    """Resume ``trial`` from exactly this checkpoint folder (``CheckpointCorrupt`` when it is bad)."""
+    apply_checkpoint(trial, read_checkpoint(trial, path), path)
+
+
+def resume(trial: Trial, resume_from: str | Path | Sequence[str | Path]) -> Path:
+    """Resume from the newest good checkpoint: ``resume_from`` itself (a folder; then its older ``step_*`` or
+    ``checkpoint_*`` siblings, ``sweeps.checkpoints.resume_candidates``) or the first good one of a list. Each bad
+    one skipped is warned about and named in the trial's notes (``checkpoint_fallback``); ``NoGoodCheckpoint``,
+    naming every one, when none is good. Returns the folder used."""
+    candidates = (resume_candidates(resume_from) if isinstance(resume_from, str | Path)
+                  else [Path(p) for p in resume_from])
+    path, _, skipped = first_good(candidates, lambda p: load_checkpoint(trial, p))
+    if skipped:
+        trial.notes["checkpoint_fallback"] = (f"resumed from {path} (step {trial.state.step}); skipped damaged: "
+                                              + "; ".join(str(err) for err in skipped))
+    return path
+
+
+def _trainable_state_params(trial: Trial) -> dict[str, torch.Tensor]:
+    """The live tensors ``_trainable_state`` copies, under the same names."""
+    tensors = {f"model.{n}": p for n, p in trial.model.named_parameters() if p.requires_grad}
+    if trial.head is not None:
+        tensors.update({f"head.{n}": p for n, p in trial.head.named_parameters()})
+    return tensors
+
+
+def non_finite_weights(trial: Trial) -> list[str]:
+    """The trainable tensors with inf/nan entries now (frozen ones never change); empty when all are finite."""
+    with torch.no_grad():
+        return non_finite_entries(_trainable_state_params(trial))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -378,6 +459,8 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
             if evaluates and should_stop(trial, validate(trial, emit)):
                 return "early_stopped"
             if checkpoint_dir is not None and _due(state.step, config.checkpoint_every):
+                if _weights_diverged(trial):  # never saved: a resume would carry the inf/nan on
+                    return "diverged"
                 emit(CheckpointRecord(state.step, str(save_checkpoint(trial, checkpoint_dir))))
     finally:
         if grads is not None:
@@ -388,6 +471,16 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
 # --------------------------------------------------------------------------------------------------------------------
 # Finish
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _weights_diverged(trial: Trial) -> bool:
+    """True (and the tensors named in the trial's notes, ``non_finite_weights``) when a trainable weight is inf or
+    nan: an update can overflow with a finite loss, and such weights must not be saved, evaluated as a result or
+    exported."""
+    bad = non_finite_weights(trial)
+    if bad:
+        trial.notes["non_finite_weights"] = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    return bool(bad)
 
 
 def account_memory(trial: Trial, record: FinalRecord) -> None:
@@ -409,8 +502,13 @@ def account_memory(trial: Trial, record: FinalRecord) -> None:
 
 def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -> FinalRecord:
     """Evaluate the final weights (the best ones after early stopping), generate from them, and assemble the trial's
-    final record (its generations: the starting weights' kept in the state, then the final ones)."""
+    final record (its generations: the starting weights' kept in the state, then the final ones). Final weights
+    that are not finite make the trial ``diverged`` (at the last step), never a result."""
     state, task, summary = trial.state, trial.task, trial.summary
+    if status == "early_stopped" and trial.best_weights is not None:
+        _load_trainable_state(trial, trial.best_weights)
+    if status != "diverged" and _weights_diverged(trial):
+        status = "diverged"
     record = FinalRecord(
         status=status, task=task.name, task_kind=task.kind, primary_metric=task.primary_metric,
         higher_is_better=task.higher_is_better, step=state.step, total_steps=trial.total_steps,
@@ -423,11 +521,10 @@ def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -
         history=list(state.history), split_sizes={k: len(v) for k, v in trial.splits.items()},
         resumed_from_step=trial.resumed_from_step, notes=dict(trial.notes), baseline_test=dict(state.baseline_test),
         baseline_majority=task.majority_baseline(trial.splits["train"], trial.splits["test"]))
-    if status == "diverged":
-        record.diverged_at_step = state.step + 1
+    if status == "diverged":  # a non-finite loss stops before its step; non-finite weights came from the last one
+        record.diverged_at_step = state.step if "non_finite_weights" in trial.notes else state.step + 1
     else:
         if status == "early_stopped" and trial.best_weights is not None:
-            _load_trainable_state(trial, trial.best_weights)
             record.best_step = state.best_step
         outcomes = {split: ExampleResults() for split in ("validation", "test")}
         record.validation = evaluate(trial, "validation", outcomes["validation"])
@@ -503,14 +600,17 @@ def run_trial(
     config: TrialConfig,
     callback: Callback | None = None,
     checkpoint_dir: str | Path | None = None,
-    resume_from: str | Path | None = None,
+    resume_from: str | Path | Sequence[str | Path] | None = None,
 ) -> TrialResult:
-    """Train and evaluate one trial; the final record (also sent to ``callback``) and the trained modules."""
+    """Train and evaluate one trial; the final record (also sent to ``callback``) and the trained modules.
+
+    ``resume_from``: a checkpoint folder (a damaged one falls back to its newest good older sibling, with a warning)
+    or candidate folders, newest first; ``sweeps.checkpoints.NoGoodCheckpoint`` when none is good (see ``resume``)."""
     emit = callback or (lambda record: None)
     wall_start = time.perf_counter()
     trial = setup(config)
     if resume_from is not None:
-        load_checkpoint(trial, resume_from)
+        resume(trial, resume_from)
     setup_seconds = time.perf_counter() - wall_start
     status = train(trial, emit, checkpoint_dir)
     record = finish(trial, status, wall_start, setup_seconds)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from analysis.db import DEFAULT_DB, DatabaseError
 from model import CheckpointError, ConfigError, TokenizerError
+from model.checkpoint import NonFiniteWeightsError, non_finite_entries
 from model.lora import save_merged, save_peft_adapter
 from sweeps.config import TrialConfig, flatten, read_yaml
 from sweeps.loop import TrialResult, run_trial
@@ -83,15 +84,8 @@ def export(result: TrialResult, config: TrialConfig, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        model, head = result.model, result.head
-        if config.method.name == "lora":
-            save_peft_adapter(model, staging / "adapter", base_model=config.model.name)
-            save_merged(model, staging / "model")
-        else:
-            model.save_pretrained(staging / "model")
-        if head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                      staging / "head.safetensors", metadata={"format": "pt"})
+        if result.record.status != "diverged":  # a diverged trial keeps its record, not its (often non-finite) weights
+            _export_weights(result, config, staging)
         (staging / "result.json").write_text(json.dumps(json.loads(result.record.to_json()), indent=2) + "\n")
         (staging / "config.yaml").write_text(yaml.safe_dump(config.to_flat(), sort_keys=True))
         if out.exists():
@@ -100,6 +94,22 @@ def export(result: TrialResult, config: TrialConfig, out: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _export_weights(result: TrialResult, config: TrialConfig, staging: Path) -> None:
+    """The model (LoRA: the adapter and the merged model) and the task head; non-finite weights are refused."""
+    model, head = result.model, result.head
+    if config.method.name == "lora":
+        save_peft_adapter(model, staging / "adapter", base_model=config.model.name)
+        save_merged(model, staging / "model")
+    else:
+        model.save_pretrained(staging / "model")
+    if head is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        bad = non_finite_entries(tensors)
+        if bad:
+            raise NonFiniteWeightsError(f"refusing to export the task head: non-finite weights in {', '.join(bad)}")
+        save_file(tensors, staging / "head.safetensors", metadata={"format": "pt"})
 
 
 def progress(record: Record) -> None:

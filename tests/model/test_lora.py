@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from model import GPT2, CheckpointError, ConfigError
+from model import GPT2, CheckpointError, ConfigError, NonFiniteWeightsError
 from model.lora import (
     LoRAConfig,
     LoRALinear,
@@ -122,6 +122,27 @@ def test_merge_refuses_non_finite_and_changes_nothing(base) -> None:
     assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoRALinear))
     for key, tensor in before.items():
         assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_both_lora_exports_refuse_non_finite_weights_and_write_nothing(base, tmp_path: Path) -> None:
+    """A nan adapter: the PEFT export and the merged export both refuse (CheckpointError: exit code 2 from the CLI);
+    a nan base weight outside any adapter is refused by the merged export too."""
+    _, path = base
+    model = GPT2.from_pretrained(path)
+    apply_lora(model, LoRAConfig(rank=2, targets="all"))
+    _nonzero_b(model)
+    with torch.no_grad():
+        model.h[1].attn.c_attn.lora_B[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"adapter_model\.safetensors: non-finite weights in .*h\.1\.attn"):
+        save_peft_adapter(model, tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match=r"h\.1\.attn\.c_attn gives non-finite weights; .*merged not saved"):
+        save_merged(model, tmp_path / "merged")
+    with torch.no_grad():
+        model.h[1].attn.c_attn.lora_B[0, 0] = 0.0
+        model.wpe.weight[0, 0] = float("-inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"transformer\.wpe\.weight \(1 of"):
+        save_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "merged").exists()
 
 
 def test_peft_export_loads_in_peft_with_equal_logits(base, tmp_path: Path) -> None:

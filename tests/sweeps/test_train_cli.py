@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,95 @@ def test_script_runs_from_the_repository_root(real_data) -> None:
     assert proc.returncode == 0, proc.stderr
     record = _json_line(proc.stdout)
     assert record["task"] == "alpaca" and record["test_perplexity"] > 1 and len(record["generations"]) == 1
+
+
+def _unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000; where that does not stop reading (root), the failure it would cause is injected."""
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):
+        real = Path.read_bytes
+
+        def denied(self: Path) -> bytes:
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", denied)
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda p: p.mkdir(), "{p}: is a directory; pass a YAML file"),
+    (lambda p: p.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00"), "{p}:1: a binary file (NUL byte), not YAML text"),
+    (lambda p: p.write_bytes(b"task.name: nli\ntrain.seed: \xff\n"), "{p}:2: not UTF-8 text (byte 0xff)"),
+    (lambda p: p.write_text("task.name: nli\ntrain:\n  seed: 1\n  seed: 2\n"),
+     "{p}:4: not valid YAML (duplicate key 'seed' (first given on line 3)"),
+    (lambda p: p.write_text("task:\n  name: nli\ntask:\n  max_length: 64\n"), "{p}:3: not valid YAML (duplicate key 'task'"),
+    (lambda p: p.write_text("task.max_length: 2048\n"), "task.max_length: 2048 exceeds the model's 1024 positions"),
+], ids=["directory", "binary", "bad-utf8", "nested-key-twice", "section-twice", "max-length-beyond-model"])
+def test_bad_config_file_exits_2_naming_it(make, expected: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "trial.yaml"
+    make(path)
+    assert main(["--smoke", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert expected.format(p=path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_key_in_a_json_config_exits_2(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "trial.json"
+    path.write_text('{"train.seed": 1, "train.seed": 2}')
+    assert main(["--smoke", "--config", str(path)]) == 2
+    assert f"{path}: duplicate key 'train.seed'" in capsys.readouterr().err
+
+
+def test_unreadable_config_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    path = tmp_path / "trial.yaml"
+    path.write_text("task.name: nli\n")
+    _unreadable(path, monkeypatch)
+    assert main(["--smoke", "--config", str(path)]) == 2
+    assert f"{path}: cannot be read (Permission denied); check its permissions" in capsys.readouterr().err
+
+
+def test_config_script_exits_2_on_a_directory(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "sweeps/train.py", "--config", str(tmp_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{tmp_path}: is a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _nan_result(status: str):
+    """A trial result whose model and head hold non-finite weights (as a diverged trial's may)."""
+    import torch
+
+    from model.gpt2 import GPT2, GPT2Config
+    from sweeps.loop import TrialResult
+    from sweeps.records import FinalRecord
+
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+    head = torch.nn.Linear(16, 2)
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("nan")
+        head.weight[0, 0] = float("inf")
+    record = FinalRecord(status=status, task="sms_spam", task_kind="classification", primary_metric="accuracy",
+                         higher_is_better=True, step=3)
+    return TrialResult(record, model, head)
+
+
+def test_a_diverged_trial_exports_its_record_without_weights(tmp_path: Path) -> None:
+    from sweeps.config import TrialConfig
+    from sweeps.train import export
+
+    out = tmp_path / "run"
+    export(_nan_result("diverged"), TrialConfig(), out)
+    assert {p.name for p in out.iterdir()} == {"result.json", "config.yaml"}
+    assert json.loads((out / "result.json").read_text())["status"] == "diverged"
+
+
+def test_non_finite_weights_are_never_exported(tmp_path: Path) -> None:
+    from model.checkpoint import NonFiniteWeightsError
+    from sweeps.config import TrialConfig
+    from sweeps.train import export
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteWeightsError, match="non-finite"):
+        export(_nan_result("completed"), TrialConfig(), out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # the staging folder is gone too
