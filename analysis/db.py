@@ -1,5 +1,10 @@
 """The DuckDB study database: opening it (clear message when another process holds it) and idempotent writes.
 
+Every open first looks at the file read-only: a study database carries a marker (the ``study_database`` table: this
+application and its schema version); another application's file, a damaged one or a newer version's is refused with
+one line naming it, left byte for byte as it was. Files from before the marker are recognised by their tables and
+migrated when a writer opens them. DuckDB never installs or loads extensions on its own here.
+
 Writers: the sweep driver, through ``ResultsWriter`` (used by the Ray Tune callback in ``sweeps/``), and
 ``analysis/judge.py`` (the ``judgments`` table only). Readers (``launch.py status``, ``build_guide.py``, people with
 SQL) open it read-only.
@@ -7,9 +12,13 @@ SQL) open it read-only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
-from collections.abc import Iterable, Mapping
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,36 +36,247 @@ STATUSES = ("pending", "running", *TERMINAL)
 
 
 class DatabaseError(RuntimeError):
-    """The database cannot be opened (missing, locked by a running sweep, not a DuckDB file)."""
+    """The database cannot be opened or written (missing, locked by a running sweep, not a study database, damaged,
+    from a newer version, a full disk): the CLIs print it as one line and exit 2."""
+
+
+class DiskFullError(DatabaseError):
+    """No space left on the device (the database's, or Ray's storage): the sweep is left interrupted, to resume."""
+
+
+# What marks a file as ours: the one row of the ``study_database`` table (schema.sql). Files written before the
+# marker have our tables without it (version 0); a writer migrates them. A newer version is refused.
+APPLICATION = "gpt2-finetune-guide study database"
+SCHEMA_VERSION = 1
+# DuckDB would otherwise install (download) and load extensions on its own, e.g. sqlite_scanner for a SQLite file.
+CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+LOCK_PATIENCE_S = 3.0  # a writer retries a lock this long: two starts at once both look before either takes it
+_LEGACY_ADDED = frozenset(re.findall(r"ALTER TABLE trials ADD COLUMN IF NOT EXISTS (\w+)", SCHEMA.read_text()))
+_ALWAYS_THERE = ("sweeps", "trials")  # the tables of every release; the others a writer creates when missing
+MARKER = "study_database"
 
 
 def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the study database; writers also create the schema. Lock conflicts become one clear message."""
+    """Open the study database; writers also create or migrate the schema. The file is checked read-only first, so
+    one that is not ours, damaged or newer is refused untouched (byte for byte, no ``.wal``)."""
     if duckdb is None:
         raise DatabaseError("the study database needs DuckDB, which is not installed here (pip install duckdb)")
     path = Path(path)
+    if read_only:
+        con = _open(path, read_only=True)
+        try:
+            check_database(con, path)
+            _memberships_of_an_older_file(con)
+            _generations_of_an_older_file(con)
+        except BaseException:
+            con.close()
+            raise
+        return con
+    return _open_writer(path)
+
+
+def _open_writer(path: Path) -> duckdb.DuckDBPyConnection:
+    """Check the file, then take DuckDB's write lock and bring the schema to this version in one transaction."""
+    deadline = time.monotonic() + LOCK_PATIENCE_S
+    while True:
+        try:
+            version = inspect_file(path)
+            con = _open(path, read_only=False)
+            break
+        except _Locked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        _migrate(con, version)
+    except duckdb.Error as err:
+        con.close()
+        raise database_error(path, err, "could not create or migrate the study tables") from None
+    return con
+
+
+def inspect_file(path: Path) -> int | None:
+    """The schema version of an existing study database (0: written before the marker), None where there is none
+    yet (a writer creates it). Raises DatabaseError for a file that is not ours, damaged or newer."""
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0 and _remove_empty(path)):
+        return None
+    con = _open(path, read_only=True)
+    try:
+        return check_database(con, path)
+    finally:
+        con.close()
+
+
+def _remove_empty(path: Path) -> bool:
+    """A zero-byte file (``touch``ed) holds nothing; DuckDB refuses it, so a writer starts a new file there."""
+    path.unlink()
+    return True
+
+
+class _Locked(DatabaseError):
+    """Another process holds the file."""
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """A connection, after the file's first bytes show a DuckDB database (DuckDB is never handed another format)."""
     if read_only and not path.is_file():
         raise DatabaseError(f"{path}: no such database; run a sweep first (python sweeps/launch.py grid ...)")
+    if path.is_file():
+        _check_header(path)
     try:
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as err:
         if "lock" in str(err).lower():
-            raise DatabaseError(
+            raise _Locked(
                 f"{path} is in use by another process (a sweep driver holds it while it runs). Wait for the sweep "
                 f"to end, or query a copy: cp {path} /tmp/snapshot.duckdb. ({str(err).splitlines()[0]})"
             ) from None
-        raise DatabaseError(f"{path}: cannot open ({err})") from None
+        raise database_error(path, err, "cannot open it") from None
     except duckdb.Error as err:
-        raise DatabaseError(f"{path}: not a readable DuckDB database ({err})") from None
-    if not read_only:
+        raise database_error(path, err, "cannot open it") from None
+    for name, value in CONFIG.items():  # SET, not connect(config=...): a connection this process already holds
+        con.execute(f"SET {name} = {str(value).lower()}")  # to the file (a notebook's) must not make ours fail
+    return con
+
+
+def database_error(path: Path, err: BaseException, doing: str) -> DatabaseError:
+    """One line naming the file and what to do; a full disk is a DiskFullError."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if disk_full(err):
+        return DiskFullError(f"{path}: no space left on the device ({doing}: {first}). Free some space, then "
+                             "resume the sweep: python sweeps/launch.py resume --db " + str(path))
+    return DatabaseError(f"{path}: {doing} ({first}). It may be damaged or not a study database: pass --db a "
+                         "study database or a new path, or restore it from a copy")
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether an exception, or one it was raised from, says the device is full (OSError ENOSPC, or DuckDB's and
+    Ray's wrapped texts of it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err) or f"[Errno {errno.ENOSPC}]" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+_SQLITE = b"SQLite format 3\x00"
+
+
+def _check_header(path: Path) -> None:
+    """Refuse what is no DuckDB file (SQLite, text, ...) before DuckDB opens it."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(_SQLITE):
+        raise DatabaseError(f"{path} is a SQLite database, not a study database (DuckDB): pass --db a study "
+                            "database or a new path")
+    if head[8:12] != b"DUCK":
+        raise DatabaseError(f"{path} is not a DuckDB database (no DuckDB header): pass --db a study database or a "
+                            "new path")
+
+
+def _check_blocks(con: duckdb.DuckDBPyConnection, path: Path, found: dict[str, set[str]]) -> None:
+    """A truncated file often still reads its catalog (kept at the start): every block its tables' data lives in
+    must be inside the file (3 headers of 4 KiB, then the blocks)."""
+    block_size = con.execute("SELECT block_size FROM pragma_database_size() WHERE database_name = "
+                             "current_database()").fetchone()[0]
+    last = max((con.execute("SELECT max(block_id) FROM pragma_storage_info(?)", [table]).fetchone()[0] or -1
+                for table in found if _has_table(con, table)), default=-1)
+    needed, size = 3 * 4096 + (last + 1) * block_size, path.stat().st_size
+    if last >= 0 and size < needed:
+        raise DatabaseError(f"{path} is damaged: truncated to {size:,} bytes, its tables' data reaching to byte "
+                            f"{needed:,}. Restore it from a copy, or pass --db a new path")
+
+
+def _reference_columns() -> dict[str, set[str]]:
+    """Every table of this version's schema and its columns, from schema.sql run in memory."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        con = duckdb.connect(":memory:", config=CONFIG)
+        con.execute(SCHEMA.read_text())
+        _REFERENCE = _columns(con)
+        con.close()
+    return _REFERENCE
+
+
+_REFERENCE: dict[str, set[str]] | None = None
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
+    rows = con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = "
+                       "current_database() AND schema_name = 'main'").fetchall()
+    tables: dict[str, set[str]] = {}
+    for table, column in rows:
+        tables.setdefault(table, set()).add(column)
+    return tables
+
+
+def check_database(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
+    """What an open file is: its schema version (0: ours from before the marker), or None (no tables: new). Raises
+    DatabaseError for another application's file, a newer version's, or ours with columns missing."""
+    try:
+        found = _columns(con)
+        marker = con.execute(f"SELECT application, schema_version FROM {MARKER}").fetchall() if MARKER in found \
+            else None
+        _check_blocks(con, path, found)
+    except duckdb.Error as err:
+        raise database_error(path, err, "cannot read its tables") from None
+    if marker is None and not found:
+        return None
+    reference = {t: c for t, c in _reference_columns().items() if t != MARKER}
+    if marker is None and not all(t in found for t in _ALWAYS_THERE):
+        raise DatabaseError(f"{path} is not a study database (it has tables {', '.join(sorted(found))}, not "
+                            f"{' and '.join(_ALWAYS_THERE)}): another application's file? Pass --db a study "
+                            "database or a new path")
+    if marker is not None:
+        if len(marker) != 1 or marker[0][0] != APPLICATION:
+            raise DatabaseError(f"{path} is another application's DuckDB file ({MARKER} names "
+                                f"{marker[0][0] if marker else 'nothing'!r}): pass --db a study database or a new path")
+        version = int(marker[0][1])
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"{path} was written by a newer version of this code (schema {version}; this one "
+                                f"knows up to {SCHEMA_VERSION}): update the code, or pass --db another file")
+    else:
+        version = 0
+    missing = [t for t in _ALWAYS_THERE if t not in found]
+    missing += [f"{t}.{c}" for t, columns in reference.items() for c in sorted(columns)
+                if _required(t, c, version, found) and c not in found[t]]
+    if missing:
+        raise DatabaseError(f"{path} is damaged or not a study database: it lacks {', '.join(missing[:5])}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                            + ". Restore it from a copy, or pass --db a new path")
+    return version
+
+
+def _required(table: str, column: str, version: int, found: dict[str, set[str]]) -> bool:
+    """Whether a file of ``version`` must already have this column of a table it has (a missing table other than
+    sweeps and trials, a writer creates): every one at this version; before the marker, all but the trials columns
+    added later (the schema's ALTERs add them)."""
+    if table not in found:
+        return False
+    return version == SCHEMA_VERSION or not (table == "trials" and column in _LEGACY_ADDED)
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, version: int | None) -> None:
+    """Create the schema (a new file) or bring an older one to this version, and mark the file, all or nothing.
+    Version 0 (before the marker) to 1: schema.sql's ALTERs and copies, then the marker."""
+    con.execute("BEGIN TRANSACTION")
+    try:
         con.execute(SCHEMA.read_text())
         con.execute(f"INSERT INTO generations {GENERATIONS_IN_RESULT} ON CONFLICT DO NOTHING")
-    else:
-        _memberships_of_an_older_file(con)
-        _generations_of_an_older_file(con)
-    return con
+        if version != SCHEMA_VERSION:
+            con.execute(f"DELETE FROM {MARKER}")
+            con.execute(f"INSERT INTO {MARKER} VALUES (?, ?, ?, ?)", [APPLICATION, SCHEMA_VERSION,
+                        datetime.now(UTC).replace(tzinfo=None), None if version is None else version])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -160,23 +380,72 @@ class ResultsWriter:
     """The driver's handle on the database. Picklable (Ray pickles callbacks with the experiment); the connection is
     opened on first use and held until ``close``, so readers get the clear lock message instead of a torn read."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, existing: bool = False) -> None:
         self.path = Path(path)
+        self.existing = existing  # refuse to create the file (resume: a mistyped --db is no new database)
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._depth = 0  # open transaction() blocks
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_con": None}
+        return {"path": self.path, "existing": self.existing, "_con": None, "_depth": 0}
+
+    def __enter__(self) -> ResultsWriter:
+        """Open (check, lock, migrate) now: the driver holds the file from before Ray starts to the sweep's end."""
+        self.con  # noqa: B018 - opening is the point
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
+            if self.existing and not self.path.is_file():
+                raise DatabaseError(f"{self.path}: no such database; run a sweep first (python sweeps/launch.py "
+                                    "grid ...) or pass --db the file it wrote")
             self._con = connect(self.path)
         return self._con
 
     def close(self) -> None:
         if self._con is not None:
-            self._con.close()
-            self._con = None
+            con, self._con, self._depth = self._con, None, 0
+            with contextlib.suppress(duckdb.Error):  # a connection a failed write invalidated closes all the same
+                con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every write inside, or none: a failure mid-way (a full disk) leaves whole rows. Nested uses join the
+        outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        con.execute("COMMIT")
+
+    def end_sweep_if_possible(self, sweep_id: str, status: str) -> bool:
+        """``end_sweep`` once more on a fresh connection if it fails (a failed write can leave DuckDB's connection
+        unusable); False when it still fails (a disk still full): the sweep then stays marked running."""
+        for _ in range(2):
+            try:
+                self.end_sweep(sweep_id, status)
+                return True
+            except (duckdb.Error, DatabaseError):
+                self.close()
+        return False
 
     def _upsert(self, table: str, row: Mapping[str, Any]) -> None:
         columns = ", ".join(f'"{c}"' for c in row)
@@ -203,8 +472,9 @@ class ResultsWriter:
         current = self.con.execute("SELECT status FROM trials WHERE id = ?", [row["id"]]).fetchone()
         if current is not None and (current[0] in FINAL or (current[0] in TERMINAL and row["status"] not in TERMINAL)):
             return
-        self._upsert("trials", row)
-        self.write_memberships([(row["id"], row["dimension"], row["group"])])
+        with self.transaction():
+            self._upsert("trials", row)
+            self.write_memberships([(row["id"], row["dimension"], row["group"])])
 
     def finished_results(self, sweep_id: str) -> dict[str, str]:
         """Final records of the sweep's trials that completed or diverged (a resumed sweep does not run them again)."""
@@ -215,10 +485,11 @@ class ResultsWriter:
     def plan_trials(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Record planned trials as pending, leaving the ones already recorded (a resumed sweep) as they are."""
         known = {r[0] for r in self.con.execute("SELECT id FROM trials").fetchall()}
-        for row in rows:
-            if row["id"] not in known:
-                self._upsert("trials", row)
-                self.write_memberships([(row["id"], row["dimension"], row["group"])])
+        with self.transaction():
+            for row in rows:
+                if row["id"] not in known:
+                    self._upsert("trials", row)
+                    self.write_memberships([(row["id"], row["dimension"], row["group"])])
 
     def write_memberships(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """``trial_groups`` rows ``(trial_id, dimension, group)`` (``membership_rows``); one already there stays."""
@@ -243,10 +514,11 @@ class ResultsWriter:
         """Everything a trial's final record (``sweeps.records.FinalRecord``) puts in the database: its ``trials``
         row, per-example predictions, kept generations and metric rows."""
         trial_id = spec["trial_id"]
-        self.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
-        self.write_predictions(trial_id, record.prediction_rows())
-        self.write_generations(trial_id, record.generation_rows())
-        self.write_metric_rows(trial_id, record.metric_rows())
+        with self.transaction():  # a trial is completed with all of its rows, or not at all
+            self.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
+            self.write_predictions(trial_id, record.prediction_rows())
+            self.write_generations(trial_id, record.generation_rows())
+            self.write_metric_rows(trial_id, record.metric_rows())
 
     def write_generations(self, trial_id: str, rows: Iterable[tuple[str, int, str, str, str]]) -> None:
         """A trial's kept generations ``(stage, example, prompt, reference, response)`` (``FinalRecord.

@@ -2,6 +2,16 @@
 -- Every write is an upsert keyed by these primary keys, so replaying results (Ray does after a restore) never
 -- duplicates a row.
 
+-- What marks the file as a study database, and its schema version (analysis/db.py APPLICATION, SCHEMA_VERSION): one
+-- row. A writer checks it before writing anything and refuses another application's file or a newer version's; a
+-- file from before this table (our tables without it) is version 0, migrated when a writer opens it.
+CREATE TABLE IF NOT EXISTS study_database (
+    application      VARCHAR NOT NULL,
+    schema_version   INTEGER NOT NULL,
+    marked_at        TIMESTAMP NOT NULL,    -- when a writer created the file or migrated it to this version
+    migrated_from    INTEGER                -- the version it was migrated from; null when created at this version
+);
+
 -- One row per launched sweep (a `launch.py grid|search` invocation; `resume` continues the same row).
 CREATE TABLE IF NOT EXISTS sweeps (
     id               VARCHAR PRIMARY KEY,   -- e.g. smoke-20261126-130501-3f2a

@@ -81,6 +81,7 @@ def test_an_older_database_gains_the_baseline_columns(tmp_path: Path) -> None:
     con = connect(path)
     for column in ("baseline_majority", "baseline_step0", "train_baseline_eval"):
         con.execute(f"ALTER TABLE trials DROP COLUMN {column}")  # as a database from before them
+    con.execute("DROP TABLE study_database")  # which had no marker either
     con.close()
     columns = {r[0]: r[1] for r in connect(path).execute("DESCRIBE trials").fetchall()}
     assert (columns["baseline_majority"], columns["baseline_step0"], columns["train_baseline_eval"]) == (
@@ -306,3 +307,162 @@ def test_a_new_database_copies_nothing_from_results(tmp_path: Path) -> None:
     writer = ResultsWriter(tmp_path / "db.duckdb")
     assert writer.con.execute("SELECT count(*) FROM generations").fetchone() == (0,)
     writer.close()
+
+
+# --- what a writer may open: our files (marked, or older unmarked ones it migrates); everything else untouched -------
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Files no command may write, each with what its refusal says: a truncated study database, a SQLite file,
+    another application's DuckDB file with its own ``trials`` table, ours minus a column, a newer version's, text.
+    Also used by tests/sweeps/test_launch_db.py."""
+    import sqlite3
+
+    import duckdb
+
+    files: dict[str, tuple[Path, str]] = {}
+    full = _shared_db(tmp_path / "full.duckdb")
+    data = full.read_bytes()
+    (tmp_path / "truncated.duckdb").write_bytes(data[: len(data) // 2])
+    files["truncated"] = (tmp_path / "truncated.duckdb", "is damaged: truncated to")
+    lite = sqlite3.connect(tmp_path / "lite.duckdb")
+    lite.execute("CREATE TABLE trials (id TEXT)")
+    lite.commit()
+    lite.close()
+    files["sqlite"] = (tmp_path / "lite.duckdb", "is a SQLite database")
+    other = duckdb.connect(str(tmp_path / "other.duckdb"))
+    other.execute("CREATE TABLE trials (patient VARCHAR, arm VARCHAR); INSERT INTO trials VALUES ('p1', 'a')")
+    other.close()
+    files["foreign"] = (tmp_path / "other.duckdb", "not a study database (it has tables trials")
+    connect(tmp_path / "minus.duckdb").close()
+    con = duckdb.connect(str(tmp_path / "minus.duckdb"))
+    con.execute("ALTER TABLE trials DROP COLUMN optim_lr")
+    con.close()
+    files["minus-a-column"] = (tmp_path / "minus.duckdb", "lacks trials.optim_lr")
+    connect(tmp_path / "newer.duckdb").close()
+    con = duckdb.connect(str(tmp_path / "newer.duckdb"))
+    con.execute("UPDATE study_database SET schema_version = schema_version + 1")
+    con.close()
+    files["newer"] = (tmp_path / "newer.duckdb", "written by a newer version")
+    (tmp_path / "notes.duckdb").write_text("id,status\nt1,completed\n")
+    files["text"] = (tmp_path / "notes.duckdb", "is not a DuckDB database")
+    return files
+
+
+@pytest.mark.parametrize("kind", ["truncated", "sqlite", "foreign", "minus-a-column", "newer", "text"])
+def test_a_file_that_is_not_a_study_database_of_this_version_is_refused_untouched(kind: str, tmp_path: Path) -> None:
+    path, says = bad_files(tmp_path)[kind]
+    before = _sha(path)
+    for read_only in (False, True):
+        with pytest.raises(DatabaseError) as err:
+            connect(path, read_only=read_only)
+        message = str(err.value)
+        assert str(path) in message and says in message and "\n" not in message, message
+    with pytest.raises(DatabaseError):
+        ResultsWriter(path).start_sweep({"id": "s", "study": "x", "kind": "grid", "started_at": "2026-01-01",
+                                         "status": "running", "planned_trials": 1})
+    assert _sha(path) == before
+    assert not Path(f"{path}.wal").exists()
+
+
+def test_duckdb_never_installs_or_loads_an_extension_on_its_own(tmp_path: Path) -> None:
+    con = connect(tmp_path / "db.duckdb")
+    settings = dict(con.execute("SELECT name, value FROM duckdb_settings() WHERE name IN "
+                                "('autoinstall_known_extensions', 'autoload_known_extensions')").fetchall())
+    assert settings == {"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"}
+    con.close()
+
+
+def test_a_new_or_empty_file_is_created_and_marked(tmp_path: Path) -> None:
+    from analysis.db import APPLICATION, SCHEMA_VERSION
+
+    empty = tmp_path / "empty.duckdb"
+    empty.touch()
+    for path in (tmp_path / "new" / "db.duckdb", empty):
+        con = connect(path)
+        assert con.execute("SELECT application, schema_version, migrated_from FROM study_database").fetchall() == [
+            (APPLICATION, SCHEMA_VERSION, None)]
+        con.close()
+
+
+def test_a_database_from_before_the_marker_reads_as_it_was_and_a_writer_migrates_it(tmp_path: Path) -> None:
+    """Files written before ``study_database`` (and before later columns and tables): readers read them untouched;
+    the first writer adds what is missing and the marker, once, keeping every row."""
+    import duckdb
+
+    from analysis.db import SCHEMA_VERSION
+
+    path = _shared_db(tmp_path / "db.duckdb")
+    con = duckdb.connect(str(path))
+    con.execute("DROP TABLE study_database; DROP TABLE trial_groups; DROP TABLE generations")
+    con.execute("ALTER TABLE trials DROP COLUMN kept_bytes; ALTER TABLE trials DROP COLUMN baseline_step0")
+    con.close()
+    before = _sha(path)
+    reader = connect(path, read_only=True)
+    assert reader.execute("SELECT count(*) FROM trials").fetchone() == (9,)
+    assert reader.execute("SELECT count(*) FROM trial_groups").fetchone() == (9,)  # a temporary view
+    reader.close()
+    assert _sha(path) == before
+    for _ in range(2):
+        writer = connect(path)
+        assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [
+            (SCHEMA_VERSION, 0)]
+        assert writer.execute("SELECT count(*), count(kept_bytes), count(baseline_step0) FROM trials").fetchone() == (
+            9, 0, 0)
+        assert writer.execute("SELECT count(*) FROM trial_groups").fetchone() == (9,)
+        writer.close()
+    check = connect(path, read_only=True)
+    assert check.execute("SELECT count(*) FROM generations").fetchone() == (0,)
+    check.close()
+
+
+def test_a_final_record_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk half-way through a trial's final rows: none of them stay (the trial is still running), and the
+    database stays readable and writable."""
+    import errno
+
+    from analysis.db import disk_full
+
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    writer.plan_trials([trial_row(_spec(0), "pending")])
+    writer.write_trial(trial_row(_spec(0), "running"))
+    record = FinalRecord(status="completed", task="sms_spam", task_kind="classification", primary_metric="accuracy",
+                         higher_is_better=True, step=3, test={"accuracy": 1.0},
+                         predictions={"test": {"example": [0, 1], "label": [1, 0], "prediction": [1, 0]}})
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(writer.path))
+
+    monkeypatch.setattr(ResultsWriter, "write_generations", full)
+    with pytest.raises(OSError) as err:
+        writer.write_final(_spec(0), record)
+    assert disk_full(err.value)
+    assert writer.con.execute("SELECT status FROM trials").fetchall() == [("running",)]
+    assert writer.con.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
+    monkeypatch.undo()
+    writer.write_final(_spec(0), record)  # space is back
+    assert writer.con.execute("SELECT status FROM trials").fetchall() == [("completed",)]
+    assert writer.con.execute("SELECT count(*) FROM predictions").fetchone() == (2,)
+    writer.close()
+
+
+def test_disk_full_is_recognised_through_wrapping() -> None:
+    import errno
+
+    from analysis.db import disk_full
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("The Ray Tune run failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer)
+    assert disk_full(RuntimeError('TransactionException: Failed to commit: could not write "x.wal": No space left '
+                                  "on device"))
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
