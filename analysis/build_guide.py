@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,22 @@ TEMPLATES = ROOT / "report_templates"
 DEFAULT_OUT = "reports"
 
 
+class OutputError(RuntimeError):
+    """``--out`` cannot hold the guide (an existing file, or a folder that cannot be written)."""
+
+
+# Where Markdown (CommonMark) starts raw HTML or an autolink: ``<`` before a letter, ``/``, ``!`` or ``?``. A ``<`` before
+# anything else (``p < 0.001``) is shown as it is, and stays readable in the .md file.
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def md_text(value: object) -> str:
+    """Text for Markdown, which passes raw HTML through: every ``<`` that could open a tag, comment or autolink becomes
+    ``&lt;``, so a name from the database (``<script>``) stays text. Idempotent (the reference has no ``<``): every
+    ``{{ }}`` of the Markdown templates passes through it, macro output (already escaped) included."""
+    return _TAG_START.sub("&lt;", str(value))
+
+
 def md_cell(value: object) -> str:
     """A Markdown table cell: pipes and HTML brackets escaped (text from the database stays text), newlines as
     spaces."""
@@ -37,8 +54,10 @@ def md_cell(value: object) -> str:
 
 
 def environment(autoescape: bool) -> jinja2.Environment:
+    """HTML autoescapes; Markdown passes every expression through ``md_text`` (Markdown renders raw HTML too)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=autoescape,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             finalize=None if autoescape else md_text)
     env.filters["md_cell"] = md_cell
     env.filters["task_title"] = task_title
     return env
@@ -51,17 +70,35 @@ def render(guide: Guide) -> tuple[str, str]:
     return md, html
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot hold the guide before the database is read or anything written: an existing
+    file (the guide would replace nothing but fail late), or a folder under a file or one that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: an existing file, not a folder; pass a folder for guide.md, guide.html and "
+                          "figures/")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"--out {out}: {existing} is a file, so the folder cannot be made; pass another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: {existing} is not writable; pass a folder you can write to")
+
+
 def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None,
           margins: Mapping[str, float] | None = None) -> Path:
     """Write the guide into ``out``; returns the path of guide.html."""
     out = Path(out)
+    check_out(out)
     con = connect(db, read_only=True)
     try:
         guide = collect(con, sweeps, margins)
     finally:
         con.close()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".guide-", dir=out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".guide-", dir=out))
+    except OSError as err:  # e.g. a read-only filesystem, which os.access does not see for root
+        raise OutputError(f"--out {out}: cannot write there ({err.strerror or err}); pass a folder you can write "
+                          "to") from None
     try:
         (staging / "figures").mkdir()
         figures.render(guide.figures, staging)
@@ -121,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         html = build(args.db, args.out, args.sweep, margins)
-    except DatabaseError as err:
+    except (DatabaseError, OutputError) as err:
         print(f"build_guide: {err}", file=sys.stderr)
         return 2
     print(f"markdown: {html.with_name('guide.md').resolve()}")

@@ -415,8 +415,11 @@ DRAW = {"dimension": dimension_figure, "pareto": pareto_figure, "lr": lr_figure,
 def render(figure_specs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Draw every figure the guide refers to into ``out_dir`` (the guide's folder); returns the files written."""
     written = []
+    root = Path(out_dir).resolve()
     for spec in figure_specs:
         path = out_dir / spec["file"]
+        if not path.resolve().is_relative_to(root):  # guide.figure_file never makes one; a hand-made spec might
+            raise ValueError(f"figure file {spec['file']!r} lies outside {out_dir}; not drawn")
         path.parent.mkdir(parents=True, exist_ok=True)
         DRAW[spec["kind"]](spec, path)
         written.append(path)

@@ -20,9 +20,11 @@ Its findings stay in that section: Recommendations and What to use read the task
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -315,6 +317,21 @@ class Guide:
     reproduce: dict[str, Any]
     findings: list[Finding]
     figures: list[dict[str, Any]]  # what figures.render draws
+
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def figure_file(*parts: str) -> str:
+    """``figures/<parts joined by _>.png``, relative to the guide. The parts come from the database (task names), which
+    an older version may have filled with any text: characters outside letters, digits, ``.``, ``_`` and ``-`` become
+    ``-``, and a name that had to change gets a short hash of the original, so two names never share a file and none
+    leads out of ``figures/``."""
+    name = "_".join(parts)
+    slug = re.sub(r"-{2,}", "-", _UNSAFE_FILE_CHARS.sub("-", name).replace("..", "-")).strip(".-")[:80]
+    if slug != name:
+        slug = f"{slug or 'figure'}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"figures/{slug}.png"
 
 
 def task_title(task: str) -> str:
@@ -743,7 +760,7 @@ def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Se
                                                verdicts.get((task, spec["dimension"]), [])))
             texts += found.add(diverged_findings([r for r in lr_rows if r["task"] == task and r["group"] in names],
                                                  spec["dimension"]))
-        fig = {"kind": "dimension", "file": f"figures/{spec['key']}_{task}.png", "task": task,
+        fig = {"kind": "dimension", "file": figure_file(spec["key"], task), "task": task,
                "dimension": spec["dimension"],  # the LoRA-rank section draws rank on a numeric axis
                # what one training-loss value averages over: the rows carry no task kind, but the primary metric
                # names it (perplexity: language modelling; preference accuracy: DPO pairs; else classification)
@@ -1082,7 +1099,7 @@ def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> lis
             if front:
                 sentences.append(f"Best {metric_title(gs[0].metric)} for its {label}: "
                                  f"{', '.join(f'{g.group} ({fmt_metric(g.test_mean, g.metric)})' for g in front)}.")
-        fig = {"kind": "pareto", "file": f"figures/pareto_{task}.png", "task": task,
+        fig = {"kind": "pareto", "file": figure_file("pareto", task), "task": task,
                "title": f"Pareto fronts: {task_title(task)}", "groups": gs, "fronts": fronts}
         figures.append(fig)
         blocks.append(Block(task, task_title(task),
@@ -1193,7 +1210,7 @@ def lr_blocks(rows: Sequence[dict[str, Any]], figures: list[dict[str, Any]], mai
             table_rows.append(row)
             sentences += said
         shown = [r for r in rs if r.get("dimension", home) == home]
-        fig = {"kind": "lr", "file": f"figures/lr_{task}.png", "task": task, "metric": metric,
+        fig = {"kind": "lr", "file": figure_file("lr", task), "task": task, "metric": metric,
                "higher_is_better": hib,
                "title": f"Learning rate: {task_title(task)}", "rows": shown}
         figures.append(fig)

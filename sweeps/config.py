@@ -8,6 +8,7 @@ onto the sections, reads strings by each field's type, and reports every problem
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from model.config import ConfigError, Problems, is_int, is_number
-from model.gpt2 import PRESETS, preset_name
+from model.gpt2 import PRESETS, GPT2Config, preset_name
 from model.lora import LoRAConfig
 from model.methods import MethodConfig
 from sweeps.optim import OptimConfig, ScheduleConfig
@@ -73,6 +74,26 @@ class ModelConfig:
             return self.n_layer
         key = preset_name(self.name) if isinstance(self.name, str) else None
         return PRESETS[key]["n_layer"] if key is not None else None
+
+    @property
+    def n_positions_known(self) -> int | None:
+        """The longest sequence the model takes, when known before loading: a preset's (random init keeps it; shape
+        overrides change depth and width only), a local checkpoint's ``config.json``; None for a hub id."""
+        return known_n_positions(self.name)
+
+
+def known_n_positions(name: object) -> int | None:
+    """``n_positions`` of a preset or a local Hugging Face checkpoint directory; None when it cannot be told."""
+    if not isinstance(name, str):
+        return None
+    if preset_name(name) is not None:
+        return GPT2Config.n_positions
+    config = Path(name) / "config.json"
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("n_positions") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the checkpoint reports it
+    return value if is_int(value) else None
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -237,17 +258,95 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_yaml(path: Path, key: str) -> Any:
-    """The YAML content of ``path``; a missing file or invalid YAML is a ``ConfigError`` under ``key`` naming the
-    file and line."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: plain YAML lets the last one win silently,
+    which drops a whole ``dimensions:`` section written twice, or a setting the author thought was in force."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` merges are meant to be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first}); keep one of them",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key given twice is an error, not the last one silently winning."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"duplicate key {key!r}; keep one of them")
+        data[key] = value
+    return data
+
+
+def read_text_file(path: Path, key: str) -> str:
+    """The UTF-8 text of a settings file; a missing, unreadable, directory or binary file is a ``ConfigError`` under
+    ``key`` naming the file (and, for a bad byte, its line) and what to do."""
     try:
-        return yaml.safe_load(path.read_text())
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError([(key, f"{path}: no such file")]) from None
+    except IsADirectoryError:
+        raise ConfigError([(key, f"{path}: is a directory; pass a YAML file")]) from None
+    except OSError as err:
+        raise ConfigError([(key, f"{path}: cannot be read ({err.strerror or err}); check its permissions")]) from None
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise ConfigError([(key, f"{path}:{line}: a binary file (NUL byte), not YAML text; pass a YAML file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError([(key, f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as "
+                                 "UTF-8")]) from None
+
+
+def read_yaml(path: Path, key: str) -> Any:
+    """The YAML (or, for a ``.json`` file, JSON) content of ``path``; an unreadable file, invalid YAML or a key given
+    twice is a ``ConfigError`` under ``key`` naming the file and line."""
+    text = read_text_file(path, key)
+    if Path(path).suffix == ".json":
+        try:
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        except json.JSONDecodeError as err:
+            raise ConfigError([(key, f"{path}:{err.lineno}: not valid JSON ({err.msg})")]) from None
+        except ValueError as err:
+            raise ConfigError([(key, f"{path}: {err}")]) from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+    except yaml.reader.ReaderError as err:  # a control character: binary content, no problem_mark
+        line = text[:err.position].count("\n") + 1
+        raise ConfigError([(key, f"{path}:{line}: control character #x{err.character:04x}, not YAML text; pass a "
+                                 "YAML file")]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError([(key, f"{where}: not valid YAML ({getattr(err, 'problem', err)})")]) from None
+        raise ConfigError([(key, f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})")]) from None
+
+
+# Names that become path components (sweep ids under Ray's storage, study, dimension, group and task names in trial
+# ids and figure files): a letter or digit, then letters, digits, ``.``, ``_`` or ``-``; never ``..``.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a path component (None when it can): checked where names enter, so no name can lead a
+    file outside its folder."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        return (f"{name!r} is not a safe name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit, without '..'")
+    return None
 
 
 _TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
@@ -292,6 +391,11 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
         found.append(("dpo.init", f"must be 'base' or a local checkpoint directory (sweeps/train.py --out); "
                                   f"{dpo.init!r} is not a directory"))
     model = built.get("model")
+    n_positions = known_n_positions(model.name if model is not None else raw_model.get("name", "gpt2"))
+    if task is not None and task.max_length is not None and n_positions is not None and task.max_length > n_positions:
+        found.append(("task.max_length", f"{task.max_length} exceeds the model's {n_positions} positions "
+                                         f"(model.name={getattr(model, 'name', raw_model.get('name'))}); use at most "
+                                         f"{n_positions}"))
     if model is not None:
         n_layer = model.n_layer_known
     else:

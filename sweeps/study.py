@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from model.config import ConfigError
 from model.gpt2 import PRESETS, preset_name
-from sweeps.config import TrialConfig, flatten, read_yaml
+from sweeps.config import TrialConfig, flatten, name_problem, read_yaml
 from tasks import TASKS
 
 STUDIES_DIR = Path(__file__).with_name("studies")
@@ -184,6 +184,16 @@ def _restriction(raw: Any, key: str, outer: Mapping[str, Any], inner: Mapping[st
     return restriction
 
 
+def _check_names(path: Path, name: Any, tasks: Mapping[str, Any], dimensions: Mapping[str, Mapping[str, Any]],
+                 problems: list[tuple[str, str]]) -> None:
+    """Study, task, dimension and group names become parts of sweep ids, trial ids, Ray's folders and figure files:
+    each must be a safe name (``name_problem``), so none can lead a file outside its folder."""
+    named = [("name", name), *((f"tasks.{t}", t) for t in tasks), *((f"dimensions.{d}", d) for d in dimensions),
+             *((f"dimensions.{d}.{g}", g) for d, groups in dimensions.items() for g in groups)]
+    problems.extend((f"{path}: {where}", message) for where, value in named
+                    if (message := name_problem(value)) is not None)
+
+
 def load_study(name_or_path: str) -> Study:
     """Read and check a study file; every problem (YAML line, unknown section, bad value) is reported at once."""
     path = resolve_study_path(name_or_path)
@@ -203,7 +213,9 @@ def load_study(name_or_path: str) -> Study:
     restrictions = {key: _restriction(data.get(key), key, outer, inner, path, problems)
                     for key, outer, inner in (("dimension_tasks", dimensions, tasks),
                                               ("task_dimensions", tasks, dimensions))}
-    study = Study(name=str(data.get("name") or path.stem), path=path, base=_flat(data.get("base"), f"{path}: base",
+    name = data.get("name") or path.stem
+    _check_names(path, name, tasks, dimensions, problems)
+    study = Study(name=str(name), path=path, base=_flat(data.get("base"), f"{path}: base",
                   problems), tasks=tasks, seeds=seeds, learning_rates=learning_rates, dimensions=dimensions,
                   description=str(data.get("description") or ""), **restrictions)
     if problems:
@@ -292,7 +304,19 @@ def plan(study: Study, sweep_id: str, tasks: Sequence[str] | None = None, dimens
             trial.memberships.append((dim, group))
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), f"invalid study {study.path}")
+    if not trials:
+        raise ConfigError([_nothing_planned(study, tasks, dimensions)], "invalid sweep selection")
     return list(trials.values())
+
+
+def _nothing_planned(study: Study, tasks: Sequence[str] | None, dimensions: Sequence[str] | None) -> tuple[str, str]:
+    """The problem of a selection that plans no trial (every chosen dimension skips every chosen task): a sweep of
+    nothing would start Ray and write a sweep for no purpose."""
+    chosen_tasks, chosen_dims = list(tasks or study.tasks), list(dimensions or study.dimensions)
+    pairs = [f"{t}/{d}" for t in study.tasks for d in study.dimensions if study.runs(t, d)]
+    return ("--tasks/--dimensions", f"tasks {', '.join(chosen_tasks)} with dimensions {', '.join(chosen_dims)} plan "
+                                    f"no trial in study {study.name} (dimension_tasks/task_dimensions); choose a "
+                                    f"task/dimension pair it runs, e.g. {', '.join(pairs[:3]) or 'none'}")
 
 
 def planned_memberships(trials: Sequence[PlannedTrial]) -> int:

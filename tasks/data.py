@@ -8,6 +8,7 @@ on the content, so the check does not depend on how an archive was packed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -15,9 +16,10 @@ import shutil
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from model.tokenizer import DATA_DIR_ENV, sha256_file
 
@@ -116,8 +118,34 @@ def read_json_list(path: Path) -> list:
     return records
 
 
-def open_text(path: Path):
-    """Open a text file for reading, transparently gunzipping ``.gz``; UTF-8."""
+@contextlib.contextmanager
+def open_text(path: Path) -> Iterator[TextIO]:
+    """Open a text file for reading, transparently gunzipping ``.gz``; UTF-8. A byte that is not UTF-8, met anywhere
+    in the ``with`` block, is a DataError naming the file and line (Python's own error names neither)."""
+    try:
+        with _open(path) as f:
+            yield f
+    except UnicodeDecodeError as err:
+        line = first_bad_utf8_line(path)
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte 0x{err.object[err.start]:02x}); replace "
+                        f"the file with a UTF-8 copy (see its SOURCE.md)") from None
+
+
+def _open(path: Path) -> TextIO:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="")
     return path.open("r", encoding="utf-8", newline="")
+
+
+def first_bad_utf8_line(path: Path) -> int | None:
+    """The 1-based line of the first byte that is not UTF-8 (a multi-byte character never holds a newline byte, so
+    lines decode on their own); None when every line decodes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None

@@ -73,3 +73,16 @@ def test_parse_value_refuses_what_it_cannot_read() -> None:
     assert parse_value("7", int | None) == 7
     with pytest.raises(ValueError, match=r"cannot read '2\.5' as int"):
         parse_value("2.5", int)
+
+
+def test_max_length_is_checked_against_the_models_positions(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"task\.max_length: 1025 exceeds the model's 1024 positions"):
+        TrialConfig.from_flat({"task.max_length": 1025, "model.init": "random", "model.n_layer": 2})
+    assert TrialConfig.from_flat({"task.max_length": 1024}).task.max_length == 1024
+    checkpoint = tmp_path / "small-gpt2"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "gpt2", "n_positions": 128}')
+    with pytest.raises(ConfigError, match=r"task\.max_length: 256 exceeds the model's 128 positions"):
+        TrialConfig.from_flat({"model.name": str(checkpoint), "task.max_length": 256})
+    # a hub id's positions are unknown before loading: not refused here
+    assert TrialConfig.from_flat({"model.name": "someone/gpt2-like", "task.max_length": 4096})

@@ -202,3 +202,65 @@ def test_a_gpu_preflights_rates_replace_the_assumed_ones_on_gpus_only() -> None:
     partial = PreflightRates("pf.json", "H100", "2026-11-20", False, {"full": 3e14}, None, {})
     assert trial_cost(lora, preflight=partial).train_s == trial_cost(lora).train_s  # LoRA not measured: assumed
     assert trial_cost(lora, preflight=partial).setup_s == SETUP_SECONDS["gpu"]
+
+
+SMALL_STUDY = """name: small
+base: {model.name: gpt2, model.init: random, model.n_layer: 2, model.n_head: 2, model.n_embd: 32}
+tasks: {sms_spam: {}, preference: {}}
+learning_rates: {default: [1.0e-3]}
+dimensions:
+  method:
+    full: {method.name: full}
+  dpo:
+    lora: {method.name: lora}
+dimension_tasks: {dpo: [preference]}
+task_dimensions: {preference: [dpo]}
+"""
+
+
+def _small(tmp_path: Path, text: str = SMALL_STUDY) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_selection_that_plans_no_trial_is_refused(tmp_path: Path) -> None:
+    study = load_study(str(_small(tmp_path)))
+    assert plan(study, "s", tasks=["preference"], dimensions=["dpo"])
+    with pytest.raises(ConfigError, match=r"--tasks/--dimensions: tasks preference with dimensions method plan no "
+                                          r"trial in study small .* e\.g\. sms_spam/method, preference/dpo"):
+        plan(study, "s", tasks=["preference"], dimensions=["method"])
+
+
+@pytest.mark.parametrize(("old", "new", "where"), [
+    ("name: small", "name: ../x", "name"),
+    ("  method:\n", "  ../../../tmp/x:\n", "dimensions.../../../tmp/x"),
+    ("    full: {", "    '<script>': {", "dimensions.method.<script>"),
+    ("    full: {", "    '': {", "dimensions.method."),
+    ("{sms_spam: {}, ", "{'a b': {}, sms_spam: {}, ", "tasks.a b"),
+], ids=["study", "dimension", "group", "empty-group", "task"])
+def test_names_that_become_paths_must_be_safe(tmp_path: Path, old: str, new: str, where: str) -> None:
+    path = _small(tmp_path, SMALL_STUDY.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_study(str(path))
+    assert any(key == f"{path}: {where}" and "is not a safe name" in message
+               for key, message in info.value.problems), info.value
+
+
+def test_a_study_file_named_unsafely_needs_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "my study.yaml"
+    path.write_text(SMALL_STUDY.replace("name: small\n", ""))
+    with pytest.raises(ConfigError, match="'my study' is not a safe name"):
+        load_study(str(path))
+
+
+def test_a_key_given_twice_in_a_study_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = _small(tmp_path, SMALL_STUDY + "dimensions:\n  method:\n    full: {method.name: full}\n")
+    with pytest.raises(ConfigError, match=rf"{path}:12: not valid YAML \(duplicate key 'dimensions' \(first given on "
+                                          r"line 5\)"):
+        load_study(str(path))
+
+
+def test_every_shipped_study_has_safe_names() -> None:
+    for name in ("smoke", "demo", "guide", "guide-lite"):
+        load_study(name)

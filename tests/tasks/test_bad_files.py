@@ -88,3 +88,23 @@ def test_all_nli_med_offline_is_a_clear_error(enc, tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(DataError, match=r"all_nli_med: not in .*presencesw/all_nli_med.*task\.source=sick"):
         get_task(TaskConfig(name="nli", source="all_nli_med")).load(enc)
+
+
+BAD_UTF8 = {
+    "sms": ("sms_spam", SMS, b"ham\tok\nham\tfine\nspam\twin \xff now\n", 3),
+    "imdb": ("imdb", IMDB, b"text,label,split,id,rating\nGood,1,train,1,9\nBad \xc3\x28,0,train,2,2\n", 3),
+    "nli": ("nli", SICK, _nli_line().encode() * 2 + _nli_line().encode().replace(b"man", b"m\xe9n"), 3),
+    "alpaca": ("alpaca", ALPACA, b'[{"instruction": "a",\n "input": "",\n "output": "\xfe"}]', 3),
+}
+
+
+@pytest.mark.parametrize("case", BAD_UTF8, ids=list(BAD_UTF8))
+def test_invalid_utf8_names_the_file_and_line(case: str, enc, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    task_name, relpath, content, line = BAD_UTF8[case]
+    path = tmp_path / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(content) if relpath.endswith(".gz") else content)
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=rf"{relpath}:{line}: not valid UTF-8 \(.*\); replace the file"):
+        get_task(TaskConfig(name=task_name)).load(enc)
