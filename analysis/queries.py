@@ -295,6 +295,14 @@ WHERE sweep_id = $sweep AND status NOT IN ('completed', 'diverged')
 ORDER BY id
 """
 
+FAILED_TRIALS = """
+-- A sweep's trials that ended failed, with their error (the driver names them when it exits).
+SELECT id AS trial_id, error
+FROM trials
+WHERE sweep_id = $sweep AND status = 'failed'
+ORDER BY id
+"""
+
 SWEEP_PROGRESS = """
 -- Every sweep with how far its trials got (`launch.py status`).
 SELECT s.id, s.study, s.status, s.model_init, s.planned_trials,
@@ -317,6 +325,11 @@ def sweep_to_resume(con: duckdb.DuckDBPyConnection, sweep_id: str | None = None)
 def unfinished_trials(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[dict[str, Any]]:
     """The sweep's trials still to run, as planned-trial specs (``config`` still JSON text)."""
     return records(con, UNFINISHED_TRIALS, {"sweep": sweep_id})
+
+
+def failed_trials(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[dict[str, Any]]:
+    """The sweep's trials that ended ``failed``: ``trial_id`` and ``error`` (may be None)."""
+    return records(con, FAILED_TRIALS, {"sweep": sweep_id})
 
 
 def sweep_progress(con: duckdb.DuckDBPyConnection) -> list[tuple]:

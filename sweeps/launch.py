@@ -10,6 +10,11 @@
 
 Bad input (malformed study, unknown key, unsatisfiable resources) prints every problem and exits with code 2 before
 anything starts.
+
+Exit codes of grid, search and resume: 0 when every trial ended completed, diverged or stopped; 3 (FAILED_TRIALS_EXIT)
+when the sweep ran to its end but some trials ended ``failed`` (each named with its error's line on stderr; every
+other result is kept in the database); 2 for bad input; anything else (1: an uncaught error, or a signal) means the
+sweep stopped early: ``resume`` continues it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import contextlib
 import getpass
 import json
 import logging
+import math
 import os
+import pickle
 import platform
 import re
 import subprocess
@@ -45,11 +52,20 @@ if __name__ == "__main__" and sys.argv[1:2] == ["preflight"]:
     sys.exit(preflight_main(sys.argv[2:]))
 
 from analysis import queries
-from analysis.db import DEFAULT_DB, DatabaseError, ResultsWriter, connect, membership_rows, trial_row
+from analysis.db import (
+    DEFAULT_DB,
+    DatabaseError,
+    DiskFullError,
+    ResultsWriter,
+    connect,
+    disk_full,
+    membership_rows,
+    trial_row,
+)
 from model import CheckpointError, ConfigError, TokenizerError
 from model.checkpoint import resolve_checkpoint
 from model.methods import METHODS
-from sweeps.config import TrialConfig
+from sweeps.config import TrialConfig, name_problem
 from sweeps.records import EVAL_STEP, metric_key
 from sweeps.study import (
     ASSUMED_RATES,
@@ -83,7 +99,11 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = Path("results/ray")
+KEEP_CHECKPOINTS = 2  # per trial; the newest, and the previous one for when the newest is damaged
 PACKAGES = ("torch", "ray", "transformers", "peft", "tiktoken", "duckdb", "optuna", "numpy")
+
+
+FAILED_TRIALS_EXIT = 3  # the sweep ended, and some of its trials ended failed
 
 
 class LaunchError(RuntimeError):
@@ -435,10 +455,26 @@ def make_tuner(args: argparse.Namespace, sweep_id: str, storage: str, param_spac
         run_config=tune.RunConfig(
             name=sweep_id, storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[DuckDBCallback(args.db, specs)],
+            # two per trial: a damaged newest checkpoint falls back to the one before (sweeps/checkpoints.py)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=[DuckDBCallback(None, specs),  # writes through the driver's writer (_run_and_close)
+                       *tensorboard_callbacks(args)],
         ),
     )
+
+
+TENSORBOARD_HELP = ("Ray Tune also writes TensorBoard event files (tensorboardX) of every reported metric, one per "
+                    "trial under <storage>/<sweep>: tensorboard --logdir <storage>/<sweep> shows learning curves live")
+
+
+def tensorboard_callbacks(args: argparse.Namespace) -> list[Any]:
+    """Ray Tune's TensorBoard logger with --tensorboard (Ray's automatic loggers are off: results live in DuckDB). Ray
+    copies each trial's event file to storage with its experiment state; a resumed sweep keeps the setting."""
+    if not getattr(args, "tensorboard", False):
+        return []
+    from ray.tune.logger import TBXLoggerCallback
+
+    return [TBXLoggerCallback()]
 
 
 def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: str, storage: str) -> None:
@@ -522,36 +558,79 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if not pretrained_available(trials):
         trials = plan(study, sweep_id, overrides={**overrides, "model.init": "random"}, **selection)
     check_trial_resources(args, gpus)
-    prepare_data(trials)
-    resources = start_cluster(args, gpus)
-    inits = {t.config["model.init"] for t in trials}
-    writer = ResultsWriter(args.db)
-    writer.start_sweep(sweep_row(args, sweep_id, study.name, "grid", len(trials),
-                                 inits.pop() if len(inits) == 1 else "mixed", resources, storage))
-    writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
-    writer.write_memberships(row for t in trials for row in membership_rows(t.as_spec()))
-    writer.close()  # the Tune callback holds the file from here on
-    print(f"sweep {sweep_id}: {len(trials)} trials ({duplicates_removed(trials)} duplicate configurations shared, "
-          f"not trained twice), database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
-    _run_and_close(lambda: run_tuner(trials, args, sweep_id, storage), args.db, sweep_id)
-    return 0
+    prepare_data(trials)  # a bad data file stops the sweep before the database is created or touched
+    # the database is checked and locked before anything is written or started; held to the sweep's end
+    with ResultsWriter(args.db) as writer:
+        resources = start_cluster(args, gpus)
+        inits = {t.config["model.init"] for t in trials}
+        with writer.transaction():  # the sweep with its whole plan, or nothing
+            writer.start_sweep(sweep_row(args, sweep_id, study.name, "grid", len(trials),
+                                         inits.pop() if len(inits) == 1 else "mixed", resources, storage))
+            writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
+            writer.write_memberships(row for t in trials for row in membership_rows(t.as_spec()))
+        print(f"sweep {sweep_id}: {len(trials)} trials ({duplicates_removed(trials)} duplicate configurations "
+              f"shared, not trained twice), database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
+        code = _run_and_close(lambda: run_tuner(trials, args, sweep_id, storage), writer, sweep_id)
+    return code
 
 
-def _run_and_close(run: Any, db: Path, sweep_id: str) -> None:
-    """Run the Tuner and record how the sweep ended: interrupted (and re-raise) or completed, with trial counts."""
+def _run_and_close(run: Any, writer: ResultsWriter, sweep_id: str) -> int:
+    """Run the Tuner, its callbacks writing through the driver's ``writer``, and record how the sweep ended:
+    interrupted (and re-raise; a full disk as one clear DiskFullError) or completed, with trial counts. The exit code:
+    0, or FAILED_TRIALS_EXIT when trials ended failed (named on stderr)."""
+    from sweeps.ray_trial import writing_to
+
+    db = writer.path
     started = time.perf_counter()
     try:
-        run()
-    except BaseException:
-        writer = ResultsWriter(db)
-        writer.end_sweep(sweep_id, "interrupted")
-        writer.close()
+        with writing_to(writer):
+            run()
+    except BaseException as err:
+        marked = writer.end_sweep_if_possible(sweep_id, "interrupted")
+        if disk_full(err):
+            raise full_disk_error(db, sweep_id, err, marked) from None
         raise
-    writer = ResultsWriter(db)
-    writer.end_sweep(sweep_id, "completed")
-    counts = writer.trial_counts(sweep_id)
-    writer.close()
+    try:
+        writer.end_sweep(sweep_id, "completed")
+        counts = writer.trial_counts(sweep_id)
+    except Exception as err:
+        if disk_full(err):
+            raise full_disk_error(db, sweep_id, err, writer.end_sweep_if_possible(sweep_id, "completed")) from None
+        raise
     print(f"sweep {sweep_id} ended after {time.perf_counter() - started:.0f} s: {counts}; database {db}", flush=True)
+    return report_failed(queries.failed_trials(writer.con, sweep_id), db)
+
+
+def report_failed(failed: list[dict[str, Any]], db: Path) -> int:
+    """Name the trials that ended failed, each with its error's telling line, on stderr; the exit code."""
+    from sweeps.ray_trial import error_line
+
+    if not failed:
+        return 0
+    lines = [f"{len(failed)} trial(s) ended failed (exit code {FAILED_TRIALS_EXIT}); every other result is kept in {db}"
+             " (trials.error holds each full error):"]
+    lines += [f"  {row['trial_id']}: {error_line(row['error'])}" for row in failed]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return FAILED_TRIALS_EXIT
+
+
+def full_disk_error(db: Path, sweep_id: str, err: BaseException, marked: bool) -> DiskFullError:
+    """One line for a sweep a full disk stopped (the database's filesystem or Ray storage's): where, what the database
+    now says, and how to go on."""
+    cause = next((e for e in _chain(err) if disk_full(e) and not (e.__cause__ or e.__context__)), err)
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+    state = "marked interrupted" if marked else "still marked running (the database could not be written)"
+    return DiskFullError(f"{db}: no space left on the device, sweep {sweep_id} stopped ({first}); it is {state}. "
+                         f"Free some space, then: python sweeps/launch.py resume --db {db} --sweep {sweep_id}")
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """An exception and those it was raised from or during."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def search_space(method: str, n_layer: int, task: str = "") -> dict[str, Any]:
@@ -608,27 +687,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     scheduler = ASHAScheduler(time_attr=EVAL_STEP, max_t=max(config.train.max_steps or 100_000, config.train.eval_every),
                               grace_period=config.train.eval_every, reduction_factor=2, stop_last_trials=False)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # step reports before the first evaluation have none
-    resources = start_cluster(args, gpus)
-    storage = _storage(args)
-    writer = ResultsWriter(args.db)
-    writer.start_sweep(sweep_row(args, sweep_id, study.name, "search", args.num_samples, config.model.init,
-                                 resources, storage))
-    writer.close()
-    print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising {metric} "
-          f"({mode}), database {args.db}", flush=True)
-    tuner = make_tuner(args, sweep_id, storage, {"search": search, **space}, {}, metric=metric, mode=mode,
-                       search_alg=OptunaSearch(seed=args.seed), scheduler=scheduler, num_samples=args.num_samples)
-    _run_and_close(tuner.fit, args.db, sweep_id)
-    return 0
+    with ResultsWriter(args.db) as writer:  # checked and locked before Ray starts; held to the sweep's end
+        resources = start_cluster(args, gpus)
+        storage = _storage(args)
+        writer.start_sweep(sweep_row(args, sweep_id, study.name, "search", args.num_samples, config.model.init,
+                                     resources, storage))
+        print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising {metric} "
+              f"({mode}), database {args.db}", flush=True)
+        tuner = make_tuner(args, sweep_id, storage, {"search": search, **space}, {}, metric=metric, mode=mode,
+                           search_alg=OptunaSearch(seed=args.seed), scheduler=scheduler,
+                           num_samples=args.num_samples)
+        code = _run_and_close(tuner.fit, writer, sweep_id)
+    return code
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue a sweep from Ray's experiment state; trials the database has as finished are not run again."""
+    """Continue a sweep from Ray's experiment state; trials the database has as finished are not run again. The
+    database is --db's, checked and locked before Ray starts and held to the end (wherever it was before)."""
+    with ResultsWriter(args.db, existing=True) as writer:
+        return _resume(args, writer)
+
+
+def _resume(args: argparse.Namespace, writer: ResultsWriter) -> int:
     from ray import tune
 
-    con = connect(args.db, read_only=True)
-    row = queries.sweep_to_resume(con, args.sweep)
-    con.close()
+    row = queries.sweep_to_resume(writer.con, args.sweep)
     if row is None:
         raise LaunchError(f"no sweep {'named ' + args.sweep if args.sweep else 'at all'} in {args.db}")
     sweep_id, storage = row["id"], row["storage_path"]
@@ -639,28 +722,133 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not tune.Tuner.can_restore(path):
         raise LaunchError(f"{path}: no Ray experiment state to restore from")
     start_ray(args.address, args.node_ip_address)
-    writer = ResultsWriter(args.db)
     writer.reopen_sweep(sweep_id)
     finished = writer.finished_results(sweep_id)
-    writer.close()
     print(f"resuming sweep {sweep_id} from {path}", flush=True)
     per_trial = json.loads(row["hardware"] or "{}").get("per_trial", {"cpu": 1.0, "gpu": 0.0})
     resources = {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
     args.cpus_per_trial, args.gpus_per_trial = resources["cpu"], resources["gpu"]
+    restored = None
     if ray_state_readable(path):
-        restored = tune.Tuner.restore(path, trial_trainable(finished, storage, resources),
-                                      resume_unfinished=True, resume_errored=True)
-        _run_and_close(restored.fit, args.db, sweep_id)
-        return 0
-    # Ray writes its experiment state in place; a driver killed mid-write leaves it torn (and Ray would then restart
-    # the experiment with an empty plan). The database knows which trials finished; the rest run again from their
-    # plan, in-flight ones from step 0.
-    remaining = unfinished_trials(args.db, sweep_id)
-    print(f"Ray's experiment state in {path} is unreadable (the driver was probably killed while writing it); "
-          f"running the {len(remaining)} unfinished trials again from their plan.", flush=True)
-    _run_and_close(lambda: run_tuner(remaining, args, f"{sweep_id}-rerun-{int(time.time())}", storage),
-                   args.db, sweep_id)
-    return 0
+        for note in repair_lost_checkpoints(path):
+            print(note, flush=True)
+        try:
+            restored = tune.Tuner.restore(path, trial_trainable(finished, storage, resources),
+                                          resume_unfinished=True, resume_errored=True)
+        except (EOFError, pickle.UnpicklingError) as err:  # tuner.pkl cut short (a full disk, a kill mid-write)
+            print(f"Ray's saved tuner in {path} is unreadable ({type(err).__name__}: {err}).", flush=True)
+    if restored is not None:
+        return _run_and_close(lambda: fit_then_rerun_lost(restored, args, writer, sweep_id, storage), writer,
+                              sweep_id)
+    # Ray writes its experiment state in place; a driver killed mid-write (or a full disk) leaves it torn (and Ray
+    # would then restart the experiment with an empty plan). The database knows which trials finished; the rest run
+    # again from their plan, in-flight ones from step 0.
+    remaining = planned_unfinished(writer.con, sweep_id)
+    print(f"Ray's experiment state in {path} is unreadable (the driver was probably killed while writing it, or the "
+          f"disk was full); running the {len(remaining)} unfinished trials again from their plan.", flush=True)
+    return _run_and_close(lambda: run_tuner(remaining, args, f"{sweep_id}-rerun-{int(time.time())}", storage),
+                          writer, sweep_id)
+
+
+# Ray keeps KEEP_CHECKPOINTS checkpoints per trial: when a trial reports checkpoint_N+1, the driver registers it,
+# deletes the oldest one kept, and saves its experiment state (to a staging folder, copied to storage in the
+# background) at a later step. A driver killed in between leaves a state on storage that may name a deleted
+# checkpoint, and Tuner.restore then fails that trial ("Could not recover from checkpoint as it does not exist on
+# storage anymore").
+
+
+def recorded_checkpoints(path: str | Path) -> dict[str, Path | None]:
+    """Per trial folder in Ray's newest experiment state under ``path`` (local storage): the checkpoint the state
+    names for it (mapped into ``path``), or None. Reads Ray 2.x's state format (the trial's run metadata, whose
+    checkpoint manager Ray stores pickled)."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    states = sorted(Path(path).glob("experiment_state*.json"))
+    if not states:
+        return {}
+    found: dict[str, Path | None] = {}
+    for _, run_metadata in json.loads(states[-1].read_text())["trial_data"]:
+        manager = _TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager
+        latest = manager.latest_checkpoint_result if manager is not None else None
+        if latest is not None:
+            named = Path(latest.checkpoint.path)
+            found[named.parent.name] = Path(path) / named.parent.name / named.name
+    return found
+
+
+def repair_lost_checkpoints(path: str | Path) -> list[str]:
+    """Before ``Tuner.restore``: every trial whose checkpoint Ray's state names but storage no longer has restarts
+    from the newest checkpoint its folder still holds (moved to the name the state expects, so the trial's later
+    checkpoints keep their numbers), else from scratch (the checkpoint dropped from the state). Local storage only
+    (cloud URIs are left to Ray; ``fit_then_rerun_lost`` still catches the failure there). What it did, one line per
+    trial."""
+    if "://" in str(path):
+        return []
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    notes = []
+    for state_file in sorted(Path(path).glob("experiment_state*.json")):
+        state = json.loads(state_file.read_text())
+        changed = False
+        for entry in state["trial_data"]:
+            meta = _TrainingRunMetadata.from_json_state(entry[1])
+            manager = meta.checkpoint_manager
+            latest = manager.latest_checkpoint_result if manager is not None else None
+            if latest is None:
+                continue
+            named = Path(latest.checkpoint.path)
+            folder = Path(path) / named.parent.name
+            wanted = folder / named.name
+            if wanted.is_dir():
+                continue
+            kept = sorted(d for d in folder.glob("checkpoint_*") if d.is_dir()) if folder.is_dir() else []
+            if kept:
+                kept[-1].rename(wanted)
+                notes.append(f"trial folder {folder.name}: its checkpoint {named.name} is gone (the driver died while "
+                             f"Ray rotated checkpoints); resuming from {kept[-1].name}, the newest one kept")
+                continue
+            meta.checkpoint_manager = _CheckpointManager(checkpoint_config=manager.checkpoint_config)
+            entry[1] = meta.get_json_state()
+            changed = True
+            notes.append(f"trial folder {folder.name}: its checkpoint {named.name} is gone and no other is kept; "
+                         "it starts again from scratch")
+        if changed:
+            temp = state_file.with_name(f".{state_file.name}.repair")
+            temp.write_text(json.dumps(state))
+            os.replace(temp, state_file)
+    return notes
+
+
+# Ray errors that say nothing about the trial itself: a checkpoint storage no longer has, a worker or node lost.
+_LOST_CHECKPOINT = "Could not recover from checkpoint"
+
+
+def infrastructure_error(error: BaseException | None) -> bool:
+    """Whether a trial's error is the infrastructure's (never recorded as the trial's ``failed`` result)."""
+    from ray import exceptions
+
+    if error is None:
+        return False
+    lost = (exceptions.RayActorError, exceptions.NodeDiedError, exceptions.WorkerCrashedError,
+            exceptions.ObjectLostError, exceptions.OwnerDiedError)
+    return any(isinstance(e, lost) or _LOST_CHECKPOINT in str(e) for e in _chain(error))
+
+
+def fit_then_rerun_lost(tuner: Tuner, args: argparse.Namespace, writer: ResultsWriter, sweep_id: str,
+                        storage: str) -> None:
+    """Run a restored Tuner; then run again, from their plan, the trials Ray ended with an infrastructure error
+    (``infrastructure_error``) rather than leave them recorded as failed."""
+    from sweeps.ray_trial import spec_from_param
+
+    lost = {spec_from_param(r.config)["trial_id"] for r in tuner.fit() if infrastructure_error(r.error)}
+    if not lost:
+        return
+    rerun = [t for t in planned_unfinished(writer.con, sweep_id) if t.trial_id in lost]
+    print(f"{len(lost)} trial(s) ended with an infrastructure error after the restore (not their own failure); "
+          f"running them again from their plan: {', '.join(sorted(lost))}", flush=True)
+    if rerun:
+        run_tuner(rerun, args, f"{sweep_id}-rerun-{int(time.time())}", storage)
 
 
 def ray_state_readable(path: str) -> bool:
@@ -680,10 +868,15 @@ def unfinished_trials(db: Path, sweep_id: str) -> list[PlannedTrial]:
     """The sweep's planned trials that did not complete or diverge, rebuilt from the ``trials`` table."""
     con = connect(db, read_only=True)
     try:
-        rows = queries.unfinished_trials(con, sweep_id)
-        memberships = queries.sweep_memberships(con, sweep_id)
+        return planned_unfinished(con, sweep_id)
     finally:
         con.close()
+
+
+def planned_unfinished(con: Any, sweep_id: str) -> list[PlannedTrial]:
+    """``unfinished_trials`` from an open connection (the driver's, which holds the file)."""
+    rows = queries.unfinished_trials(con, sweep_id)
+    memberships = queries.sweep_memberships(con, sweep_id)
     return [PlannedTrial(**{**r, "config": json.loads(r["config"])}, memberships=memberships.get(r["trial_id"], []))
             for r in rows]
 
@@ -730,6 +923,51 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _name_problems(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """A sweep id becomes a folder under --storage (Ray's experiment state, checkpoints): only a safe name."""
+    named = [("--name", getattr(args, "name", None))]
+    if args.command == "resume":
+        named.append(("--sweep", args.sweep))
+    return [(flag, f"{message}; choose another sweep id") for flag, value in named
+            if value is not None and (message := name_problem(value)) is not None]
+
+
+def _seed_problems(seeds: str | None) -> list[tuple[str, str]]:
+    bad = [s for s in _split(seeds) or [] if not re.fullmatch(r"\d+", s)]
+    return [("--seeds", f"{', '.join(map(repr, bad))} is not an integer >= 0; pass comma-separated seeds, e.g. 0,1,2")
+            ] if bad else []
+
+
+def _resource_problems(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Per-trial resources Ray could never schedule (it would wait forever) or would refuse after starting."""
+    problems = []
+    cpus, gpus = getattr(args, "cpus_per_trial", None), getattr(args, "gpus_per_trial", None)
+    if cpus is not None and not (math.isfinite(cpus) and cpus > 0):
+        problems.append(("--cpus-per-trial", f"must be a number > 0, got {cpus:g}"))
+    if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
+        problems.append(("--gpus-per-trial", f"must be a number >= 0 (0: CPU only), got {gpus:g}"))
+    elif gpus is not None and gpus > 1 and not gpus.is_integer():
+        problems.append(("--gpus-per-trial", f"more than one GPU per trial must be a whole number, got {gpus:g}"))
+    return problems
+
+
+def _count_problems(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Counts that have a floor: trials at once, retries, search samples."""
+    floors = (("--max-concurrent", "max_concurrent", 1), ("--max-failures", "max_failures", 0),
+              ("--num-samples", "num_samples", 1))
+    return [(flag, f"must be an integer >= {floor}, got {value}") for flag, attr, floor in floors
+            if (value := getattr(args, attr, None)) is not None and value < floor]
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad command-line values, every one at once, before a study is read, the database opened or Ray
+    started."""
+    problems = [*_name_problems(args), *_seed_problems(getattr(args, "seeds", None)), *_resource_problems(args),
+                *_count_problems(args)]
+    if problems:
+        raise ConfigError(problems, "invalid arguments")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -754,6 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--storage", help=f"Ray storage for experiment state and checkpoints (default {DEFAULT_STORAGE}"
                                         "; a cloud URI such as s3://bucket/path on clusters)")
     grid.add_argument("--name", help="sweep id (default: study name and UTC time)")
+    grid.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     grid.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate only (measured "
                                                              "rates from --db's completed trials where it has them)")
     grid.add_argument("--preflight", type=Path, help="dry run: the rates a GPU preflight measured (sweeps/preflight.py"
@@ -775,6 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-failures", type=int, default=2)
     search.add_argument("--storage")
     search.add_argument("--name")
+    search.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     common(search)
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep (Tuner.restore)")
@@ -803,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         return preflight_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         commands = {"grid": cmd_grid, "search": cmd_search, "resume": cmd_resume, "status": cmd_status,
                     "summary": cmd_summary}
         return commands[args.command](args)

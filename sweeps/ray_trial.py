@@ -7,8 +7,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import os
+import re
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,8 @@ import ray
 import torch
 from ray import tune
 
-from analysis.db import ResultsWriter, trial_row
+from analysis.db import DatabaseError, ResultsWriter, trial_row
+from sweeps.checkpoints import NoGoodCheckpoint
 from sweeps.config import TrialConfig
 from sweeps.loop import TrialResult, run_trial
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, metric_key, record_from_report
@@ -38,6 +45,10 @@ def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
 
 def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None) -> None:
     """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
+
+    A damaged checkpoint falls back to the newest good one Tune kept beside it in the trial folder (local storage;
+    ``sweeps.loop.resume``), noted in the final record; when none is good the trial is recorded as failed, naming
+    each checkpoint and its damage.
 
     ``finished`` (given on ``launch.py resume``) holds the final records (JSON) of trials the database already has
     as completed: Ray may schedule such a trial again when the driver died between its last report and its end; it
@@ -74,6 +85,8 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, exp
                 export_trial(result, config, Path(export_root) / spec["trial_id"])
         except (MemoryError, torch.cuda.OutOfMemoryError) as err:  # out of memory: recorded once, never retried
             report(FinalRecord.ended(config.task.name, "failed", error=f"out of memory: {err}"))
+        except NoGoodCheckpoint as err:  # a retry would find the same damaged files: recorded once, clearly
+            report(FinalRecord.ended(config.task.name, "failed", error=str(err)))
 
 
 def export_trial(result: TrialResult, config: TrialConfig, out: Path) -> None:
@@ -83,14 +96,90 @@ def export_trial(result: TrialResult, config: TrialConfig, out: Path) -> None:
     export(result, config, out)
 
 
-class DuckDBCallback(tune.Callback):
-    """Writes every Tune event of a sweep into the study database, idempotently, from the driver."""
+PROGRESS_INTERVAL_S = "FINETUNE_PROGRESS_INTERVAL_S"  # seconds between plain progress lines (not a terminal)
+DEFAULT_PROGRESS_INTERVAL_S = 30.0
 
-    def __init__(self, db_path: str | Path, specs: dict[str, dict[str, Any]], progress: bool = True) -> None:
-        self.writer = ResultsWriter(db_path)
+
+def format_duration(seconds: float | None) -> str:
+    """``h:mm:ss`` (``m:ss`` under an hour); ``?`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(max(seconds, 0)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_line(done: int, failed: int, running: int, pending: int, total: int, elapsed_s: float,
+                  eta_s: float | None) -> str:
+    """One progress line: trials done (of them failed), running and pending; elapsed time and an ETA."""
+    return (f"progress: {done}/{total} trials done" + (f" ({failed} failed)" if failed else "")
+            + f", {running} running, {pending} pending; elapsed {format_duration(elapsed_s)}, "
+            + (f"ETA {format_duration(eta_s)}" if done < total else "finished"))
+
+
+def render_progress(line: str, tty: bool, width: int = 100) -> str:
+    """How a progress line is written: on a terminal redrawn in place (carriage return, cut to the width, rest of
+    the line cleared, no newline); in a log one plain line."""
+    return f"\r{line[:max(width - 1, 1)]}\x1b[K" if tty else line + "\n"
+
+
+def estimate_eta(done_here: int, left: int, elapsed_s: float) -> float | None:
+    """Seconds left at the pace of the trials finished since this driver started (None before the first)."""
+    return elapsed_s / done_here * left if done_here > 0 else None
+
+
+_driver_writer: ResultsWriter | None = None  # the sweep driver's open database (writing_to), for every callback
+
+
+@contextlib.contextmanager
+def writing_to(writer: ResultsWriter) -> Iterator[None]:
+    """Callbacks without a writer of their own write through ``writer`` while this lasts. Ray pickles callbacks
+    with the experiment and ``Tuner.restore`` brings them back as they were: the database they write is the one the
+    driver holds now (``launch.py resume --db``), never one remembered from an earlier run."""
+    global _driver_writer
+    previous, _driver_writer = _driver_writer, writer
+    try:
+        yield
+    finally:
+        _driver_writer = previous
+
+
+def error_line(error: str | None) -> str:
+    """The line of an error that says what went wrong: the last line of a traceback (the exception and its
+    message), else the first non-empty line."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    if not lines:
+        return "no error message recorded"
+    tail = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Failure)\b", line)), None)
+    return (tail or lines[0])[:300]
+
+
+def _terminal_width() -> int:
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+class DuckDBCallback(tune.Callback):
+    """Writes every Tune event of a sweep into the study database, idempotently, from the driver.
+
+    ``db`` None (the launcher): the driver's writer (``writing_to``), opened and locked before Ray started and held
+    until the sweep ends. A path (tests, scripts): a writer of its own, closed at the experiment's end."""
+
+    def __init__(self, db: str | Path | None, specs: dict[str, dict[str, Any]], progress: bool = True) -> None:
+        self._own = ResultsWriter(db) if db is not None else None
         self.specs = specs
         self.progress = progress
         self.finished: set[str] = set()  # trials whose final record arrived
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_own": None}  # restored, it writes where the driver says
+
+    @property
+    def writer(self) -> ResultsWriter:
+        writer = getattr(self, "_own", None) or _driver_writer  # (a callback pickled before _own: none)
+        if writer is None:
+            raise DatabaseError("the sweep's DuckDB callback runs without a database: run it inside "
+                                "sweeps.ray_trial.writing_to(writer)")
+        return writer
 
     def _spec(self, trial: Any) -> dict[str, Any]:
         if "trial" in trial.config:
@@ -110,10 +199,12 @@ class DuckDBCallback(tune.Callback):
             return
         self.finished.add(spec["trial_id"])
         self.writer.write_final(spec, record)
+        if record.db_status == "failed":
+            self._failed_ids().add(spec["trial_id"])
         if self.progress:
             shown = record.test.get(record.primary_metric)
-            print(f"trial {spec['trial_id']} {record.db_status}" + (
-                f" test {record.primary_metric}={shown:.4f}" if shown is not None else ""), flush=True)
+            self._say(f"trial {spec['trial_id']} {record.db_status}" + (
+                f" test {record.primary_metric}={shown:.4f}" if shown is not None else ""))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial that ended without its final record was stopped by the scheduler (ASHA) or the user: recorded
@@ -130,9 +221,67 @@ class DuckDBCallback(tune.Callback):
         error = trial.get_error()
         error = str(error) if error is not None else "trial raised an error (see Ray's trial log)"
         self.writer.write_trial(trial_row(self._spec(trial), "failed", error=error[-4000:]))
+        self._failed_ids().add(self._spec(trial)["trial_id"])
         if self.progress:
-            print(f"trial {self._spec(trial)['trial_id']} failed", flush=True)
+            self._say(f"trial {self._spec(trial)['trial_id']} failed: {error_line(error)}")
+
+    # progress (driver output): set up afresh by every run (a callback restored from Ray's pickle included)
+
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+              **info: Any) -> None:
+        self._progress = {"started": time.monotonic(), "total": total_num_samples or 0, "done_at_start": None,
+                          "shown_at": None, "drawn": False, "failed": set(),
+                          "tty": sys.stdout.isatty(), "interval": float(os.environ.get(PROGRESS_INTERVAL_S) or
+                                                                      DEFAULT_PROGRESS_INTERVAL_S)}
+
+    def _state(self) -> dict[str, Any]:
+        if getattr(self, "_progress", None) is None:
+            self.setup()
+        return self._progress
+
+    def _failed_ids(self) -> set[str]:
+        return self._state()["failed"]
+
+    def _say(self, text: str) -> None:
+        """A line of its own; on a terminal the progress line is cleared first and redrawn at the next step."""
+        state = self._state()
+        if state["drawn"]:
+            sys.stdout.write("\r\x1b[K")
+            state["drawn"], state["shown_at"] = False, None
+        print(text, flush=True)
+
+    def progress_now(self, trials: list) -> str:
+        """The progress line for Tune's current ``trials``."""
+        state = self._state()
+        statuses = [getattr(t, "status", "") for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in statuses)
+        running = sum(s == "RUNNING" for s in statuses)
+        total = max(len(trials), state["total"])
+        if state["done_at_start"] is None:
+            state["done_at_start"] = done  # a resumed sweep's finished trials do not speed up the ETA
+        elapsed = time.monotonic() - state["started"]
+        return progress_line(done, len(state["failed"]), running, total - done - running, total, elapsed,
+                             estimate_eta(done - state["done_at_start"], total - done, elapsed))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.progress or not trials:
+            return
+        state = self._state()
+        now = time.monotonic()
+        wait = 1.0 if state["tty"] else state["interval"]
+        if state["shown_at"] is not None and now - state["shown_at"] < wait:
+            return
+        if state["shown_at"] is None and not state["tty"]:  # logs: the first line after one interval
+            state["shown_at"] = now
+            return
+        state["shown_at"] = now
+        sys.stdout.write(render_progress(self.progress_now(trials), state["tty"], _terminal_width()))
+        sys.stdout.flush()
+        state["drawn"] = state["tty"]
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.writer.close()
+        if self.progress and trials:
+            self._say(self.progress_now(trials))
+        if getattr(self, "_own", None) is not None:  # the driver keeps its writer: it records how the sweep ended
+            self._own.close()
 

@@ -230,9 +230,10 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_p
     assert len(losses) == 44 and all(n == distinct == 3 for _, n, distinct in losses)
 
 
-def test_resume_when_rays_experiment_state_is_torn(real_data, tmp_path: Path, sessions) -> None:
-    """Ray writes its state file in place; a driver killed mid-write leaves it empty. The database still knows which
-    trials finished, and resume runs the rest."""
+@pytest.mark.parametrize("torn", ["experiment_state", "tuner"])
+def test_resume_when_rays_experiment_state_is_torn(torn: str, real_data, tmp_path: Path, sessions) -> None:
+    """Ray writes its state file in place; a driver killed mid-write leaves it empty (or a full disk cuts its saved
+    tuner short). The database still knows which trials finished, and resume runs the rest."""
     db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
     driver = _launch(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam", "--dimensions", "method,lora_rank",
                      "--db", str(db), "--storage", str(storage))
@@ -240,10 +241,14 @@ def test_resume_when_rays_experiment_state_is_torn(real_data, tmp_path: Path, se
         if line.startswith("trial "):
             break
     sessions.end(driver)
-    states = list(storage.glob("*/experiment_state*.json"))
-    assert states
-    for state in states:
-        state.write_text("")
+    if torn == "experiment_state":
+        states = list(storage.glob("*/experiment_state*.json"))
+        assert states
+        for state in states:
+            state.write_text("")
+    else:
+        [tuner] = storage.glob("*/tuner.pkl")
+        tuner.write_bytes(tuner.read_bytes()[: tuner.stat().st_size // 2])
     out = _finish(_launch(sessions, "resume", "--db", str(db)))
     assert "unreadable" in out
     con = _db(db)

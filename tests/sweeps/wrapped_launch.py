@@ -15,6 +15,12 @@ default 120)
     each trial first leaves a file named by its trial id in this directory, then waits until files from COUNT distinct
     trials are there: the first COUNT trials run at the same moment (each holding its resources), later ones pass
     straight through. Waiting longer than the timeout raises.
+``FINETUNE_TEST_ALWAYS_FAIL``
+    comma-separated trial-id prefixes: a trial whose id starts with one raises :class:`InjectedFailure` as it starts,
+    every time it is tried (Ray retries it, then ends it errored).
+``FINETUNE_TEST_HOLD_AFTER_CHECKPOINTS``
+    N: each trial, right after its Nth checkpoint reached Ray, waits until its worker is killed (the test then kills
+    the driver with trials in flight whose checkpoints Ray has rotated N-1 times).
 
 Ray pickles the wrapper by reference (``tests.sweeps.wrapped_launch.trainable``), so workers import this module. They
 can: ``tests`` is not part of the editable install, but Ray puts the driver's working directory (the repository root)
@@ -38,12 +44,15 @@ FAIL_ONCE_DIR = "FINETUNE_TEST_FAIL_ONCE_DIR"
 BARRIER_DIR = "FINETUNE_TEST_BARRIER_DIR"
 BARRIER_COUNT = "FINETUNE_TEST_BARRIER_COUNT"
 BARRIER_TIMEOUT_S = "FINETUNE_TEST_BARRIER_TIMEOUT_S"
+ALWAYS_FAIL = "FINETUNE_TEST_ALWAYS_FAIL"
+HOLD_AFTER_CHECKPOINTS = "FINETUNE_TEST_HOLD_AFTER_CHECKPOINTS"
 
 _shipped_trainable = ray_trial.trainable  # taken at import, before install() swaps the attribute
 
 
 class InjectedFailure(RuntimeError):
-    """The one failure a trial raises after its first checkpoint under FINETUNE_TEST_FAIL_ONCE_DIR."""
+    """The failure a trial raises after its first checkpoint under FINETUNE_TEST_FAIL_ONCE_DIR, or at every start
+    under FINETUNE_TEST_ALWAYS_FAIL."""
 
 
 def wait_at_barrier(directory: Path, name: str, count: int, timeout_s: float) -> None:
@@ -71,9 +80,32 @@ def _fail_once_after_first_checkpoint(report: Any, marker: Path) -> Any:
     return report_then_fail
 
 
+def _hold_after_checkpoints(report: Any, count: int) -> Any:
+    seen = [0]
+
+    def report_then_hold(metrics: dict, *, checkpoint: Any = None) -> None:
+        report(metrics, checkpoint=checkpoint)
+        seen[0] += checkpoint is not None
+        while seen[0] >= count:
+            time.sleep(1)
+
+    return report_then_hold
+
+
 def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None) -> None:
     """``sweeps.ray_trial.trainable`` with the test behaviours above (same name, so Tune names trials the same)."""
     trial = ray_trial.spec_from_param(param)["trial_id"]
+    doomed = [p for p in os.environ.get(ALWAYS_FAIL, "").split(",") if p]
+    if any(trial.startswith(p) for p in doomed):
+        raise InjectedFailure(f"injected failure of trial {trial} (test wrapper {ALWAYS_FAIL})")
+    hold = int(os.environ.get(HOLD_AFTER_CHECKPOINTS) or 0)
+    if hold:
+        shipped_report = tune.report
+        tune.report = _hold_after_checkpoints(shipped_report, hold)
+        try:
+            return _shipped_trainable(param, finished=finished, export_root=export_root)
+        finally:
+            tune.report = shipped_report
     barrier = os.environ.get(BARRIER_DIR)
     if barrier:
         wait_at_barrier(Path(barrier), trial, int(os.environ.get(BARRIER_COUNT, "2")),
