@@ -151,18 +151,20 @@ def database_error(path: Path, err: BaseException, doing: str) -> DatabaseError:
                          "study database or a new path, or restore it from a copy")
 
 
+def exception_chain(err: BaseException | None) -> list[BaseException]:
+    """An exception and those it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and not any(err is seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
 def disk_full(err: BaseException | None) -> bool:
     """Whether an exception, or one it was raised from, says the device is full (OSError ENOSPC, or DuckDB's and
     Ray's wrapped texts of it)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(err) or f"[Errno {errno.ENOSPC}]" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+               or f"[Errno {errno.ENOSPC}]" in str(e) for e in exception_chain(err))
 
 
 _SQLITE = b"SQLite format 3\x00"

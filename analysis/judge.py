@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.db import DEFAULT_DB, DatabaseError, connect
+from analysis.queries import has_relation
 
 MODES = ("score", "pairwise")
 RUBRIC_VERSION = "v1"  # the rubric: both modes' messages and parsers; bump it whenever any of them changes
@@ -201,13 +202,8 @@ WHERE judge_model = $model AND rubric_version = $rubric AND parse_status <> 'fai
 """
 
 
-def _has_table(con: Any, name: str) -> bool:
-    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND "
-                       "schema_name = 'main' AND table_name = ?", [name]).fetchone()[0] > 0
-
-
 def read_generations(con: Any, sweeps: Sequence[str], limit: int | None) -> list[Generation]:
-    if not _has_table(con, "trials"):
+    if not has_relation(con, "trials"):
         return []
     rows = con.execute(GENERATIONS_TO_JUDGE, {"sweeps": list(sweeps), "limit": limit or 2**31 - 1}).fetchall()
     return [Generation(*row) for row in rows]
@@ -230,7 +226,7 @@ def plan(con: Any, generations: Sequence[Generation], model: str, modes: Sequenc
     """What to write: rows already there are skipped; a request whose key was answered before reuses that reply."""
     done_rows: set[tuple[str, int, str, str]] = set()
     replies: dict[str, str] = {}
-    if _has_table(con, "judgments"):
+    if has_relation(con, "judgments"):
         for trial, example, mode, position, key, _, reply in con.execute(ANSWERED, {"model": model, "rubric": RUBRIC_VERSION}).fetchall():
             done_rows.add((trial, example, mode, position))
             replies.setdefault(key, reply)
@@ -472,7 +468,7 @@ async def judge(db: str | Path, settings: Settings, plan_: Plan, tally: Tally) -
 
 
 def check_sweeps(con: Any, sweeps: Sequence[str]) -> None:
-    known = {r[0] for r in con.execute("SELECT id FROM sweeps").fetchall()} if _has_table(con, "sweeps") else set()
+    known = {r[0] for r in con.execute("SELECT id FROM sweeps").fetchall()} if has_relation(con, "sweeps") else set()
     unknown = [s for s in sweeps if s not in known]
     if unknown:
         raise JudgeError(f"--sweep: no such sweep in the database: {', '.join(unknown)}")

@@ -59,6 +59,7 @@ from analysis.db import (
     ResultsWriter,
     connect,
     disk_full,
+    exception_chain,
     membership_rows,
     trial_row,
 )
@@ -617,20 +618,11 @@ def report_failed(failed: list[dict[str, Any]], db: Path) -> int:
 def full_disk_error(db: Path, sweep_id: str, err: BaseException, marked: bool) -> DiskFullError:
     """One line for a sweep a full disk stopped (the database's filesystem or Ray storage's): where, what the database
     now says, and how to go on."""
-    cause = next((e for e in _chain(err) if disk_full(e) and not (e.__cause__ or e.__context__)), err)
+    cause = next((e for e in exception_chain(err) if disk_full(e) and not (e.__cause__ or e.__context__)), err)
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
     state = "marked interrupted" if marked else "still marked running (the database could not be written)"
     return DiskFullError(f"{db}: no space left on the device, sweep {sweep_id} stopped ({first}); it is {state}. "
                          f"Free some space, then: python sweeps/launch.py resume --db {db} --sweep {sweep_id}")
-
-
-def _chain(err: BaseException | None) -> list[BaseException]:
-    """An exception and those it was raised from or during."""
-    chain: list[BaseException] = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    return chain
 
 
 def search_space(method: str, n_layer: int, task: str = "") -> dict[str, Any]:
@@ -832,7 +824,7 @@ def infrastructure_error(error: BaseException | None) -> bool:
         return False
     lost = (exceptions.RayActorError, exceptions.NodeDiedError, exceptions.WorkerCrashedError,
             exceptions.ObjectLostError, exceptions.OwnerDiedError)
-    return any(isinstance(e, lost) or _LOST_CHECKPOINT in str(e) for e in _chain(error))
+    return any(isinstance(e, lost) or _LOST_CHECKPOINT in str(e) for e in exception_chain(error))
 
 
 def fit_then_rerun_lost(tuner: Tuner, args: argparse.Namespace, writer: ResultsWriter, sweep_id: str,
@@ -864,17 +856,9 @@ def ray_state_readable(path: str) -> bool:
     return bool(states)
 
 
-def unfinished_trials(db: Path, sweep_id: str) -> list[PlannedTrial]:
-    """The sweep's planned trials that did not complete or diverge, rebuilt from the ``trials`` table."""
-    con = connect(db, read_only=True)
-    try:
-        return planned_unfinished(con, sweep_id)
-    finally:
-        con.close()
-
-
 def planned_unfinished(con: Any, sweep_id: str) -> list[PlannedTrial]:
-    """``unfinished_trials`` from an open connection (the driver's, which holds the file)."""
+    """The sweep's planned trials that did not complete or diverge, rebuilt from the ``trials`` table of an open
+    connection (the driver's, which holds the file)."""
     rows = queries.unfinished_trials(con, sweep_id)
     memberships = queries.sweep_memberships(con, sweep_id)
     return [PlannedTrial(**{**r, "config": json.loads(r["config"])}, memberships=memberships.get(r["trial_id"], []))

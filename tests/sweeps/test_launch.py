@@ -479,7 +479,7 @@ def test_resume_and_status_ask_the_database_through_analysis(tmp_path: Path, cap
     counts, go through analysis/ (queries.py and ResultsWriter); the trials come back as they were planned."""
     from analysis import queries
     from analysis.db import ResultsWriter, connect, trial_row
-    from sweeps.launch import unfinished_trials
+    from sweeps.launch import planned_unfinished
     from sweeps.study import load_study, plan
 
     db = tmp_path / "results.duckdb"
@@ -500,7 +500,9 @@ def test_resume_and_status_ask_the_database_through_analysis(tmp_path: Path, cap
     con.close()
     assert latest["id"] == "s1" and latest["status"] == "running" and named["id"] == "s0" and missing is None
     assert json.loads(latest["hardware"])["per_trial"] == {"cpu": 1.0, "gpu": 0.0}
-    assert unfinished_trials(db, "s1") == sorted(trials[1:], key=lambda t: t.trial_id)
+    con = connect(db, read_only=True)
+    assert planned_unfinished(con, "s1") == sorted(trials[1:], key=lambda t: t.trial_id)
+    con.close()
     assert main(["status", "--db", str(db)]) == 0
     assert "s1" in capsys.readouterr().out
 
