@@ -1,5 +1,6 @@
 """Hugging Face GPT-2 checkpoints in and out: find them (local directory or hub), read them safely, check them
-strictly, and map their tensors onto ``model.gpt2.GPT2``.
+strictly, and map their tensors to and from ``model.gpt2.GPT2``'s names and layout (the model itself is
+built in ``GPT2.from_pretrained``: this module knows only configs and tensors).
 
 Hugging Face stores GPT-2's four projections as ``Conv1D`` with ``(in, out)`` weights; ours are ``nn.Linear``
 ``(out, in)``. They are transposed here, once at load and once at save, and nowhere else.
@@ -13,17 +14,13 @@ import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import ConfigError
-from model.gpt2 import GPT2Config, preset_name
-
-if TYPE_CHECKING:
-    from model.gpt2 import GPT2
+from model.config import ConfigError, GPT2Config, preset_name
 
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Non-parameter buffers older checkpoints carry (the causal mask); recomputed, so skipped.
@@ -242,15 +239,10 @@ def hf_to_state_dict(
     return out
 
 
-def load_pretrained(
-    cls: type[GPT2],
-    name_or_path: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    **config_overrides: Any,
-) -> GPT2:
-    """Build ``cls`` from a checkpoint. The model is created on the meta device, so no memory or time is spent on a
-    random initialisation that the checkpoint would overwrite."""
+def read_pretrained(name_or_path: str | Path, **config_overrides: Any
+                    ) -> tuple[GPT2Config, dict[str, torch.Tensor], Path]:
+    """A checkpoint's config (with ``config_overrides`` applied), its tensors as stored, and the file they came
+    from; ``hf_to_state_dict`` maps the tensors onto a model of that config."""
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory)
     if config_overrides:
@@ -259,26 +251,18 @@ def load_pretrained(
         except TypeError as err:
             raise CheckpointError(f"from_pretrained({name_or_path!r}): {err}") from None
     tensors, source = read_state_dict(directory)
-    with torch.device("meta"):
-        model = cls(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = hf_to_state_dict(tensors, expected, str(source))
-    state = {k: v.to(dtype=dtype).contiguous() for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device)
+    return config, tensors, source
 
 
-def save_pretrained(model: GPT2, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def write_pretrained(path: str | Path, config: GPT2Config, state: dict[str, torch.Tensor], base_keys: set[str],
+                     dtype: torch.dtype) -> Path:
     """Write the Hugging Face format exactly as ``GPT2LMHeadModel.save_pretrained`` would (``transformer.`` names,
     Conv1D layout, the tied LM head left out). Files are written to temporaries and renamed, so an interrupted save
     never leaves a half-written checkpoint under the final names.
 
-    Tensors that are not GPT-2's (adapters, task heads) are refused rather than dropped: ``model.lora.save_merged``
-    folds adapters in, ``model.lora.save_peft_adapter`` saves them alone.
+    Tensors that are not GPT-2's (not in ``base_keys``: adapters, task heads) are refused rather than dropped:
+    ``model.lora.save_merged`` folds adapters in, ``model.lora.save_peft_adapter`` saves them alone.
     """
-    state = model.state_dict() if state_dict is None else state_dict
-    with torch.device("meta"):
-        base_keys = set(type(model)(model.config).state_dict())
     extra = sorted(set(state) - base_keys)
     if extra:
         raise CheckpointError(
@@ -290,9 +274,9 @@ def save_pretrained(model: GPT2, path: str | Path, state_dict: dict[str, torch.T
         _PREFIX + k: (v.t() if _is_conv1d(k) else v).detach().to("cpu").contiguous()
         for k, v in state.items()
     }
-    config = model.config.to_hf_dict()
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return write_checkpoint_files(path, tensors, "model.safetensors", {"config.json": config})
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    return write_checkpoint_files(path, tensors, "model.safetensors", {"config.json": hf_config})
 
 
 def write_checkpoint_files(

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from model.checkpoint import CheckpointError, NonFiniteWeightsError, save_pretrained, write_checkpoint_files
+from model.checkpoint import CheckpointError, NonFiniteWeightsError, write_checkpoint_files
 from model.config import ConfigError, Problems, is_int, is_number
 from model.gpt2 import GPT2
 
@@ -249,7 +249,7 @@ def save_merged(model: GPT2, path: str | Path) -> Path:
             if not layer.merged:
                 state[f"{name}.weight"] = _finite(layer.weight + layer.delta_weight(), f"merging the adapter of {name}",
                                                   f"{path} not saved")
-    return save_pretrained(model, path, state_dict=state)
+    return model.save_pretrained(path, state_dict=state)
 
 
 # --------------------------------------------------------------------------------------------------------------------
