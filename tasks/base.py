@@ -29,7 +29,7 @@ from tasks.data import DataError, Source, data_dir, ensure, sha256_file
 from tasks.metrics import classification_metrics
 
 if TYPE_CHECKING:
-    from tasks.config import TaskConfig
+    from tasks.options import TaskOptions
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "tokens"
@@ -240,12 +240,12 @@ class Task:
     per_example: ClassVar[str]
     """Which ``EncodedSplit`` field the number ``encode`` returns fills: ``labels`` or ``prompt_lengths``."""
 
-    def __init__(self, config: TaskConfig) -> None:
+    def __init__(self, config: TaskOptions) -> None:
         self.config = config
         self.max_length = config.max_length or self.default_max_length
 
     @classmethod
-    def for_trial(cls, config: TaskConfig, **sections: Any) -> Task:
+    def for_trial(cls, config: TaskOptions, **sections: Any) -> Task:
         """The task as a trial runs it. ``sections`` are the trial's other config sections by name (``dpo=...``): a
         task takes the ones that shape it and ignores the rest, so callers need no case per task."""
         return cls(config)

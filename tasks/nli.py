@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from model.gpt2 import GPT2
-    from tasks.config import TaskConfig
+    from tasks.options import TaskOptions
 
 LABELS = ("entailment", "neutral", "contradiction")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "test": "test"}
@@ -190,7 +190,7 @@ class Nli(ClassificationTask):
     default_max_length = 128
     source_names = (*SOURCES, HUB_SOURCE, MED_OR_SICK)
 
-    def __init__(self, config: TaskConfig) -> None:
+    def __init__(self, config: TaskOptions) -> None:
         super().__init__(config)
         # The data actually read: task.source, or what med_or_sick resolved to once its files were looked for; and
         # why med_or_sick read SICK (None when it read the medical set, and for every other source).

@@ -20,7 +20,7 @@ chosen sequences, then the rejected ones.
 
 The reference model is the policy's starting point. With LoRA it is the policy with its adapters disabled (no second
 copy); otherwise its log-probs are computed once, before training, for every pair (``Preference.prepare``): one pass
-over the data instead of a frozen copy in memory and a second forward pass at every step (``sweeps/bench_dpo.py``
+over the data instead of a frozen copy in memory and a second forward pass at every step (``sweeps/bench/dpo.py``
 measures the two).
 """
 
@@ -46,7 +46,7 @@ from tasks.data import DataError, Source, open_text, read_json_list
 from tasks.dpo import DPOConfig, dpo_loss
 
 if TYPE_CHECKING:
-    from tasks.config import TaskConfig
+    from tasks.options import TaskOptions
 
 SOURCES = {
     "instruction": Source(
@@ -131,12 +131,12 @@ class Preference(Task):
     generates = True
     keeps_start_generations = True
 
-    def __init__(self, config: TaskConfig, dpo: DPOConfig | None = None) -> None:
+    def __init__(self, config: TaskOptions, dpo: DPOConfig | None = None) -> None:
         super().__init__(config)
         self.dpo = dpo if dpo is not None else DPOConfig()
 
     @classmethod
-    def for_trial(cls, config: TaskConfig, dpo: DPOConfig | None = None, **sections: Any) -> Preference:
+    def for_trial(cls, config: TaskOptions, dpo: DPOConfig | None = None, **sections: Any) -> Preference:
         return cls(config, dpo)
 
     # --- data -----------------------------------------------------------------------------------------------------
