@@ -6,7 +6,9 @@ optimizer and data from a ``TrialConfig``; ``train`` evaluates the untrained mod
 takes optimizer steps (``optimizer_step``) and evaluates (``validate``, with early stopping) until the step budget is
 spent or the trial stops; ``finish`` evaluates the final weights, generates from them and returns the
 ``FinalRecord``. Everything reported goes through ``callback(record)`` as a typed record of ``sweeps/records.py``.
-Ray Tune's trainable is a thin adapter over this function; nothing here imports Ray.
+Checkpoints (saved along training, resumed from before it) are ``sweeps/checkpoints.py``'s; the ``Trial`` and its
+``TrainState`` live in ``sweeps/trial_state.py``. Ray Tune's trainable is a thin adapter over this function; nothing
+here imports Ray.
 """
 
 from __future__ import annotations
@@ -16,87 +18,32 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from model import GPT2, GPT2Config, get_tokenizer
-from model.checkpoint import non_finite_entries
-from model.methods import MethodSummary, apply_method
+from model.methods import apply_method
 from model.tokenizer import EOT_TOKEN_ID
 from sweeps import memory
-from sweeps.checkpoints import CheckpointCorrupt, first_good, read_payload, resume_candidates, write_payload
+from sweeps.checkpoints import (
+    load_trainable_state,
+    resume,
+    save_checkpoint_if_finite,
+    trainable_state,
+    weights_diverged,
+)
 from sweeps.config import ModelConfig, TrialConfig
 from sweeps.optim import EmbeddingGrads, build_optimizer, build_scheduler
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Generation, Record, StepRecord
-from tasks import EncodedSplit, ExampleResults, Task, batch_order, get_task
+from sweeps.trial_state import Trial
+from tasks import ExampleResults, batch_order, get_task
 
 Callback = Callable[[Record], None]
 SUBSET_SEED = 123  # subsets of the data are the same for every trial seed: seeds vary init and order, not data
-
-
-@dataclass
-class TrainState:
-    """Where a run is; saved in checkpoints so a resumed run continues exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # index of the next micro-batch of this epoch
-    tokens_seen: int = 0  # real (non-pad) training tokens
-    padded_tokens: int = 0  # training tokens including padding
-    train_seconds: float = 0.0
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    history: list[EvalRecord] = field(default_factory=list)
-    baseline_test: dict[str, float] = field(default_factory=dict)  # test metrics before step 1 (baseline_eval)
-    start_generations: list[Generation] = field(default_factory=list)  # the starting weights' (keeps_start_...)
-
-    def to_saved(self) -> dict[str, Any]:
-        return asdict(self)  # records as plain dicts: what torch.load(weights_only=True) reads back
-
-    @classmethod
-    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
-        """The state a checkpoint saved (one from before ``start_generations`` has none)."""
-        return cls(**{**saved, "history": [EvalRecord(**e) for e in saved["history"]],
-                      "start_generations": [Generation(**g) for g in saved.get("start_generations", [])]})
-
-
-@dataclass
-class Trial:
-    """A running trial: what ``setup`` built, read and advanced by the steps of ``run_trial``."""
-
-    config: TrialConfig
-    task: Task
-    splits: dict[str, EncodedSplit]
-    model: GPT2
-    head: nn.Module | None
-    summary: MethodSummary
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    device: torch.device
-    use_bf16: bool
-    total_steps: int
-    notes: dict[str, Any]
-    prepare_seconds: float
-    state: TrainState = field(default_factory=TrainState)
-    resumed_from_step: int = 0
-    best_weights: dict[str, torch.Tensor] | None = None
-    activation_bytes: int | None = None  # saved for backward by the first micro-batch of this run (memory account)
-    eval_seconds: float = 0.0
-
-    @property
-    def modules(self) -> list[nn.Module]:
-        return [self.model] if self.head is None else [self.model, self.head]
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.use_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 class TrialResult(NamedTuple):
@@ -172,147 +119,6 @@ def setup(config: TrialConfig) -> Trial:
     if train.compile:  # each block, so every forward path is compiled (torch.compile(model) covers forward only)
         model.compile_blocks()
     return trial
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every generator a trial draws from, in types ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trainable_state(trial: Trial) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in _trainable_state_params(trial).items()}
-
-
-def _load_trainable_state(trial: Trial, tensors: dict[str, torch.Tensor]) -> None:
-    params = {f"model.{n}": p for n, p in trial.model.named_parameters()}
-    if trial.head is not None:
-        params.update({f"head.{n}": p for n, p in trial.head.named_parameters()})
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-
-
-def save_checkpoint(trial: Trial, checkpoint_dir: str | Path) -> Path:
-    """Trainable weights, optimizer, scheduler, RNG states and position, written atomically with a checksum beside
-    them (``sweeps.checkpoints.write_payload``)."""
-    payload = {"trainable": _trainable_state(trial), "optimizer": trial.optimizer.state_dict(),
-               "scheduler": trial.scheduler.state_dict(), "state": trial.state.to_saved(), "rng": _rng_state()}
-    return write_payload(payload, Path(checkpoint_dir) / f"step_{trial.state.step:07d}")
-
-
-class VerifiedCheckpoint(NamedTuple):
-    """A verified checkpoint payload that fits its trial, not yet applied."""
-
-    payload: dict[str, Any]
-    state: TrainState
-
-
-def read_checkpoint(trial: Trial, path: str | Path) -> VerifiedCheckpoint:
-    """The checkpoint in folder ``path``, verified (checksum, readable) and checked to fit ``trial``: the payload's
-    parts are there, its tensors are this trial's trainable ones with their shapes, and its weights and optimizer
-    state are finite. Raises ``CheckpointCorrupt`` naming the file; nothing of the trial changes."""
-    file = Path(path) / "state.pt"
-    payload = read_payload(path)
-    missing = [k for k in ("trainable", "optimizer", "scheduler", "state", "rng") if k not in payload]
-    if missing:
-        raise CheckpointCorrupt(file, f"damaged: no {', '.join(missing)} in the payload")
-    _check_trainable(trial, file, payload["trainable"])
-    optimizer_state = payload["optimizer"].get("state", {}) if isinstance(payload["optimizer"], dict) else {}
-    bad = [entry for index, slots in optimizer_state.items() if isinstance(slots, dict)
-           for entry in non_finite_entries({f"optimizer.state[{index}].{k}": v for k, v in slots.items()})]
-    if bad:
-        raise CheckpointCorrupt(file, f"non-finite optimizer state: {', '.join(bad[:6])}")
-    try:
-        state = TrainState.from_saved(payload["state"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointCorrupt(file, f"damaged position state ({type(err).__name__}: {err})") from None
-    return VerifiedCheckpoint(payload, state)
-
-
-def _check_trainable(trial: Trial, file: Path, tensors: Any) -> None:
-    """The saved trainable tensors are exactly this trial's, shaped alike, and finite."""
-    want = {name: p.shape for name, p in _trainable_state_params(trial).items()}
-    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
-        raise CheckpointCorrupt(file, "damaged: the trainable weights are not a dict of tensors")
-    if set(tensors) != set(want):
-        odd = sorted(set(tensors) ^ set(want))
-        raise CheckpointCorrupt(file, f"not this trial's weights (differing names: {', '.join(odd[:6])})")
-    shapes = [f"{n}: {tuple(t.shape)} saved, {tuple(want[n])} expected" for n, t in tensors.items()
-              if t.shape != want[n]]
-    if shapes:
-        raise CheckpointCorrupt(file, f"not this trial's weights (wrong shapes: {'; '.join(shapes[:4])})")
-    bad = non_finite_entries(tensors)
-    if bad:
-        raise CheckpointCorrupt(file, f"non-finite weights: {', '.join(bad[:6])}")
-
-
-def apply_checkpoint(trial: Trial, checkpoint: VerifiedCheckpoint, path: str | Path) -> None:
-    """Set the trial's weights, optimizer, scheduler, position and RNG to a checkpoint read by ``read_checkpoint``.
-    A part that still does not fit (an optimizer of another shape) is ``CheckpointCorrupt``; applying another
-    checkpoint after it overwrites everything this one set."""
-    saved = checkpoint.payload
-    try:
-        _load_trainable_state(trial, saved["trainable"])
-        trial.optimizer.load_state_dict(saved["optimizer"])
-        trial.scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointCorrupt(Path(path) / "state.pt", f"does not fit this trial ({type(err).__name__}: "
-                                                         f"{str(err)[:300]})") from None
-    trial.state = checkpoint.state
-    trial.resumed_from_step = trial.state.step
-
-
-def load_checkpoint(trial: Trial, path: str | Path) -> None:
-    """Resume ``trial`` from exactly this checkpoint folder (``CheckpointCorrupt`` when it is bad)."""
-    apply_checkpoint(trial, read_checkpoint(trial, path), path)
-
-
-def resume(trial: Trial, resume_from: str | Path | Sequence[str | Path]) -> Path:
-    """Resume from the newest good checkpoint: ``resume_from`` itself (a folder; then its older ``step_*`` or
-    ``checkpoint_*`` siblings, ``sweeps.checkpoints.resume_candidates``) or the first good one of a list. Each bad
-    one skipped is warned about and named in the trial's notes (``checkpoint_fallback``); ``NoGoodCheckpoint``,
-    naming every one, when none is good. Returns the folder used."""
-    candidates = (resume_candidates(resume_from) if isinstance(resume_from, str | Path)
-                  else [Path(p) for p in resume_from])
-    path, _, skipped = first_good(candidates, lambda p: load_checkpoint(trial, p))
-    if skipped:
-        trial.notes["checkpoint_fallback"] = (f"resumed from {path} (step {trial.state.step}); skipped damaged: "
-                                              + "; ".join(str(err) for err in skipped))
-    return path
-
-
-def _trainable_state_params(trial: Trial) -> dict[str, torch.Tensor]:
-    """The live tensors ``_trainable_state`` copies, under the same names."""
-    tensors = {f"model.{n}": p for n, p in trial.model.named_parameters() if p.requires_grad}
-    if trial.head is not None:
-        tensors.update({f"head.{n}": p for n, p in trial.head.named_parameters()})
-    return tensors
-
-
-def non_finite_weights(trial: Trial) -> list[str]:
-    """The trainable tensors with inf/nan entries now (frozen ones never change); empty when all are finite."""
-    with torch.no_grad():
-        return non_finite_entries(_trainable_state_params(trial))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -424,7 +230,7 @@ def should_stop(trial: Trial, record: EvalRecord) -> bool:
     if better:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         if patience:
-            trial.best_weights = _trainable_state(trial)
+            trial.best_weights = trainable_state(trial)
         return False
     state.evals_without_improvement += 1
     return bool(patience) and state.evals_without_improvement >= patience
@@ -459,9 +265,10 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
             if evaluates and should_stop(trial, validate(trial, emit)):
                 return "early_stopped"
             if checkpoint_dir is not None and _due(state.step, config.checkpoint_every):
-                if _weights_diverged(trial):  # never saved: a resume would carry the inf/nan on
+                saved = save_checkpoint_if_finite(trial, checkpoint_dir)  # None: weights not finite, nothing saved
+                if saved is None:
                     return "diverged"
-                emit(CheckpointRecord(state.step, str(save_checkpoint(trial, checkpoint_dir))))
+                emit(CheckpointRecord(state.step, str(saved)))
     finally:
         if grads is not None:
             grads.release()
@@ -471,16 +278,6 @@ def train(trial: Trial, emit: Callback, checkpoint_dir: str | Path | None = None
 # --------------------------------------------------------------------------------------------------------------------
 # Finish
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _weights_diverged(trial: Trial) -> bool:
-    """True (and the tensors named in the trial's notes, ``non_finite_weights``) when a trainable weight is inf or
-    nan: an update can overflow with a finite loss, and such weights must not be saved, evaluated as a result or
-    exported."""
-    bad = non_finite_weights(trial)
-    if bad:
-        trial.notes["non_finite_weights"] = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-    return bool(bad)
 
 
 def account_memory(trial: Trial, record: FinalRecord) -> None:
@@ -506,8 +303,8 @@ def finish(trial: Trial, status: str, wall_start: float, setup_seconds: float) -
     that are not finite make the trial ``diverged`` (at the last step), never a result."""
     state, task, summary = trial.state, trial.task, trial.summary
     if status == "early_stopped" and trial.best_weights is not None:
-        _load_trainable_state(trial, trial.best_weights)
-    if status != "diverged" and _weights_diverged(trial):
+        load_trainable_state(trial, trial.best_weights)
+    if status != "diverged" and weights_diverged(trial):
         status = "diverged"
     record = FinalRecord(
         status=status, task=task.name, task_kind=task.kind, primary_metric=task.primary_metric,
@@ -605,7 +402,8 @@ def run_trial(
     """Train and evaluate one trial; the final record (also sent to ``callback``) and the trained modules.
 
     ``resume_from``: a checkpoint folder (a damaged one falls back to its newest good older sibling, with a warning)
-    or candidate folders, newest first; ``sweeps.checkpoints.NoGoodCheckpoint`` when none is good (see ``resume``)."""
+    or candidate folders, newest first; ``sweeps.checkpoints.NoGoodCheckpoint`` when none is good (see
+    ``sweeps.checkpoints.resume``)."""
     emit = callback or (lambda record: None)
     wall_start = time.perf_counter()
     trial = setup(config)

@@ -47,8 +47,8 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, exp
     """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
 
     A damaged checkpoint falls back to the newest good one Tune kept beside it in the trial folder (local storage;
-    ``sweeps.loop.resume``), noted in the final record; when none is good the trial is recorded as failed, naming
-    each checkpoint and its damage.
+    ``sweeps.checkpoints.resume``), noted in the final record; when none is good the trial is recorded as failed,
+    naming each checkpoint and its damage.
 
     ``finished`` (given on ``launch.py resume``) holds the final records (JSON) of trials the database already has
     as completed: Ray may schedule such a trial again when the driver died between its last report and its end; it

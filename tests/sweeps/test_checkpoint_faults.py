@@ -25,7 +25,9 @@ from sweeps.checkpoints import (
     CheckpointCorrupt,
     CheckpointWarning,
     NoGoodCheckpoint,
+    _trainable_state_params,
     file_sha256,
+    read_checkpoint,
     read_payload,
     resume_candidates,
     write_payload,
@@ -115,8 +117,8 @@ def damage(folder: Path, fault: str, rewrite_digest: bool = False) -> Path:
 
 
 def _trainable(result: TrialResult) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in loop._trainable_state_params(SimpleNamespace(model=result.model, head=result.head)
-                                                           ).items()}
+    return {n: p for n, p in _trainable_state_params(SimpleNamespace(model=result.model, head=result.head)
+                                                      ).items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def test_every_damage_is_one_clear_error_naming_the_file(checkpoints: Path, faul
     file = damage(folder, fault, rewrite_digest)
     trial = loop.setup(_config())
     with pytest.raises(CheckpointCorrupt) as caught:
-        loop.read_checkpoint(trial, folder)
+        read_checkpoint(trial, folder)
     assert caught.value.path == file and str(caught.value).startswith(f"{file}: ")
     if not rewrite_digest:
         assert "SHA-256" in str(caught.value)
@@ -156,7 +158,7 @@ def test_nan_weights_under_a_matching_checksum_are_refused(checkpoints: Path) ->
     payload["trainable"]["model.wte.weight"].view(-1)[1000:1016] = float("nan")
     write_payload(payload, folder)
     with pytest.raises(CheckpointCorrupt, match=r"non-finite weights: model\.wte\.weight \(16 of \d+ non-finite\)"):
-        loop.read_checkpoint(loop.setup(_config()), folder)
+        read_checkpoint(loop.setup(_config()), folder)
 
 
 def test_non_finite_optimizer_state_is_refused(checkpoints: Path) -> None:
@@ -165,7 +167,7 @@ def test_non_finite_optimizer_state_is_refused(checkpoints: Path) -> None:
     next(iter(payload["optimizer"]["state"].values()))["exp_avg_sq"].view(-1)[0] = float("inf")
     write_payload(payload, folder)
     with pytest.raises(CheckpointCorrupt, match=r"non-finite optimizer state: optimizer\.state\[0\]\.exp_avg_sq"):
-        loop.read_checkpoint(loop.setup(_config()), folder)
+        read_checkpoint(loop.setup(_config()), folder)
 
 
 def test_a_checkpoint_without_checksum_is_read_with_a_warning_but_still_checked(checkpoints: Path) -> None:
@@ -177,7 +179,7 @@ def test_a_checkpoint_without_checksum_is_read_with_a_warning_but_still_checked(
     payload["trainable"]["model.wte.weight"][0, 0] = float("nan")
     torch.save(payload, folder / PAYLOAD)
     with pytest.warns(CheckpointWarning), pytest.raises(CheckpointCorrupt, match="non-finite weights"):
-        loop.read_checkpoint(loop.setup(_config()), folder)
+        read_checkpoint(loop.setup(_config()), folder)
 
 
 @pytest.mark.parametrize("content", ["", "not a digest\n", "\xff\xfe"])
