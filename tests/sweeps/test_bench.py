@@ -1,10 +1,10 @@
-"""sweeps/bench.py runs both sides on the same shapes and prints a ratio (timing itself is not asserted)."""
+"""sweeps/bench/step.py runs both sides on the same shapes and prints a ratio (timing itself is not asserted)."""
 
 from __future__ import annotations
 
 import re
 
-from sweeps.bench import main
+from sweeps.bench.step import main
 
 
 def test_bench_smoke_prints_both_sides_and_a_ratio(capsys) -> None:
@@ -17,7 +17,7 @@ def test_bench_smoke_prints_both_sides_and_a_ratio(capsys) -> None:
 
 
 def test_dpo_reference_bench_smoke_compares_both_strategies(capsys) -> None:
-    from sweeps.bench_dpo import main as bench_dpo
+    from sweeps.bench.dpo import main as bench_dpo
 
     assert bench_dpo(["--smoke"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"(full|last_k) ", line)]

@@ -1,10 +1,10 @@
-"""sweeps/bench_trial.py runs a whole trial on both sides with the same work (timing itself is not asserted)."""
+"""sweeps/bench/trial.py runs a whole trial on both sides with the same work (timing itself is not asserted)."""
 
 from __future__ import annotations
 
 import re
 
-from sweeps.bench_trial import SMOKE, compare_trials, main
+from sweeps.bench.trial import SMOKE, compare_trials, main
 
 
 def test_both_sides_train_the_same_examples_and_tokens(real_data) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweeps import preflight
+from sweeps.bench import preflight
 from sweeps.launch import main as launch
 from tests.conftest import REPO_ROOT
 
@@ -113,14 +113,8 @@ def _plan(capsys, *args: str) -> dict:
 
 
 def test_the_dry_run_costs_with_a_preflights_rates_and_names_it(tmp_path: Path, monkeypatch, capsys) -> None:
-    from sweeps.study import (
-        estimate_eval_tokens,
-        estimate_params,
-        estimate_tokens,
-        load_study,
-        plan,
-        training_flops_per_token,
-    )
+    from sweeps.costs import estimate_eval_tokens, estimate_params, estimate_tokens, training_flops_per_token
+    from sweeps.study import load_study, plan
 
     monkeypatch.chdir(tmp_path)  # no report at the default path yet
     db = ["--db", str(tmp_path / "none.duckdb"), "--set", "train.device=auto"]  # the study pins the CPU
@@ -161,3 +155,15 @@ def test_a_malformed_preflight_report_exits_2_naming_the_file(text: str, expecte
     assert f"--preflight: {path}" in err and expected in err, err
     assert launch([*dry, "--preflight", str(tmp_path / "missing.json")]) == 2
     assert f"{tmp_path / 'missing.json'}: no such file" in capsys.readouterr().err
+
+
+def test_the_preflight_starts_without_ray_or_duckdb() -> None:
+    """A bare GPU machine may have neither: the entry point and every check module import without them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['duckdb'] = sys.modules['ray'] = None\n"  # importing either now raises
+            "import sweeps.preflight, sweeps.bench.preflight, sweeps.bench.packing, sweeps.bench.overhead\n"
+            "print('imported')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr

@@ -1,10 +1,10 @@
 """Our training step against `transformers` (+ `peft` for LoRA): same weights, shape, batch, length, precision.
 
-    python sweeps/bench.py                         # gpt2 (124M shape, random weights), CPU fp32 or CUDA bf16
-    python sweeps/bench.py --n-layer 4 --steps 3   # quicker
-    python sweeps/bench.py --seq 128,512,1024 --compile-reference   # also against transformers under torch.compile
-    python sweeps/bench.py --smoke                 # tiny, seconds: checks the script runs
-    python sweeps/bench.py --level trial [...]     # whole trials vs Hugging Face Trainer: sweeps/bench_trial.py
+    python sweeps/bench/step.py                         # gpt2 (124M shape, random weights), CPU fp32 or CUDA bf16
+    python sweeps/bench/step.py --n-layer 4 --steps 3   # quicker
+    python sweeps/bench/step.py --seq 128,512,1024 --compile-reference   # also against transformers under torch.compile
+    python sweeps/bench/step.py --smoke                 # tiny, seconds: checks the script runs
+    python sweeps/bench/step.py --level trial [...]     # whole trials vs Hugging Face Trainer: sweeps/bench/trial.py
 
 One step = forward, loss, backward, AdamW step, exactly as a trial runs it (our side goes through the tasks' own loss
 functions). The sides alternate within each round so drift in machine load hits all of them; the median step time
@@ -12,18 +12,16 @@ after warm-up gives tokens/s. Workloads:
 - ``instruction``: language modelling where the first half of each sequence is prompt (loss on the rest), as Alpaca;
 - ``classification``: last-token classification into 2 classes, as SMS spam / IMDB.
 
-``sweeps/preflight.py`` measures its speed figures with ``build_sides`` and ``compare`` from here, so this script and
-the preflight report the same ratios from the same code.
+The preflight (``sweeps/bench/speed.py``) measures its speed figures with ``build_sides`` and ``compare`` from here,
+so this script and the preflight report the same ratios from the same code.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ import transformers
 from model import GPT2, GPT2Config
 from model.lora import LoRAConfig
 from model.methods import MethodConfig, apply_method
+from sweeps.bench.timing import autocast_for, measure
 from sweeps.optim import OptimConfig, build_optimizer
 from tasks import Batch, TaskConfig, get_task
 
@@ -49,12 +48,6 @@ class Side:
 
     step: Step
     trainable: int
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously), so a timer measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_batch(workload: str, batch: int, seq: int, vocab_size: int, device: torch.device) -> Batch:
@@ -138,34 +131,12 @@ def build_sides(path: Path, workload: str, method: str, lora: LoRAConfig, device
     return sides
 
 
-def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int, device: torch.device,
-            autocast: AbstractContextManager) -> dict[str, float]:
-    """Median seconds per step of each side, alternating which goes first every round."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(warmup + rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            sync(device)
-            start = time.perf_counter()
-            with autocast:
-                steps[name]()
-            sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def compare(sides: dict[str, Side], batch: Batch, rounds: int, warmup: int, device: torch.device,
             autocast: AbstractContextManager) -> dict[str, float]:
     """Training tokens/s of every side on the same batch (all its tokens count: the rows are unpadded)."""
     seconds = measure({name: functools.partial(side.step, batch) for name, side in sides.items()}, rounds, warmup,
                       device, autocast)
     return {name: batch.input_ids.numel() / s for name, s in seconds.items()}
-
-
-def autocast_for(device: torch.device) -> AbstractContextManager:
-    """How trials run: bf16 autocast on CUDA, float32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _row(workload: str, method: str, seq: int, sides: dict[str, Side], speed: dict[str, float]) -> str:
@@ -196,19 +167,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_level(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--level``: parsed first on its own, since the trial level's options are ``sweeps/bench_trial.py``'s."""
+    """``--level``: parsed first on its own, since the trial level's options are ``sweeps/bench/trial.py``'s."""
     parser.add_argument("--level", choices=("step", "trial"), default="step",
                         help="step: one training step (this script); trial: whole trials vs Hugging Face Trainer "
-                             "(sweeps/bench_trial.py, whose options then apply)")
+                             "(sweeps/bench/trial.py, whose options then apply)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     chosen, rest = _add_level(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     if chosen.level == "trial":
-        from sweeps import bench_trial
+        from sweeps.bench import trial
 
-        return bench_trial.main(rest)
+        return trial.main(rest)
     args = _parser().parse_args(rest)
     transformers.logging.set_verbosity_error()  # no "newly initialized score weights" notes between the rows
     transformers.logging.disable_progress_bar()  # nor "Loading weights" bars

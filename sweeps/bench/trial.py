@@ -1,10 +1,10 @@
 """A whole trial, ours against Hugging Face ``Trainer`` (+ ``peft`` for LoRA), each run as its users run it.
 
-    python sweeps/bench_trial.py                       # 4-block gpt2-width random checkpoint, 600 SMS-spam examples
-    python sweeps/bench_trial.py --methods full --rounds 5
-    python sweeps/bench_trial.py --smoke               # tiny shape, seconds: checks the script runs
+    python sweeps/bench/trial.py                       # 4-block gpt2-width random checkpoint, 600 SMS-spam examples
+    python sweeps/bench/trial.py --methods full --rounds 5
+    python sweeps/bench/trial.py --smoke               # tiny shape, seconds: checks the script runs
 
-What users compare is a whole trial, not a step (``sweeps/bench.py`` times steps). Same work on both sides:
+What users compare is a whole trial, not a step (``sweeps/bench/step.py`` times steps). Same work on both sides:
 - the same saved random checkpoint (gpt2 width 768, 12 heads, ``--n-layer`` blocks), loaded by each side;
 - the same SMS-spam training examples, loaded through our task, so the very same token ids. No Hugging Face
   tokenizer files exist offline, so Trainer gets those ids (tiktoken's GPT-2 encoding, the ids GPT-2's tokenizer
@@ -44,7 +44,7 @@ import torch
 
 from model import GPT2, GPT2Config, get_tokenizer
 from model.tokenizer import EOT_TOKEN_ID
-from sweeps.bench import sync
+from sweeps.bench.timing import sync
 from sweeps.config import TrialConfig
 from sweeps.loop import SUBSET_SEED, run_trial
 from tasks import EncodedSplit, TaskConfig, get_task

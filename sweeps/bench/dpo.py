@@ -1,7 +1,7 @@
 """DPO reference model for full / last-k fine-tuning: a frozen copy run at every step, or log-probs precomputed once.
 
-    python sweeps/bench_dpo.py                  # gpt2 (124M shape, random weights), 1 and 2 epochs over 16 batches
-    python sweeps/bench_dpo.py --smoke          # tiny, seconds: checks the script runs
+    python sweeps/bench/dpo.py                  # gpt2 (124M shape, random weights), 1 and 2 epochs over 16 batches
+    python sweeps/bench/dpo.py --smoke          # tiny, seconds: checks the script runs
 
 Both strategies train the same model on the same pairs with the same optimizer; they differ only in where the
 reference log-probs come from. Each round runs one then the other (alternating which goes first), and the medians of
