@@ -275,7 +275,7 @@ def records(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | N
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-# --- the sweep driver's questions (sweeps/launch.py resume and status, sweeps/study.py dpo.init) ---------------------
+# --- the sweep driver's questions (sweeps/resume.py, sweeps/status.py, sweeps/study.py dpo.init) -----------------
 
 SWEEP_TO_RESUME = """
 -- The sweep `launch.py resume` continues: the one named, else the most recent; where Ray keeps it, and per-trial

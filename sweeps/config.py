@@ -18,8 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from model.config import ConfigError, Problems, is_int, is_number
-from model.gpt2 import PRESETS, GPT2Config, preset_name
+from model.config import PRESETS, ConfigError, GPT2Config, Problems, is_int, is_number, preset_name
 from model.lora import LoRAConfig
 from model.methods import MethodConfig
 from sweeps.optim import OptimConfig, ScheduleConfig

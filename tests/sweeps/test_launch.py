@@ -355,7 +355,8 @@ def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys, monkeypatch) 
 
 def test_dry_run_writes_the_plan_as_csv_and_json(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # a preflight report at the default path would change the estimate
-    from sweeps.study import duplicates_removed, load_study, plan, planned_memberships, read_plan_csv
+    from sweeps.dry_run import read_plan_csv
+    from sweeps.study import duplicates_removed, load_study, plan, planned_memberships
 
     db = tmp_path / "results.duckdb"
     trials = plan(load_study("guide"), "g1")
@@ -400,7 +401,8 @@ def _measured_db(path: Path) -> Path:
 
 def test_dry_run_uses_measured_rates_where_the_database_has_them(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # a preflight report at the default path would change the estimate
-    from sweeps.study import estimate_eval_tokens, estimate_tokens, load_study, plan
+    from sweeps.costs import estimate_eval_tokens, estimate_tokens
+    from sweeps.study import load_study, plan
 
     db = _measured_db(tmp_path / "measured.duckdb")
     trials = plan(load_study(str(REPO_ROOT / SHARED_STUDY)), "g1")
@@ -479,7 +481,7 @@ def test_resume_and_status_ask_the_database_through_analysis(tmp_path: Path, cap
     counts, go through analysis/ (queries.py and ResultsWriter); the trials come back as they were planned."""
     from analysis import queries
     from analysis.db import ResultsWriter, connect, trial_row
-    from sweeps.launch import planned_unfinished
+    from sweeps.resume import planned_unfinished
     from sweeps.study import load_study, plan
 
     db = tmp_path / "results.duckdb"
@@ -512,7 +514,7 @@ def test_only_the_vanished_ray_temp_file_sync_error_is_hidden() -> None:
     harmless); that one traceback is filtered, every other sync error still shows."""
     import logging
 
-    from sweeps.launch import _not_a_vanished_ray_temp_file as shown
+    from sweeps.cluster import _not_a_vanished_ray_temp_file as shown
 
     def record(err: Exception) -> logging.LogRecord:
         try:

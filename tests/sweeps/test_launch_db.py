@@ -81,7 +81,7 @@ def test_a_full_disk_under_ray_storage_marks_the_sweep_interrupted_with_one_clea
     """Ray's fit fails on its storage (ENOSPC wrapped in Ray's own error): the sweep is interrupted, the message is
     one line naming the database and saying how to go on."""
     from analysis.db import DiskFullError, ResultsWriter
-    from sweeps.launch import _run_and_close
+    from sweeps.driver import run_and_close as _run_and_close
 
     db = tmp_path / "results.duckdb"
 

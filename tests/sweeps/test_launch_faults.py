@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.launch import FAILED_TRIALS_EXIT, KEEP_CHECKPOINTS, main, recorded_checkpoints
+from sweeps.driver import FAILED_TRIALS_EXIT, KEEP_CHECKPOINTS
+from sweeps.launch import main
 from sweeps.ray_trial import error_line, estimate_eta, format_duration, progress_line, render_progress
+from sweeps.resume import recorded_checkpoints
 from tests.sweeps.test_launch import SMOKE, _db, _launch, _launch_wrapped, sessions  # noqa: F401 (a fixture)
 
 PROGRESS = re.compile(r"^progress: (\d+)/(\d+) trials done(?: \((\d+) failed\))?, (\d+) running, (\d+) pending; "

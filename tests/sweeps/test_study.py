@@ -9,23 +9,19 @@ import pytest
 import yaml
 
 from model import ConfigError
+from sweeps.costs import SETUP_SECONDS, THROUGHPUT, PreflightRates, trial_cost
+from sweeps.dry_run import read_plan_csv, write_plan_csv
 from sweeps.launch import main
 from sweeps.study import (
-    SETUP_SECONDS,
     STUDIES_DIR,
-    THROUGHPUT,
     PlannedTrial,
-    PreflightRates,
     Study,
     config_key,
     duplicates_removed,
     load_study,
     plan,
     planned_memberships,
-    read_plan_csv,
     resolve_study_path,
-    trial_cost,
-    write_plan_csv,
 )
 
 

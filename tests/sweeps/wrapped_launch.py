@@ -5,7 +5,7 @@ here, in the tests, instead of in ``sweeps.ray_trial``.
 
 It replaces ``sweeps.ray_trial.trainable`` with :func:`trainable` below and runs ``sweeps.launch.main``, whose commands
 import ``trainable`` from ``sweeps.ray_trial`` when they run, so they pick up the wrapper. The wrapper does nothing
-unless one of these (tests only) is set; Ray passes ``FINETUNE_*`` variables on to the trials (``launch.start_ray``):
+unless one of these (tests only) is set; Ray passes ``FINETUNE_*`` variables on to the trials (``sweeps.cluster.start_ray``):
 
 ``FINETUNE_TEST_FAIL_ONCE_DIR``
     each trial raises once, right after its first checkpoint reached Ray (a marker file named by the trial id in this

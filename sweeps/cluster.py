@@ -1,0 +1,116 @@
+"""Ray on this machine or a cluster: start or join it, and refuse per-trial resources no node can give.
+
+Imported before Ray is: the environment defaults below must be set before ``import ray``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+
+from model import ConfigError
+
+# Experiment state saved at every controller step: a killed driver loses at most the result in flight.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # results live in DuckDB, not CSV/TensorBoard
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry unless the user opts in
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # frequent saves are deliberate
+
+
+
+# Ray's driver uploads its experiment state (<storage>/<sweep>: experiment_state-*.json, the searcher's state) from a
+# staging directory in a background thread, while the next controller step (every step: TUNE_GLOBAL_CHECKPOINT_S=0)
+# writes it again. Ray writes the searcher's state as ".<uuid>-tmp-<name>" and renames it into place
+# (ray/tune/utils/util.py _atomic_save); an upload that listed the directory before that rename fails on the vanished
+# file with FileNotFoundError, and Ray logs the traceback (ray/train/_internal/syncer.py _launch_sync_process;
+# ray/tune/execution/experiment_state.py wait_for_sync). Harmless: the file is there under its final name, Ray starts
+# the next upload at once, and a run ends with an upload it waits for; trial checkpoints never go this way (trials
+# write them to storage themselves). Only that failure is hidden; every other sync error still shows.
+_RAY_TEMP_FILE_GONE = re.compile(r"FileNotFoundError\b.*[/\\]\.[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-")
+
+
+def _not_a_vanished_ray_temp_file(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += f"\n{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+    last = text.strip().splitlines()[-1:]  # the exception a traceback ends with
+    return not (last and _RAY_TEMP_FILE_GONE.search(last[0]))
+
+
+def start_ray(address: str | None, node_ip_address: str | None = None) -> None:
+    import ray
+
+    # Tune's end-of-run analysis looks for its CSV/JSON logs, which are off (results live in DuckDB)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    for name in ("ray.train._internal.syncer", "ray.tune.execution.experiment_state"):
+        logging.getLogger(name).addFilter(_not_a_vanished_ray_temp_file)
+    if ray.is_initialized():
+        return
+    # address "local": without --address always start a fresh Ray here, never attach to a cluster left behind
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip_address,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                       if k.startswith(("FINETUNE_", "HF_", "TUNE_"))}})
+
+
+def check_local_resources(cpus: float, gpus: float) -> None:
+    """Without --address, Ray runs on this machine: refuse what it cannot give before starting anything."""
+    import torch
+
+    have_cpu, have_gpu = os.cpu_count() or 1, torch.cuda.device_count()
+    problems = []
+    if cpus > have_cpu:
+        problems.append(("--cpus-per-trial", f"asked {cpus:g} CPU per trial; this machine has {have_cpu}"))
+    if gpus > have_gpu:
+        problems.append(("--gpus-per-trial", f"asked {gpus:g} GPU per trial; this machine has {have_gpu} "
+                                             "(pass --address to use a GPU cluster)"))
+    if problems:
+        raise ConfigError(problems, "this machine can never run these trials")
+
+
+def check_resources(cpus: float, gpus: float) -> dict[str, float]:
+    """Refuse a per-trial request no node of the cluster can satisfy (Ray would leave it pending forever)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    best_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    problems = []
+    if cpus > best_cpu:
+        problems.append(("--cpus-per-trial", f"asked {cpus:g} CPU per trial; the largest node has {best_cpu:g}"))
+    if gpus > best_gpu:
+        problems.append(("--gpus-per-trial", f"asked {gpus:g} GPU per trial; the largest node has {best_gpu:g} "
+                                             f"(cluster total {ray.cluster_resources().get('GPU', 0):g})"))
+    if problems:
+        raise ConfigError(problems, "the cluster can never run these trials")
+    return dict(ray.cluster_resources())
+
+
+def check_trial_resources(args: argparse.Namespace, gpus: float) -> None:
+    """Without --address, refuse what this machine cannot give before anything (data, Ray) starts."""
+    if args.address is None:
+        check_local_resources(args.cpus_per_trial, gpus)
+
+
+def start_cluster(args: argparse.Namespace, gpus: float) -> dict[str, float]:
+    """Start or join Ray, then refuse a per-trial request no node can satisfy; the cluster's resources."""
+    start_ray(args.address, args.node_ip_address)
+    return check_resources(args.cpus_per_trial, gpus)
+
+
+
+def default_gpus_per_trial() -> float:
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def trial_gpus(args: argparse.Namespace) -> float:
+    """GPUs per trial: --gpus-per-trial, else 1 where this machine has a GPU. Written back into ``args``, where the
+    Tuner and the sweep row read it."""
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = default_gpus_per_trial()
+    return args.gpus_per_trial
+
