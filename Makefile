@@ -1,11 +1,12 @@
 # make install: .venv with everything (editable install of the top-level packages).
-# make test:    install when needed, then ruff and the test suite.
+# make test:    install when needed, then ruff and the test suite (its 15 slowest tests listed at the end).
+# make test-fast: the tests that start no Ray (the edit-run loop).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo docs clean
 
 install: $(STAMP)
 
@@ -20,7 +21,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
+
+test-fast: lint
+	$(PY) -m pytest -m 'not ray' --durations=15
 
 # The demo study (gpt2 124M on an SMS spam subset, six methods and an A/A control; random-init with a loud warning
 # when offline) on this machine with an embedded Ray, a short table of results, then the guide (its path is the last
@@ -31,6 +35,11 @@ demo: install
 	$(PY) sweeps/launch.py grid --study demo --db $(DEMO_DB)
 	$(PY) sweeps/launch.py summary --db $(DEMO_DB)
 	$(PY) analysis/build_guide.py --db $(DEMO_DB) --out $(DEMO_GUIDE) --margin accuracy=0.03
+
+# The documentation site (docs/, mkdocs.yml) into site/. --strict: a warning (a broken link or anchor, a page left
+# out of the nav, a command whose --help fails while docs/hooks/cli_reference.py generates docs/cli.md) fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache test-artifacts

@@ -17,6 +17,33 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that launches sweeps through the ``sessions`` fixture (a launcher subprocess, which starts Ray) is a Ray
+    test by construction; the guard below catches those that start Ray in this process."""
+    for item in items:
+        if "sessions" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts Ray in this process must say so (``@pytest.mark.ray``), so ``make test-fast`` (``-m 'not
+    ray'``) never waits for one: an unmarked test's ``ray.init`` fails at once, naming the marker."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
+    import sweeps.cluster  # noqa: F401  (Ray's environment defaults, set before Ray is imported)
+
+    try:
+        import ray
+    except ImportError:  # a machine without Ray (a bare GPU box) runs the rest
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One token cache for the whole session (as a sweep has), never the user's own."""
