@@ -9,6 +9,7 @@ be given a planted advantage of ``effect`` accuracy points.
 
     python analysis/calibration.py            # null claim rates and detection rates (about a minute)
     python analysis/calibration.py --smoke    # a few hundred studies, seconds
+    python analysis/calibration.py --design --groups 2 --seeds 3 --examples 300 --margin 0.03   # a study's power
 
 Printed: the share of families that claim any winner when all groups are equal (must stay at or below ALPHA), and
 the share of studies in which a planted difference is detected, with the planted group as the winner.
@@ -18,18 +19,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, stats
 from scipy.special import expit
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.compare import Arm, claims_winner, compare_family
-from analysis.stats import MARGINS, Outcomes
+from analysis.stats import ALPHA, MARGINS, Outcomes, paired_difference
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,13 @@ def simulate_study(setting: Setting, rng: np.random.Generator) -> tuple[list[Arm
     return arms, setting.accuracy + setting.effect
 
 
-def rates(setting: Setting, studies: int, seed: int = 0) -> tuple[float, float]:
+def rates(setting: Setting, studies: int, seed: int = 0, margin: float | None = None) -> tuple[float, float]:
     """(share of families claiming any winner, share where group 0 beats every other group)."""
     rng = np.random.default_rng(seed)
     claimed = detected = 0
     for _ in range(studies):
         arms, _ = simulate_study(setting, rng)
-        verdicts = compare_family(arms, "accuracy", True, MARGINS["accuracy"])
+        verdicts = compare_family(arms, "accuracy", True, MARGINS["accuracy"] if margin is None else margin)
         claimed += claims_winner(verdicts)
         wins = {v.other if v.reference == "g0" else v.reference for v in verdicts if v.kind == "beats"
                 and v.winner == "g0"}
@@ -83,12 +84,61 @@ def rates(setting: Setting, studies: int, seed: int = 0) -> tuple[float, float]:
     return claimed / studies, detected / studies
 
 
+def equivalence_rate(setting: Setting, studies: int, margin: float, seed: int = 0) -> float:
+    """Share of studies of equal groups (no effect) in which every comparison with the reference is "equivalent":
+    groups trained apart (each its own trial effect), so it is the power of a real equivalence, not of an A/A pair."""
+    rng = np.random.default_rng(seed)
+    found = 0
+    for _ in range(studies):
+        arms, _ = simulate_study(replace(setting, effect=0.0), rng)
+        verdicts = compare_family(arms, "accuracy", True, margin)
+        found += bool(verdicts) and all(v.kind == "equivalent" for v in verdicts)
+    return found / studies
+
+
+def identical_pair_halfwidth(seeds: int, examples: int) -> float:
+    """Half-width of the interval of two groups whose predictions are identical (an A/A pair that trains bit for bit
+    alike): zero difference everywhere, the two pseudo-examples' variance alone (``stats.paired_difference``)."""
+    diff = np.zeros((seeds, examples))
+    a = Outcomes(tuple(range(seeds)), np.arange(examples), diff + 1.0, np.ones_like(diff), proportion=True)
+    estimate = paired_difference(a, a)
+    return float(stats.t.ppf(1 - ALPHA / 2, estimate.df) * estimate.se)
+
+
+def design(setting: Setting, margin: float, studies: int) -> list[str]:
+    """What a study of this shape can conclude: false claims, the planted differences it detects, equal groups
+    called equivalent, and the A/A pair's interval (``--design``; the demo study is designed with it)."""
+    claim, _ = rates(setting, studies, margin=margin)
+    lines = [f"{setting.groups} groups x {setting.seeds} seeds, {setting.examples} test examples, accuracy "
+             f"{setting.accuracy:.2f}, margin ±{margin * 100:g} points ({studies} studies per line)",
+             f"  null (all equal): share of families claiming a winner {claim:.3f}"]
+    for effect in (e for e in (0.05, 0.10, 0.15, 0.20) if setting.accuracy + e < 0.99):  # accuracy stays < 1
+        _, found = rates(replace(setting, effect=effect), studies, margin=margin)
+        lines.append(f"  planted {effect * 100:.0f} points: share detected (group 0 beats every other) {found:.3f}")
+    lines.append(f"  equal groups trained apart: share called equivalent {equivalence_rate(setting, studies, margin):.3f}")
+    half = identical_pair_halfwidth(setting.seeds, setting.examples)
+    lines.append(f"  identical A/A pair: interval ±{half * 100:.1f} points, "
+                 + ("inside" if half < margin else "not inside") + f" the ±{margin * 100:g}-point margin")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=2000, help="simulated studies per setting")
     parser.add_argument("--smoke", action="store_true", help="200 studies per setting")
+    parser.add_argument("--design", action="store_true", help="the power of one study shape (--groups, --seeds, "
+                                                              "--examples, --accuracy, --margin) instead of the tables")
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=300, help="test examples")
+    parser.add_argument("--accuracy", type=float, default=0.85, help="the groups' mean accuracy without an effect")
+    parser.add_argument("--margin", type=float, default=MARGINS["accuracy"], help="equivalence margin (accuracy)")
     args = parser.parse_args(argv)
     studies = 200 if args.smoke else args.studies
+    if args.design:
+        shape = Setting(groups=args.groups, seeds=args.seeds, examples=args.examples, accuracy=args.accuracy)
+        print("\n".join(design(shape, args.margin, studies)))
+        return 0
     print(f"null: all groups equal ({studies} studies each); share of families claiming a winner")
     for groups in (2, 4, 6):
         for seeds in (2, 3, 5):
