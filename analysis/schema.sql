@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS trials (
     model_n_layer            INTEGER,
     model_n_head             INTEGER,
     model_n_embd             INTEGER,
+    model_init_seed          INTEGER,
     method_name              VARCHAR,
     method_k                 INTEGER,
     method_train_embeddings  BOOLEAN,
@@ -151,6 +152,7 @@ CREATE TABLE IF NOT EXISTS trials (
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_export BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_beta DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_loss VARCHAR;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS model_init_seed INTEGER;  -- version 2
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_label_smoothing DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS dpo_init VARCHAR;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;

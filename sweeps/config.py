@@ -45,9 +45,15 @@ class ModelConfig:
     """Random init only: override the preset's number of heads."""
     n_embd: int | None = None
     """Random init only: override the preset's width."""
+    init_seed: int | None = None
+    """Random init only: the seed of the random weights; None draws them from ``train.seed``. A fixed value keeps one
+    random model across a study's seeds, as a pretrained checkpoint is one model, so the seeds vary what they vary
+    with pretrained weights (head, data order), not the model itself. Ignored when the checkpoint is loaded."""
 
     def __post_init__(self) -> None:
         problems = Problems()
+        if self.init_seed is not None and (not is_int(self.init_seed) or self.init_seed < 0):
+            problems.add("init_seed", f"must be an integer >= 0 or null, got {self.init_seed!r}")
         if not isinstance(self.name, str) or not self.name:
             problems.add("name", f"must be a preset, hub id or directory, got {self.name!r}")
         if self.init not in INITS:

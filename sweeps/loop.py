@@ -79,7 +79,7 @@ def build_model(config: ModelConfig, seed: int, start_from: str | None = None) -
     if config.init == "pretrained":
         return GPT2.from_pretrained(config.name, **dropout)
     overrides = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd") if getattr(config, k) is not None}
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if config.init_seed is None else config.init_seed)
     return GPT2(GPT2Config.from_preset(config.name, **overrides, **dropout))
 
 

@@ -421,6 +421,26 @@ def test_a_database_from_before_the_marker_reads_as_it_was_and_a_writer_migrates
     check.close()
 
 
+
+def test_a_version_1_file_opens_read_only_as_it_is_and_a_writer_brings_it_to_version_2(tmp_path: Path) -> None:
+    """Version 2 added trials.model_init_seed: a version-1 file is no damaged file; a reader leaves it untouched, the
+    first writer adds the column (empty for the old rows) and marks the file version 2, keeping every row."""
+    import duckdb
+
+    path = _shared_db(tmp_path / "db.duckdb")
+    con = duckdb.connect(str(path))
+    con.execute("ALTER TABLE trials DROP COLUMN model_init_seed; UPDATE study_database SET schema_version = 1")
+    con.close()
+    before = _sha(path)
+    reader = connect(path, read_only=True)
+    assert reader.execute("SELECT count(*) FROM trials").fetchone() == (9,)
+    reader.close()
+    assert _sha(path) == before
+    writer = connect(path)
+    assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [(2, 1)]
+    assert writer.execute("SELECT count(*), count(model_init_seed) FROM trials").fetchone() == (9, 0)
+    writer.close()
+
 def test_a_final_record_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk half-way through a trial's final rows: none of them stay (the trial is still running), and the
     database stays readable and writable."""

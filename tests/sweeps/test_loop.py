@@ -329,3 +329,20 @@ def test_dpo_keeps_its_starting_generations_across_a_resume(real_data, tmp_path:
                                task__max_length=96, task__num_generations=2, train__max_new_tokens=2,
                                train__max_steps=1)).record
     assert {g.stage for g in alpaca.generations} == {"final"}  # instruction tuning keeps its final weights' only
+
+
+def test_a_fixed_init_seed_keeps_one_random_model_across_trial_seeds() -> None:
+    """model.init_seed: the random weights stand still while train.seed changes (as a pretrained checkpoint does);
+    unset, each trial seed draws its own model; a bad value is a ConfigError naming the key."""
+    from model import ConfigError
+    from sweeps.config import ModelConfig
+    from sweeps.loop import build_model
+
+    def wte(seed: int, init_seed: int | None) -> torch.Tensor:
+        config = ModelConfig(init="random", n_layer=1, n_head=2, n_embd=8, init_seed=init_seed)
+        return build_model(config, seed).wte.weight
+
+    assert torch.equal(wte(0, 7), wte(1, 7))
+    assert not torch.equal(wte(0, None), wte(1, None))
+    with pytest.raises(ConfigError, match="init_seed"):
+        ModelConfig(init="random", init_seed=-1)
