@@ -25,7 +25,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
 DPI = 110
 PAGE_INCHES = 10.3  # report_templates/guide.html.j2: body max-width 1180px less its padding, at DPI
-# What one training-loss value averages over, by what a training example is for the task (see guide.section).
+# What one training-loss value averages over, by what a training example is for the task (see analysis/guide/summary.py section).
 LOSS_UNITS = {"token": "nats/token", "example": "nats/example", "pair": "DPO, per pair"}
 # A LoRA-rank group's rank, from its study name (r8, lora_r8, rank8): the guide's rows do not carry lora_rank.
 RANK_NAME = re.compile(r"(?:^|[^a-z0-9])r(?:ank)?[_=-]?(\d+)$", re.IGNORECASE)
@@ -418,7 +418,7 @@ def render(figure_specs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     root = Path(out_dir).resolve()
     for spec in figure_specs:
         path = out_dir / spec["file"]
-        if not path.resolve().is_relative_to(root):  # guide.figure_file never makes one; a hand-made spec might
+        if not path.resolve().is_relative_to(root):  # analysis.guide.records.figure_file never makes one; a hand-made spec might
             raise ValueError(f"figure file {spec['file']!r} lies outside {out_dir}; not drawn")
         path.parent.mkdir(parents=True, exist_ok=True)
         DRAW[spec["kind"]](spec, path)

@@ -88,3 +88,19 @@ def test_the_winner_follows_the_metrics_direction(hib: bool) -> None:
     [v] = compare_family([_arm("a", 0.9, [high] * 3), _arm("b", 0.1 if hib else 2.0, [low] * 3)], "accuracy", hib,
                          0.01)
     assert v.kind == "beats" and v.winner == ("a" if hib else "b")
+
+
+def test_the_design_figures_agree_with_the_comparison_itself() -> None:
+    """``calibration --design``'s A/A interval is the one compare_family judges: identical groups at the demo's shape
+    (3 seeds, 300 test examples) are equivalent within ±3 points and not within ±1.5 (the interval is ±2.0)."""
+    from analysis.calibration import design, identical_pair_halfwidth
+
+    half = identical_pair_halfwidth(3, 300)
+    assert 0.015 < half < 0.03
+    row = [1] * 200 + [0] * 100
+    arms = [_arm("a", 0.7, [row] * 3), _arm("b", 0.6, [row] * 3)]
+    assert [v.kind for v in compare_family(arms, "accuracy", True, 0.03)] == ["equivalent"]
+    assert [v.kind for v in compare_family(arms, "accuracy", True, 0.015)] == ["inconclusive"]
+    lines = design(Setting(groups=2, seeds=3, examples=300, accuracy=0.65), 0.03, studies=60)
+    assert any(line.startswith("  planted 20 points") for line in lines)
+    assert lines[-1] == f"  identical A/A pair: interval ±{half * 100:.1f} points, inside the ±3-point margin"
