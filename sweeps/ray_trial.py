@@ -123,9 +123,13 @@ def render_progress(line: str, tty: bool, width: int = 100) -> str:
     return f"\r{line[:max(width - 1, 1)]}\x1b[K" if tty else line + "\n"
 
 
-def estimate_eta(done_here: int, left: int, elapsed_s: float) -> float | None:
-    """Seconds left at the pace of the trials finished since this driver started (None before the first)."""
-    return elapsed_s / done_here * left if done_here > 0 else None
+def estimate_eta(done_here: int, left: int, elapsed_s: float, since_last_s: float = 0.0) -> float | None:
+    """Seconds left at the pace of the trials finished since this driver started (None before the first). The pace
+    is taken at the last finish, ``since_last_s`` ago, and that time already counts as spent: between finishes the
+    estimate counts down instead of growing with the elapsed time (trials running side by side finish together)."""
+    if done_here <= 0:
+        return None
+    return max((elapsed_s - since_last_s) / done_here * left - since_last_s, 0.0)
 
 
 _driver_writer: ResultsWriter | None = None  # the sweep driver's open database (writing_to), for every callback
@@ -230,7 +234,8 @@ class DuckDBCallback(tune.Callback):
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
               **info: Any) -> None:
         self._progress = {"started": time.monotonic(), "total": total_num_samples or 0, "done_at_start": None,
-                          "shown_at": None, "drawn": False, "failed": set(),
+                          "shown_at": None, "drawn": False, "failed": set(), "done": 0,
+                          "last_done_at": None,
                           "tty": sys.stdout.isatty(), "interval": float(os.environ.get(PROGRESS_INTERVAL_S) or
                                                                       DEFAULT_PROGRESS_INTERVAL_S)}
 
@@ -259,9 +264,13 @@ class DuckDBCallback(tune.Callback):
         total = max(len(trials), state["total"])
         if state["done_at_start"] is None:
             state["done_at_start"] = done  # a resumed sweep's finished trials do not speed up the ETA
-        elapsed = time.monotonic() - state["started"]
-        return progress_line(done, len(state["failed"]), running, total - done - running, total, elapsed,
-                             estimate_eta(done - state["done_at_start"], total - done, elapsed))
+        now = time.monotonic()
+        if done > state["done"]:
+            state["done"], state["last_done_at"] = done, now
+        since_last = now - state["last_done_at"] if state["last_done_at"] is not None else 0.0
+        return progress_line(done, len(state["failed"]), running, total - done - running, total, now - state["started"],
+                             estimate_eta(done - state["done_at_start"], total - done, now - state["started"],
+                                          since_last))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.progress or not trials:

@@ -26,6 +26,17 @@ PROGRESS = re.compile(r"^progress: (\d+)/(\d+) trials done(?: \((\d+) failed\))?
 # --- progress output: the formatting, as a unit ----------------------------------------------------------------------
 
 
+
+def test_the_eta_counts_down_between_finishes_instead_of_growing() -> None:
+    """Two trials side by side finish together: the old estimate (elapsed / done x left) grew between finishes (the
+    demo, 4 of 12 done at 140 s: 5:01 left at 151 s, 6:01 at 181 s; 3:41 was true). Paced at the last finish, the time
+    since it already spent, it counts down."""
+    at_finish = estimate_eta(4, 8, 140.0, since_last_s=0.0)
+    assert at_finish == 280.0
+    later = [estimate_eta(4, 8, 140.0 + t, since_last_s=t) for t in (11.0, 41.0)]
+    assert later == [269.0, 239.0]  # the true time left at 151 s and 181 s: 221 s and 191 s
+    assert estimate_eta(4, 8, 400.0, since_last_s=399.0) == 0.0  # never negative
+
 def test_progress_line_and_its_terminal_and_log_rendering() -> None:
     assert format_duration(5) == "0:05" and format_duration(61.6) == "1:02" and format_duration(3725) == "1:02:05"
     assert format_duration(None) == "?" and format_duration(float("inf")) == "?"
