@@ -7,12 +7,13 @@ onto the sections, reads strings by each field's type, and reports every problem
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -220,7 +221,7 @@ class TrialConfig:
                 problems.add(key, f"unknown key; sections are {', '.join(SECTIONS)} (e.g. lora.rank)")
                 continue
             section_cls = SECTIONS[section]
-            hints = get_type_hints(section_cls)
+            hints = _field_types(section_cls)
             if name not in hints or name.startswith("_"):
                 known = ", ".join(f"{section}.{f.name}" for f in fields(section_cls))
                 problems.add(key, f"unknown key; {section} has {known}")
@@ -246,9 +247,18 @@ class TrialConfig:
         """The inverse of ``from_flat``: JSON-friendly values under dotted keys."""
         flat = {}
         for section in SECTIONS:
-            for key, value in asdict(getattr(self, section)).items():
-                flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+            options = getattr(self, section)
+            for f in fields(options):  # sections are flat: a field is a scalar or a tuple of scalars
+                value = getattr(options, f.name)
+                flat[f"{section}.{f.name}"] = list(value) if isinstance(value, tuple) else value
         return flat
+
+
+@functools.cache
+def _field_types(section_cls: type) -> dict[str, Any]:
+    """A section's resolved field types, once per class: resolving string annotations is most of the cost of
+    ``from_flat``, which planning the guide study calls thousands of times."""
+    return get_type_hints(section_cls)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
