@@ -76,6 +76,25 @@ def test_lr_curve_matches_the_definition(schedule: str) -> None:
         assert lr == pytest.approx(2.0 * _definition(schedule, step), abs=1e-9), f"{schedule} at step {step}"
 
 
+@pytest.mark.parametrize("warmup", [{}, {"warmup_steps": 3}, {"warmup_ratio": 0.25}])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_step_equals_transformers_get_scheduler(schedule: str, warmup: dict) -> None:
+    """The reference the formulas come from, step for step, with and without warmup and past the last step."""
+    from transformers import get_scheduler
+
+    config, total = ScheduleConfig(name=schedule, num_cycles=3, **warmup), 17
+    name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+    extra = {"num_training_steps": total} if schedule not in ("constant", "inverse_sqrt") else {}
+    if schedule == "cosine_with_restarts":
+        extra["scheduler_specific_kwargs"] = {"num_cycles": 3}
+    ours_opt, ref_opt = (build_optimizer([_tiny()[0]], OptimConfig(lr=2.0)) for _ in range(2))
+    ours = build_scheduler(ours_opt, config, total_steps=total)
+    ref = get_scheduler(name, ref_opt, num_warmup_steps=config.warmup_for(total), **extra)
+    for step in range(total + 3):
+        assert ours.get_last_lr() == pytest.approx(ref.get_last_lr(), abs=1e-12), f"{schedule} at step {step}"
+        ours_opt.step(), ours.step(), ref_opt.step(), ref.step()
+
+
 def test_warmup_ratio_counts_from_total_steps() -> None:
     assert ScheduleConfig(warmup_ratio=0.1).warmup_for(110) == 11
     assert ScheduleConfig(warmup_steps=7).warmup_for(110) == 7
