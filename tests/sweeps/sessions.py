@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
+import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRIAL_COMMANDS = ("grid", "resume", "search")  # the launcher's commands that start or join Ray
 
 
 def pids_in_session(sid: int) -> list[int]:
@@ -18,14 +25,26 @@ class Sessions:
     """Start commands each in a new session; ``end_all`` kills every process of those sessions (Ray's workers
     leave the process group but stay in the session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ray: SharedRay | None = None) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.ray = ray
 
     def start(self, args: list[str], **kwargs) -> subprocess.Popen:
         proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, **kwargs)
         self.procs.append(proc)
         return proc
+
+    def launch(self, command: list[str], args: tuple[str, ...], env: dict | None = None,
+               own_ray: bool = False) -> subprocess.Popen:
+        """A launcher (``command``: ``sweeps/launch.py`` or a test wrapper of it) with ``args``. A command that runs
+        trials joins the session's shared Ray cluster, unless the test asks for Ray of its own (``own_ray``) or names
+        a cluster itself (``--address``)."""
+        extra: dict = {}
+        if self.ray is not None and not own_ray and args and args[0] in TRIAL_COMMANDS and "--address" not in args:
+            join_args, extra = self.ray.join()
+            args = (args[0], *join_args, *args[1:])
+        return self.start([*command, *args], cwd=REPO_ROOT, env={**os.environ, **extra, **(env or {})})
 
     def end(self, proc: subprocess.Popen) -> None:
         for _ in range(50):
@@ -43,3 +62,66 @@ class Sessions:
         for proc in self.procs:
             self.end(proc)
         return [pid for proc in self.procs for pid in pids_in_session(proc.pid)]
+
+
+# Ray rewrites 127.0.0.1 to the machine's interface address, which is not reachable here; 127.0.0.2 is loopback too
+# and Ray takes it as given.
+NODE_IP = "127.0.0.2"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive_nodes(address: str, env: dict) -> int:
+    """How many nodes the cluster at ``address`` has alive (0 while it is not up yet)."""
+    code = (f"import ray; ray.init(address={address!r}, _node_ip_address={NODE_IP!r}, log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0
+
+
+def start_cluster(sessions: Sessions, nodes: int = 1, cpus_per_node: int | None = None,
+                  timeout_s: float = 180) -> tuple[str, dict]:
+    """A Ray cluster on this machine: a head and ``nodes - 1`` more nodes, each started with ``ray start --block`` in
+    a session of its own. Token authentication (Ray's default for ``ray start``) with one token for every process.
+    Returns the head's address and the variables a driver needs to join (its token)."""
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **token}
+    address = f"{NODE_IP}:{free_port()}"
+    node = [f"--node-ip-address={NODE_IP}", "--disable-usage-stats", "--block",
+            *([f"--num-cpus={cpus_per_node}"] if cpus_per_node else [])]
+    sessions.start([RAY, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false",
+                    *node], env=env)
+    deadline = time.monotonic() + timeout_s
+    for joined in range(1, nodes + 1):
+        if joined > 1:
+            sessions.start([RAY, "start", f"--address={address}", *node], env=env)
+        while alive_nodes(address, env) < joined:
+            assert time.monotonic() < deadline, f"node {joined} of the cluster at {address} did not start"
+            time.sleep(1)
+    return address, token
+
+
+class SharedRay:
+    """One Ray cluster (one node, this machine's CPUs) for every launcher test of the session that can share one,
+    started on first use: each launcher that starts its own Ray spends seconds starting and stopping it. A launcher
+    joins it as a cluster user does (``--address``); tests that need Ray of their own (a two-node cluster, a driver
+    whose kill must take its own Ray with it) start their own."""
+
+    def __init__(self) -> None:
+        self._sessions = Sessions()
+        self._joined: tuple[list[str], dict] | None = None
+
+    def join(self) -> tuple[list[str], dict]:
+        """The launcher arguments and the variables that join the cluster (starting it the first time)."""
+        if self._joined is None:
+            address, token = start_cluster(self._sessions)
+            self._joined = (["--address", address, "--node-ip-address", NODE_IP], token)
+        return self._joined
+
+    def end(self) -> list[int]:
+        return self._sessions.end_all()

@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,22 +20,15 @@ import yaml
 
 from sweeps.launch import main
 from tests.conftest import REPO_ROOT
-from tests.sweeps.sessions import Sessions
+from tests.sweeps.sessions import NODE_IP, Sessions, start_cluster
 
 PY = sys.executable
-RAY = str(Path(sys.executable).parent / "ray")
 SMOKE = yaml.safe_load((REPO_ROOT / "sweeps" / "studies" / "smoke.yaml").read_text())
 
 
-@pytest.fixture
-def sessions():
-    s = Sessions()
-    yield s
-    assert s.end_all() == [], "processes left running"
-
-
-def _launch(sessions: Sessions, *args: str, env: dict | None = None):
-    return sessions.start([PY, "sweeps/launch.py", *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+def _launch(sessions: Sessions, *args: str, env: dict | None = None, own_ray: bool = False):
+    """``sweeps/launch.py`` in a session of its own, on the session's shared Ray cluster unless ``own_ray``."""
+    return sessions.launch([PY, "sweeps/launch.py"], args, env=env, own_ray=own_ray)
 
 
 def _finish(proc, timeout: float = 600) -> str:
@@ -119,50 +111,18 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     assert "0 / 2 / 0 | 100% (2 of 2)" in biased  # every group: two prompts, both ties
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Ray rewrites 127.0.0.1 to the machine's interface address, which is not reachable here; 127.0.0.2 is loopback too
-# and Ray takes it as given. Token authentication (Ray's default for `ray start`) with one token for every process.
-NODE_IP = "127.0.0.2"
-
-
-def _alive_nodes(address: str, env: dict) -> int:
-    code = (f"import ray; ray.init(address={address!r}, _node_ip_address={NODE_IP!r}, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
-    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0
-
-
-def _launch_wrapped(sessions: Sessions, *args: str, env: dict | None = None):
+def _launch_wrapped(sessions: Sessions, *args: str, env: dict | None = None, own_ray: bool = False):
     """``sweeps/launch.py`` through the test-only wrapper trainable (tests/sweeps/wrapped_launch.py): fault injection
     and the start barrier, switched on by the FINETUNE_TEST_* variables in ``env``."""
-    return sessions.start([PY, "-m", "tests.sweeps.wrapped_launch", *args], cwd=REPO_ROOT,
-                          env={**os.environ, **(env or {})})
+    return sessions.launch([PY, "-m", "tests.sweeps.wrapped_launch"], args, env=env, own_ray=own_ray)
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(real_data, tmp_path: Path, sessions) -> None:
     """Each node offers 1 CPU and each trial takes 1, so two trials running at once are on different nodes. The test
     barrier holds the first trial until a second one runs beside it: both nodes are needed whatever the machine's load
     (left to the scheduler, all ten trials could run one after another on one node)."""
-    import secrets
-
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    port = _free_port()
-    address = f"{NODE_IP}:{port}"
-    node = ["--num-cpus=1", f"--node-ip-address={NODE_IP}", "--disable-usage-stats", "--block"]
-    sessions.start([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *node], env=env)
-    deadline = time.monotonic() + 180
-    while _alive_nodes(address, env) < 1:
-        assert time.monotonic() < deadline, "head node did not start"
-        time.sleep(2)
-    sessions.start([RAY, "start", f"--address={address}", *node], env=env)
-    while _alive_nodes(address, env) < 2:
-        assert time.monotonic() < deadline, "second node did not join"
-        time.sleep(2)
+    address, token = start_cluster(sessions, nodes=2, cpus_per_node=1)  # this test's own, ended with it
+    env = {**os.environ, **token}
     db = tmp_path / "results.duckdb"
     barrier = {"FINETUNE_TEST_BARRIER_DIR": str(tmp_path / "barrier"), "FINETUNE_TEST_BARRIER_COUNT": "2"}
     _finish(_launch_wrapped(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam,nli", "--dimensions", "method",
@@ -200,8 +160,9 @@ def test_dpo_starts_from_an_exported_instruction_tuning_trial(real_data, tmp_pat
 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_path: Path, sessions) -> None:
     db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
+    # Ray of its own, as `make demo` has: the kill takes the driver's Ray with it
     driver = _launch(sessions, "grid", "--study", "smoke", "--dimensions", "method,lora_rank,optimizer",
-                     "--db", str(db), "--storage", str(storage))
+                     "--db", str(db), "--storage", str(storage), own_ray=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in driver.stdout], daemon=True).start()
     finished, seen, deadline = 0, [], time.monotonic() + 300
@@ -219,7 +180,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_p
     con.close()
     assert 6 <= len(before) < planned == 44  # (5 methods + 2 new ranks) x 4 tasks + 4 optimizers x 2 lr x 2 tasks
 
-    _finish(_launch(sessions, "resume", "--db", str(db)))
+    _finish(_launch(sessions, "resume", "--db", str(db), own_ray=True))
     con = _db(db)
     assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 44)]
     assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
@@ -236,7 +197,7 @@ def test_resume_when_rays_experiment_state_is_torn(torn: str, real_data, tmp_pat
     tuner short). The database still knows which trials finished, and resume runs the rest."""
     db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
     driver = _launch(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam", "--dimensions", "method,lora_rank",
-                     "--db", str(db), "--storage", str(storage))
+                     "--db", str(db), "--storage", str(storage), own_ray=True)  # killed with the Ray it started
     for line in driver.stdout:
         if line.startswith("trial "):
             break

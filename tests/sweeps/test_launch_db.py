@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -24,16 +23,12 @@ PY = sys.executable
 SMALL = ["--study", "smoke", "--tasks", "sms_spam", "--dimensions", "method"]  # five tiny trials
 
 
-@pytest.fixture
-def sessions():
-    s = Sessions()
-    yield s
-    assert s.end_all() == [], "processes left running"
-
-
-def _launch(sessions: Sessions, *args: str, module: str | None = None, env: dict | None = None):
+def _launch(sessions: Sessions, *args: str, module: str | None = None, env: dict | None = None,
+            own_ray: bool = False):
+    """The launcher (or a test wrapper ``module`` of it) in a session of its own, on the session's shared Ray unless
+    ``own_ray``."""
     command = [PY, "-m", module] if module else [PY, "sweeps/launch.py"]
-    return sessions.start([*command, *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+    return sessions.launch(command, args, env=env, own_ray=own_ray)
 
 
 def _rows(db: Path) -> tuple[list, list]:
@@ -153,7 +148,8 @@ def test_two_launchers_at_once_one_runs_the_other_writes_nothing(real_data, tmp_
 
 def test_resume_writes_the_database_it_is_given_after_the_file_moved(real_data, tmp_path: Path, sessions) -> None:
     db, storage = tmp_path / "A.duckdb", tmp_path / "ray"
-    driver = _launch(sessions, "grid", *SMALL, "--db", str(db), "--storage", str(storage), "--max-concurrent", "1")
+    driver = _launch(sessions, "grid", *SMALL, "--db", str(db), "--storage", str(storage), "--max-concurrent", "1",
+                     own_ray=True)  # killed with the Ray it started
     deadline = time.monotonic() + 300
     for line in driver.stdout:
         if line.startswith("trial ") or time.monotonic() > deadline:

@@ -17,7 +17,7 @@ from sweeps.driver import FAILED_TRIALS_EXIT, KEEP_CHECKPOINTS
 from sweeps.launch import main
 from sweeps.ray_trial import error_line, estimate_eta, format_duration, progress_line, render_progress
 from sweeps.resume import recorded_checkpoints
-from tests.sweeps.test_launch import SMOKE, _db, _launch, _launch_wrapped, sessions  # noqa: F401 (a fixture)
+from tests.sweeps.test_launch import SMOKE, _db, _launch, _launch_wrapped
 
 PROGRESS = re.compile(r"^progress: (\d+)/(\d+) trials done(?: \((\d+) failed\))?, (\d+) running, (\d+) pending; "
                       r"elapsed (\d+:)?\d+:\d\d, (ETA (\d+:)?\d+:\d\d|ETA \?|finished)$", re.M)
@@ -61,7 +61,7 @@ def test_progress_line_and_its_terminal_and_log_rendering() -> None:
 
 
 def test_failed_trial_makes_the_sweep_exit_3_naming_it_and_keeps_the_rest(real_data, tmp_path: Path,
-                                                                          sessions) -> None:  # noqa: F811
+                                                                          sessions) -> None:
     db = tmp_path / "results.duckdb"
     proc = _launch_wrapped(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam", "--dimensions", "method",
                            "--max-failures", "1", "--db", str(db), "--storage", str(tmp_path / "ray"),
@@ -156,7 +156,7 @@ RESUMED_FROM = {"deleted": HOLD, "none": 0, "appearing": HOLD}
 
 @pytest.mark.parametrize("run", range(5))
 def test_driver_killed_at_a_checkpoint_rotation_resumes_every_trial_exactly_once(run: int, real_data, tmp_path: Path,
-                                                                                 sessions, capsys) -> None:  # noqa: F811
+                                                                                 sessions, capsys) -> None:
     """Forced, not hoped for: three trials hold right after checkpoint HOLD (Ray has rotated each once), the
     driver is killed (SIGKILL, whole session), the test leaves each trial's checkpoints as a kill at a point of the
     rotation would (each run deals the conditions out differently), and ``resume`` must finish every trial, each
@@ -165,7 +165,8 @@ def test_driver_killed_at_a_checkpoint_rotation_resumes_every_trial_exactly_once
     study = _rotation_study(tmp_path)
     driver = _launch_wrapped(sessions, "grid", "--study", str(study), "--name", f"rot{run}", "--db", str(db),
                              "--storage", str(storage), "--cpus-per-trial", "0.5", "--max-concurrent", "3",
-                             env={"FINETUNE_TEST_HOLD_AFTER_CHECKPOINTS": str(HOLD)})
+                             env={"FINETUNE_TEST_HOLD_AFTER_CHECKPOINTS": str(HOLD)},
+                             own_ray=True)  # the kill takes the driver's Ray, and the held trials, with it
     experiment, snapshot = storage / f"rot{run}", tmp_path / "state-at-rotation"
     rotated = _wait_for_rotated_state(experiment, 3, snapshot)
     sessions.end(driver)
