@@ -1,6 +1,6 @@
 # make install: .venv with everything (editable install of the top-level packages).
 # make test:    install when needed, then ruff and the test suite (its 15 slowest tests listed at the end).
-# make test-fast: the tests that start no Ray (the edit-run loop).
+# make test-fast: the tests that start no Ray and are not marked slow, on every core (the edit-run loop).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,7 +24,7 @@ test: lint
 	$(PY) -m pytest --durations=15
 
 test-fast: lint
-	$(PY) -m pytest -m 'not ray' --durations=15
+	$(PY) -m pytest -m 'not ray and not slow' -n auto --durations=15
 
 # The demo study (sweeps/studies/demo.yaml: GPT-2 124M head-only on SMS spam, 160 vs 32 training examples and an
 # A/A control, four seeds; random-init with a loud warning when offline) on this machine with an embedded Ray, a

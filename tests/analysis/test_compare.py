@@ -18,6 +18,7 @@ def _arm(name: str, val: float, correct: list[list[int]]) -> Arm:
     return Arm(name, val, dict(enumerate(num.mean(axis=1).tolist())), out)
 
 
+@pytest.mark.slow
 def test_null_studies_claim_a_winner_in_at_most_five_percent_of_families() -> None:
     """2,160 simulated studies where every group is truly equal, over realistic group counts, seed counts (seed
     spread about 1.7 accuracy points) and test-set sizes: the share of families claiming any winner stays <= 5%, in

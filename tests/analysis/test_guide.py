@@ -206,6 +206,7 @@ def test_figures_exist_for_every_reference_and_html_escapes(planted: tuple[Path,
     assert "<script" not in html and "http://" not in html and "https://" not in html  # works offline
 
 
+@pytest.mark.slow
 def test_random_init_results_are_labelled_at_the_top(tmp_path: Path) -> None:
     db = synthetic.build(tmp_path / "random.duckdb", init="random")
     build(db, tmp_path / "out")
@@ -216,6 +217,7 @@ def test_random_init_results_are_labelled_at_the_top(tmp_path: Path) -> None:
     assert 'class="banner"' in html.split("<h2")[0]
 
 
+@pytest.mark.slow
 def test_text_from_the_database_is_escaped_in_html(tmp_path: Path) -> None:
     plant = {("nli", "full", 5e-5, 0): ("failed", None, None), ("nli", "full", 5e-5, 1): ("completed", 0.5, 0.5)}
     db = synthetic.build(tmp_path / "x.duckdb", plant=plant)
@@ -251,6 +253,7 @@ def test_unknown_sweep_exits_2(planted: tuple[Path, Path], tmp_path: Path, capsy
     assert "no sweep nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_locked_database_exits_2_with_the_lock_message(planted: tuple[Path, Path], tmp_path: Path) -> None:
     db, _ = planted
     holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "

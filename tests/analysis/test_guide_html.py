@@ -52,6 +52,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_guide_renders_in_headless_chromium_with_every_image_and_no_console_error(chromium: str,
                                                                                   tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright

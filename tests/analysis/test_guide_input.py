@@ -22,6 +22,7 @@ def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_hostile_names_in_the_database_stay_inside_out_and_are_text(tmp_path: Path) -> None:
     """A database written by an older version may hold any names: a task named like a path, a group and a study that
     are HTML."""
@@ -55,6 +56,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_out_naming_an_existing_file_exits_2_and_leaves_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     db = synthetic.build(tmp_path / "study.duckdb")
     target = tmp_path / "notes.md"
@@ -67,6 +69,7 @@ def test_out_naming_an_existing_file_exits_2_and_leaves_it(tmp_path: Path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md", "study.duckdb"]
 
 
+@pytest.mark.slow
 def test_out_below_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     db = synthetic.build(tmp_path / "study.duckdb")
     (tmp_path / "file").write_text("x")
@@ -74,6 +77,7 @@ def test_out_below_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert f"{tmp_path / 'file'} is a file, so the folder cannot be made" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_out_in_a_folder_that_cannot_be_written_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     db = synthetic.build(tmp_path / "study.duckdb")
     locked = tmp_path / "locked"
@@ -89,6 +93,7 @@ def test_out_in_a_folder_that_cannot_be_written_exits_2(tmp_path: Path, capsys: 
         locked.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_out_that_fails_to_be_written_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """What a read-only filesystem does (root included): the staging folder cannot be made."""

@@ -142,6 +142,7 @@ def test_generations_side_by_side_read_the_table_and_show_the_first_prompts(judg
     assert "| full (seed 0) | Answer 1 of full seed 0. |" in part
 
 
+@pytest.mark.slow
 def test_no_judgments_no_section(tmp_path: Path) -> None:
     db = synthetic.build(tmp_path / "plain.duckdb", plant={}, alpaca=True)
     build(db, tmp_path / "out")
@@ -154,6 +155,7 @@ def test_no_judgments_no_section(tmp_path: Path) -> None:
     assert "Judged" not in (tmp_path / "older" / "guide.md").read_text()
 
 
+@pytest.mark.slow
 def test_too_few_groups_to_rank_and_random_init_warning(tmp_path: Path) -> None:
     db = synthetic.build(tmp_path / "random.duckdb", init="random", plant={}, alpaca=True)
     synthetic.write_judgments(db, [j for j in synthetic.judgments("judge-a", score)

@@ -29,6 +29,7 @@ PARITY_SHAPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", PARITY_SHAPES, ids=list(PARITY_SHAPES))
 def test_logit_parity_with_transformers(shape: str, tmp_path) -> None:
     hf = hf_gpt2(**PARITY_SHAPES[shape])
@@ -89,6 +90,7 @@ def test_last_token_states_equal_full_pass_values_and_gradients(padding: str) ->
         assert error < 1e-4, f"{name}: gradient differs by {error:.1e} of its largest entry"
 
 
+@pytest.mark.slow
 def test_compiled_blocks_serve_every_pass_and_leave_generation_eager() -> None:
     """``compile_blocks`` compiles what training and evaluation call (``hidden_states``, ``last_token_states``; a
     compiled ``forward`` alone would miss both), with unchanged values; cached generation runs the eager blocks."""

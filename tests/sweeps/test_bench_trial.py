@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from sweeps.bench.trial import SMOKE, compare_trials, main
 
 
+@pytest.mark.slow
 def test_both_sides_train_the_same_examples_and_tokens(real_data) -> None:
     comparisons = compare_trials(SMOKE, ("full", "lora"), rounds=1, device="cpu", warmup=False)
     assert [c.method for c in comparisons] == ["full", "lora"]

@@ -314,6 +314,7 @@ def test_dry_run_prints_plan_and_cost_only(tmp_path: Path, capsys, monkeypatch) 
     assert not db.exists()
 
 
+@pytest.mark.slow
 def test_dry_run_writes_the_plan_as_csv_and_json(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # a preflight report at the default path would change the estimate
     from sweeps.dry_run import read_plan_csv

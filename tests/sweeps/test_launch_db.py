@@ -49,6 +49,7 @@ def _sha(path: Path) -> str:
 
 # --- item 6: foreign, damaged, newer files are refused before anything starts, untouched ------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "sqlite", "foreign", "minus-a-column", "newer", "text"])
 def test_grid_refuses_a_file_that_is_no_study_database_before_ray_starts(kind: str, tmp_path: Path,
                                                                          capsys) -> None:

@@ -24,6 +24,7 @@ def _config(**flat) -> TrialConfig:
     return TrialConfig.from_flat({**TINY, **{k.replace("__", "."): v for k, v in flat.items()}})
 
 
+@pytest.mark.slow
 def test_sms_spam_beats_the_majority_baseline(real_data) -> None:
     config = TrialConfig.from_flat({**TINY, "model.n_embd": 128, "model.n_head": 4, "task.name": "sms_spam",
                                     "optim.lr": 1e-3, "train.epochs": 3, "train.batch_size": 16,
@@ -36,6 +37,7 @@ def test_sms_spam_beats_the_majority_baseline(real_data) -> None:
     assert result.trainable_params == result.total_params
 
 
+@pytest.mark.slow
 def test_alpaca_lowers_held_out_perplexity(real_data) -> None:
     config = _config(task__name="alpaca", task__max_train_examples=256, task__max_eval_examples=32,
                      task__max_length=96, optim__lr=3e-3, train__max_steps=30, train__eval_at_start=True,
@@ -48,6 +50,7 @@ def test_alpaca_lowers_held_out_perplexity(real_data) -> None:
     assert result.generations[0].prompt.endswith("### Response:\n") and result.generations[0].reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["nli", "imdb"])
 def test_nli_and_imdb_complete_and_report(task: str, real_data) -> None:
     result = run_trial(_config(task__name=task, train__max_steps=6, train__batch_size=8, optim__lr=1e-3,
@@ -112,6 +115,7 @@ def test_early_stopping_restores_the_best_weights(real_data, monkeypatch: pytest
     assert not torch.equal(seen_heads[1], seen_heads[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "last_k", "head_only", "bitfit", "lora"])
 @pytest.mark.parametrize("task", ["sms_spam", "imdb", "nli", "alpaca"])
 def test_every_method_on_every_task_runs(task: str, method: str, real_data) -> None:
@@ -143,6 +147,7 @@ def test_memory_account_and_time_split_per_trial(real_data) -> None:
     assert head.activation_bytes < full.activation_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["sms_spam", "alpaca", "preference"])
 def test_per_example_results_add_up_to_the_metrics(task: str, real_data) -> None:
     """Every validation and test example once, under its index in the split; their outcomes give the split's
@@ -199,6 +204,7 @@ def test_the_untrained_model_is_the_step_0_baseline(real_data) -> None:
     assert skipped.test == record.test  # the baseline changes nothing about training (dropout's RNG included)
 
 
+@pytest.mark.slow
 def test_a_resumed_trial_keeps_its_baseline_without_evaluating_again(real_data, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     evaluated: list[tuple[str, int]] = []
@@ -223,6 +229,7 @@ def test_a_resumed_trial_keeps_its_baseline_without_evaluating_again(real_data, 
     assert resumed.resumed_from_step == 2 and resumed.baseline_test == straight.baseline_test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["sms_spam", "preference"])
 def test_training_metrics_along_training_come_from_a_fixed_training_subset(task: str, real_data) -> None:
     """train.train_metrics: every validation also scores the first len(validation) training examples, recorded as
@@ -309,6 +316,7 @@ def test_batched_generations_are_what_each_prompt_generates_alone(real_data) -> 
     assert sorted(sizes) == sorted([len(batched[k : k + 3]) for k in range(0, len(batched), 3)] + [1] * len(alone))
 
 
+@pytest.mark.slow
 def test_dpo_keeps_its_starting_generations_across_a_resume(real_data, tmp_path: Path) -> None:
     """A preference (DPO) trial keeps the generations of its starting weights beside its final ones, on the same
     prompts; a checkpoint carries them, so a resumed run has the same without generating again."""

@@ -37,6 +37,7 @@ def cpu_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return out, code, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_cpu_preflight_reports_every_check_and_correctness_passes(cpu_run) -> None:
     out, code, printed = cpu_run
     assert code == 0, printed
@@ -62,6 +63,7 @@ def test_cpu_preflight_reports_every_check_and_correctness_passes(cpu_run) -> No
     assert "checks, 0 failed" in printed and "PASS  logits fp32 vs transformers fp32" in printed
 
 
+@pytest.mark.slow
 def test_the_dry_run_declines_a_cpu_mode_report(cpu_run, tmp_path: Path, capsys) -> None:
     out = cpu_run[0]
     dry = ["grid", "--study", SHARED_STUDY, "--dry-run", "--db", str(tmp_path / "none.duckdb"), "--set",
@@ -157,6 +159,7 @@ def test_a_malformed_preflight_report_exits_2_naming_the_file(text: str, expecte
     assert f"{tmp_path / 'missing.json'}: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_preflight_starts_without_ray_or_duckdb() -> None:
     """A bare GPU machine may have neither: the entry point and every check module import without them."""
     import subprocess

@@ -89,6 +89,7 @@ def test_out_dir_that_is_not_empty_is_refused_before_training(tmp_path: Path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_script_runs_from_the_repository_root(real_data) -> None:
     proc = subprocess.run([sys.executable, "sweeps/train.py", "--smoke", "--quiet", "--task", "alpaca"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -144,6 +145,7 @@ def test_unreadable_config_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert f"{path}: cannot be read (Permission denied); check its permissions" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_config_script_exits_2_on_a_directory(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "sweeps/train.py", "--config", str(tmp_path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)

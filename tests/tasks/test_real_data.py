@@ -26,6 +26,7 @@ DOCUMENTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", DOCUMENTED, ids=list(DOCUMENTED))
 def test_split_sizes_and_label_counts(case: str, real_data) -> None:
     config, sizes, counts = DOCUMENTED[case]
@@ -57,6 +58,7 @@ def test_sms_balanced_split_follows_the_reference_procedure(real_data) -> None:
     assert np.bincount([e.label for e in got]).tolist() == [149, 151]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [TaskConfig(name="sms_spam"), TaskConfig(name="nli"), TaskConfig(name="imdb")],
                          ids=["sms_spam", "nli", "imdb"])
 def test_classification_encoding_round_trips(config: TaskConfig, real_data) -> None:
