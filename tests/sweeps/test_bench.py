@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from sweeps.bench.step import main
 
 
@@ -16,6 +18,7 @@ def test_bench_smoke_prints_both_sides_and_a_ratio(capsys) -> None:
         assert re.search(r"[\d,]+\s+[\d,]+\s+\d+\.\d\dx", row), row
 
 
+@pytest.mark.slow
 def test_dpo_reference_bench_smoke_compares_both_strategies(capsys) -> None:
     from sweeps.bench.dpo import main as bench_dpo
 

@@ -271,6 +271,7 @@ def test_a_full_trial_trains_the_same_weights_with_and_without_kept_embedding_bu
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_train_compile_compiles_the_blocks_every_task_calls(real_data, monkeypatch: pytest.MonkeyPatch) -> None:
     """``train.compile`` used to wrap the model in ``torch.compile``, which compiles ``forward`` only: classification
     and language-model losses call ``hidden_states`` and ran eager. Now each block is compiled; the trial's numbers
@@ -292,6 +293,7 @@ def test_train_compile_compiles_the_blocks_every_task_calls(real_data, monkeypat
     assert compiled.test == pytest.approx(eager.test, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_batched_generations_are_what_each_prompt_generates_alone(real_data) -> None:
     """Batches of left-padded prompts of different lengths give each prompt's own greedy continuation; a prompt too
     long for the batch budget generates alone with the room left, and one that leaves no room is skipped."""

@@ -84,6 +84,7 @@ def test_nli_truncation_keeps_the_hypothesis(real_data) -> None:
     assert enc.decode(ids).endswith("\nHypothesis: The cat sleeps.")
 
 
+@pytest.mark.slow
 def test_alpaca_prompt_and_loss_span(real_data) -> None:
     task = get_task(TaskConfig(name="alpaca"))
     enc = get_tokenizer()
