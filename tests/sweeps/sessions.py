@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT
+
 TRIAL_COMMANDS = ("grid", "resume", "search")  # the launcher's commands that start or join Ray
 
 
