@@ -54,6 +54,19 @@ def test_replayed_writes_never_duplicate_or_regress(tmp_path: Path) -> None:
     assert con.execute("SELECT result->>'$.val_accuracy' FROM trials WHERE id='t0'").fetchone()[0] == "0.8"
 
 
+def test_metric_rows_are_one_statement_whose_repeats_and_replays_replace(tmp_path: Path) -> None:
+    """Rows go in as one statement over lists: a key repeated in one call keeps its last value (one statement may not
+    insert a key twice), a replayed call replaces, and what is not finite is left out."""
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    writer.write_metric_rows("t0", [(1, "train", "loss", 2.0), (1, "train", "loss", 1.5), (1, "train", "lr", 1e-3),
+                                    (2, "validation", "loss", float("inf")), (2, "validation", "accuracy", 0.5)])
+    writer.write_metric_rows("t0", [(1, "train", "loss", 1.25)])
+    writer.write_metric_rows("t0", [(3, "train", "loss", float("nan"))])
+    rows = writer.con.execute("SELECT trial_id, step, split, name, value FROM metrics ORDER BY ALL").fetchall()
+    assert rows == [("t0", 1, "train", "loss", 1.25), ("t0", 1, "train", "lr", 1e-3),
+                    ("t0", 2, "validation", "accuracy", 0.5)]
+
+
 def test_a_database_held_by_another_process_gives_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "db.duckdb"
     ResultsWriter(path).con.close()
