@@ -148,6 +148,16 @@ def writing_to(writer: ResultsWriter) -> Iterator[None]:
         _driver_writer = previous
 
 
+def _trial_error(trial: Any) -> str:
+    """The error text Ray wrote for a failed trial. Read from the driver's staging folder, where Ray writes it first:
+    the copy on storage (``Trial.get_error``) only appears with the next upload of the experiment state."""
+    local = trial.error_file
+    if local and Path(local).is_file():
+        return Path(local).read_text(errors="replace")
+    error = trial.get_error()
+    return str(error) if error is not None else "trial raised an error (see Ray's trial log)"
+
+
 def error_line(error: str | None) -> str:
     """The line of an error that says what went wrong: the last line of a traceback (the exception and its
     message), else the first non-empty line."""
@@ -222,8 +232,7 @@ class DuckDBCallback(tune.Callback):
             self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = trial.get_error()
-        error = str(error) if error is not None else "trial raised an error (see Ray's trial log)"
+        error = _trial_error(trial)
         self.writer.write_trial(trial_row(self._spec(trial), "failed", error=error[-4000:]))
         self._failed_ids().add(self._spec(trial)["trial_id"])
         if self.progress:
