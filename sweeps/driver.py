@@ -143,7 +143,7 @@ def make_tuner(args: argparse.Namespace, sweep_id: str, storage: str, param_spac
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             # two per trial: a damaged newest checkpoint falls back to the one before (sweeps/checkpoints.py)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-            callbacks=[DuckDBCallback(None, specs),  # writes through the driver's writer (run_and_close)
+            callbacks=[DuckDBCallback(None, specs, device="gpu" if args.gpus_per_trial else "cpu"),  # the driver's writer
                        *tensorboard_callbacks(args)],
         ),
     )

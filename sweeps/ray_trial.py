@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -25,7 +24,15 @@ from ray import tune
 from analysis.db import DatabaseError, ResultsWriter, trial_row
 from sweeps.checkpoints import NoGoodCheckpoint
 from sweeps.config import TrialConfig
+from sweeps.costs import trial_cost
 from sweeps.loop import TrialResult, run_trial
+from sweeps.progress import (
+    DEFAULT_PROGRESS_INTERVAL_S,
+    PROGRESS_INTERVAL_S,
+    estimate_eta,
+    progress_line,
+    render_progress,
+)
 from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, metric_key, record_from_report
 from sweeps.study import trial_id
 from sweeps.train import export
@@ -96,42 +103,6 @@ def export_trial(result: TrialResult, config: TrialConfig, out: Path) -> None:
     export(result, config, out)
 
 
-PROGRESS_INTERVAL_S = "FINETUNE_PROGRESS_INTERVAL_S"  # seconds between plain progress lines (not a terminal)
-DEFAULT_PROGRESS_INTERVAL_S = 30.0
-
-
-def format_duration(seconds: float | None) -> str:
-    """``h:mm:ss`` (``m:ss`` under an hour); ``?`` when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(round(max(seconds, 0)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def progress_line(done: int, failed: int, running: int, pending: int, total: int, elapsed_s: float,
-                  eta_s: float | None) -> str:
-    """One progress line: trials done (of them failed), running and pending; elapsed time and an ETA."""
-    return (f"progress: {done}/{total} trials done" + (f" ({failed} failed)" if failed else "")
-            + f", {running} running, {pending} pending; elapsed {format_duration(elapsed_s)}, "
-            + (f"ETA {format_duration(eta_s)}" if done < total else "finished"))
-
-
-def render_progress(line: str, tty: bool, width: int = 100) -> str:
-    """How a progress line is written: on a terminal redrawn in place (carriage return, cut to the width, rest of
-    the line cleared, no newline); in a log one plain line."""
-    return f"\r{line[:max(width - 1, 1)]}\x1b[K" if tty else line + "\n"
-
-
-def estimate_eta(done_here: int, left: int, elapsed_s: float, since_last_s: float = 0.0) -> float | None:
-    """Seconds left at the pace of the trials finished since this driver started (None before the first). The pace
-    is taken at the last finish, ``since_last_s`` ago, and that time already counts as spent: between finishes the
-    estimate counts down instead of growing with the elapsed time (trials running side by side finish together)."""
-    if done_here <= 0:
-        return None
-    return max((elapsed_s - since_last_s) / done_here * left - since_last_s, 0.0)
-
-
 _driver_writer: ResultsWriter | None = None  # the sweep driver's open database (writing_to), for every callback
 
 
@@ -178,10 +149,12 @@ class DuckDBCallback(tune.Callback):
     ``db`` None (the launcher): the driver's writer (``writing_to``), opened and locked before Ray started and held
     until the sweep ends. A path (tests, scripts): a writer of its own, closed at the experiment's end."""
 
-    def __init__(self, db: str | Path | None, specs: dict[str, dict[str, Any]], progress: bool = True) -> None:
+    def __init__(self, db: str | Path | None, specs: dict[str, dict[str, Any]], progress: bool = True,
+                 device: str = "gpu") -> None:
         self._own = ResultsWriter(db) if db is not None else None
         self.specs = specs
         self.progress = progress
+        self.device = device  # what the trials run on (gpu or cpu): the ETA weighs each trial by its cost there
         self.finished: set[str] = set()  # trials whose final record arrived
 
     def __getstate__(self) -> dict[str, Any]:
@@ -202,6 +175,7 @@ class DuckDBCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.writer.write_trial(trial_row(self._spec(trial), "running"))
+        self._state()["began"][self._spec(trial)["trial_id"]] = time.monotonic()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         spec = self._spec(trial)
@@ -213,6 +187,9 @@ class DuckDBCallback(tune.Callback):
             return
         self.finished.add(spec["trial_id"])
         self.writer.write_final(spec, record)
+        began = self._state()["began"].get(spec["trial_id"])
+        if record.db_status == "completed" and began is not None and not result.get("replayed"):
+            self._state()["ran"].append((self._cost(spec), time.monotonic() - began))  # the ETA's pace
         if record.db_status == "failed":
             self._failed_ids().add(spec["trial_id"])
         if self.progress:
@@ -242,9 +219,9 @@ class DuckDBCallback(tune.Callback):
 
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
               **info: Any) -> None:
-        self._progress = {"started": time.monotonic(), "total": total_num_samples or 0, "done_at_start": None,
-                          "shown_at": None, "drawn": False, "failed": set(), "done": 0,
-                          "last_done_at": None,
+        self._progress = {"started": time.monotonic(), "total": total_num_samples or 0,
+                          "shown_at": None, "drawn": False, "failed": set(),
+                          "began": {}, "ran": [], "slots": 0, "costs": {},
                           "tty": sys.stdout.isatty(), "interval": float(os.environ.get(PROGRESS_INTERVAL_S) or
                                                                       DEFAULT_PROGRESS_INTERVAL_S)}
 
@@ -266,20 +243,29 @@ class DuckDBCallback(tune.Callback):
 
     def progress_now(self, trials: list) -> str:
         """The progress line for Tune's current ``trials``."""
-        state = self._state()
+        state, now = self._state(), time.monotonic()
         statuses = [getattr(t, "status", "") for t in trials]
         done = sum(s in ("TERMINATED", "ERROR") for s in statuses)
-        running = sum(s == "RUNNING" for s in statuses)
+        running = [t for t, s in zip(trials, statuses, strict=True) if s == "RUNNING"]
+        pending = [t for t, s in zip(trials, statuses, strict=True) if s == "PENDING"]
         total = max(len(trials), state["total"])
-        if state["done_at_start"] is None:
-            state["done_at_start"] = done  # a resumed sweep's finished trials do not speed up the ETA
-        now = time.monotonic()
-        if done > state["done"]:
-            state["done"], state["last_done_at"] = done, now
-        since_last = now - state["last_done_at"] if state["last_done_at"] is not None else 0.0
-        return progress_line(done, len(state["failed"]), running, total - done - running, total, now - state["started"],
-                             estimate_eta(done - state["done_at_start"], total - done, now - state["started"],
-                                          since_last))
+        state["slots"] = max(state["slots"], len(running))
+        began = state["began"]
+        busy = [(self._cost(self._spec(t)), now - began.get(self._spec(t)["trial_id"], now)) for t in running]
+        waiting = [self._cost(self._spec(t)) for t in pending]
+        unmade = total - len(trials)  # a search's trials its searcher has not suggested yet
+        known = [c for c, _ in busy] + waiting + [c for c, _ in state["ran"]]
+        waiting += [sum(known) / len(known) if known else 1.0] * unmade
+        eta = estimate_eta(state["ran"], busy, waiting, state["slots"])
+        return progress_line(done, len(state["failed"]), len(running), total - done - len(running), total,
+                             now - state["started"], eta)
+
+    def _cost(self, spec: dict[str, Any]) -> float:
+        """A trial's planned seconds (``sweeps.costs.trial_cost``), the weight it has in the ETA."""
+        costs = self._state()["costs"]
+        if spec["trial_id"] not in costs:
+            costs[spec["trial_id"]] = trial_cost(spec["config"], getattr(self, "device", "gpu")).total_s
+        return costs[spec["trial_id"]]
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.progress or not trials:

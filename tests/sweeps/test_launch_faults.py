@@ -15,42 +15,14 @@ import yaml
 
 from sweeps.driver import FAILED_TRIALS_EXIT, KEEP_CHECKPOINTS
 from sweeps.launch import main
-from sweeps.ray_trial import error_line, estimate_eta, format_duration, progress_line, render_progress
+from sweeps.ray_trial import error_line
 from sweeps.resume import recorded_checkpoints
 from tests.sweeps.test_launch import SMOKE, _db, _launch, _launch_wrapped
-
-PROGRESS = re.compile(r"^progress: (\d+)/(\d+) trials done(?: \((\d+) failed\))?, (\d+) running, (\d+) pending; "
-                      r"elapsed (\d+:)?\d+:\d\d, (ETA (\d+:)?\d+:\d\d|ETA \?|finished)$", re.M)
+from tests.sweeps.test_progress import PROGRESS
 
 
-# --- progress output: the formatting, as a unit ----------------------------------------------------------------------
-
-
-
-def test_the_eta_counts_down_between_finishes_instead_of_growing() -> None:
-    """Two trials side by side finish together: the old estimate (elapsed / done x left) grew between finishes (the
-    demo, 4 of 12 done at 140 s: 5:01 left at 151 s, 6:01 at 181 s; 3:41 was true). Paced at the last finish, the time
-    since it already spent, it counts down."""
-    at_finish = estimate_eta(4, 8, 140.0, since_last_s=0.0)
-    assert at_finish == 280.0
-    later = [estimate_eta(4, 8, 140.0 + t, since_last_s=t) for t in (11.0, 41.0)]
-    assert later == [269.0, 239.0]  # the true time left at 151 s and 181 s: 221 s and 191 s
-    assert estimate_eta(4, 8, 400.0, since_last_s=399.0) == 0.0  # never negative
-
-def test_progress_line_and_its_terminal_and_log_rendering() -> None:
-    assert format_duration(5) == "0:05" and format_duration(61.6) == "1:02" and format_duration(3725) == "1:02:05"
-    assert format_duration(None) == "?" and format_duration(float("inf")) == "?"
-    line = progress_line(3, 1, 2, 5, 10, 125.0, estimate_eta(3, 7, 125.0))
-    assert line == "progress: 3/10 trials done (1 failed), 2 running, 5 pending; elapsed 2:05, ETA 4:52"
-    assert PROGRESS.fullmatch(line)
-    assert progress_line(0, 0, 2, 8, 10, 3.0, estimate_eta(0, 10, 3.0)).endswith("elapsed 0:03, ETA ?")
-    assert progress_line(10, 0, 0, 0, 10, 3600.0, None).endswith("elapsed 1:00:00, finished")
-    # a log gets one plain line; a terminal gets the line redrawn in place: carriage return, cut to the width, the
-    # rest of the old line cleared, and no newline
-    assert render_progress(line, tty=False) == line + "\n"
-    drawn = render_progress(line, tty=True, width=40)
-    assert drawn == "\r" + line[:39] + "\x1b[K" and "\n" not in drawn
-    # the line of an error that names it: a traceback's last exception line, else its first line
+def test_a_failed_trials_line_names_its_exception() -> None:
+    """The line of an error that names it: a traceback's last exception line, else its first line."""
     trace = ("Failure # 1 (occurred at 2026-01-01)\nray::ImplicitFunc.train() (pid=1)\n  File \"x.py\", line 3\n"
              "tests.sweeps.wrapped_launch.InjectedFailure: injected failure of trial t1\n")
     assert error_line(trace) == "tests.sweeps.wrapped_launch.InjectedFailure: injected failure of trial t1"
