@@ -13,11 +13,13 @@ import re
 from model import ConfigError
 
 # Ray's experiment state (every trial's status, last result and checkpoints, in one JSON file) is saved on Ray's own
-# schedule ("auto": at least every 10 s, at most 5% of the driver's time; and whenever a trial has made KEEP_CHECKPOINTS
-# checkpoints since the last save, so the state never names a deleted one). Saving it at every controller step
-# (TUNE_GLOBAL_CHECKPOINT_S=0) made the 87-trial smoke sweep take 104 s instead of 68 s on 2 CPU cores (2026-12-03),
-# and its cost grows with the number of trials squared. A driver killed between saves loses nothing: the database has every result, trials it holds as
-# finished are never run again (``trial_trainable``), and the others resume from their newest checkpoint.
+# schedule ("auto": every 10 s, or every 19 save-times when a save is slow, so saves take at most 5% of the driver's
+# time; and whenever a trial has made KEEP_CHECKPOINTS checkpoints since the last save, so the state keeps up with the
+# checkpoints Ray deletes). Saving it at every controller step (TUNE_GLOBAL_CHECKPOINT_S=0) made the 87-trial smoke
+# sweep take 104 s instead of 68 s on 2 CPU cores (2026-12-03), and its cost grows with the number of trials squared.
+# A driver killed between saves loses nothing: the database has every result, trials it holds as finished are never
+# trained again (``trial_trainable``), and the others resume from the newest checkpoint the saved state names
+# (``launch.py resume`` repairs one that is gone).
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # results live in DuckDB, not CSV/TensorBoard
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry unless the user opts in
