@@ -250,8 +250,8 @@ class DuckDBCallback(tune.Callback):
         pending = [t for t, s in zip(trials, statuses, strict=True) if s == "PENDING"]
         total = max(len(trials), state["total"])
         state["slots"] = max(state["slots"], len(running))
-        began = state["began"]
-        busy = [(self._cost(self._spec(t)), now - began.get(self._spec(t)["trial_id"], now)) for t in running]
+        busy = [(self._cost(spec), now - state["began"].get(spec["trial_id"], now))
+                for spec in map(self._spec, running)]
         waiting = [self._cost(self._spec(t)) for t in pending]
         unmade = total - len(trials)  # a search's trials its searcher has not suggested yet
         known = [c for c, _ in busy] + waiting + [c for c, _ in state["ran"]]
