@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS trials (
     lora_targets             VARCHAR,           -- comma-separated, GPT-2 order
     lora_layers              VARCHAR,           -- all | last:N | first:N | comma-separated indices
     lora_rslora              BOOLEAN,
+    lora_lr_ratio            DOUBLE,            -- LoRA+: B's learning rate / A's (1 = plain LoRA)
     optim_name               VARCHAR,
     optim_lr                 DOUBLE,
     optim_weight_decay       DOUBLE,
@@ -172,6 +173,7 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_baseline_eval BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_train_metrics BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_majority DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_step0 DOUBLE;
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_lr_ratio DOUBLE;  -- version 3
 
 -- Which (dimension, group) each trial serves. One configuration often serves several groups (method/lora is also
 -- lora_targets/all when the study's base adapts every projection): it trains once, has one trials row (whose

@@ -51,6 +51,9 @@ class LoRAConfig:
     """Blocks that get adapters: ``all``, ``last:N``, ``first:N``, or a list of block indices."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / √r (Kalajdzievski, 2023), which keeps updates comparable across ranks."""
+    lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al., 2024): B's learning rate is this multiple of A's (``optim.lr``), in an optimizer group of
+    its own; 1 is plain LoRA. The paper's ratios are about 16 for GPT-2-sized models; > 0."""
 
     def __post_init__(self) -> None:
         problems = Problems()
@@ -60,6 +63,8 @@ class LoRAConfig:
             problems.add("alpha", f"must be > 0, got {self.alpha!r}")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             problems.add("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if not is_number(self.lr_ratio) or not 0 < self.lr_ratio < math.inf:
+            problems.add("lr_ratio", f"must be a finite number > 0, got {self.lr_ratio!r}")
         if not isinstance(self.rslora, bool):
             problems.add("rslora", f"must be true or false, got {self.rslora!r}")
         names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
@@ -205,6 +210,14 @@ def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for name, layer in lora_layers(model):
         yield f"{name}.lora_A", layer.lora_A
         yield f"{name}.lora_B", layer.lora_B
+
+
+def lora_plus_lr_scales(model: nn.Module, ratio: float) -> dict[int, float]:
+    """LoRA+'s learning-rate multipliers, by parameter id: ``ratio`` for every ``lora_B``; A and the rest keep 1.
+    Empty for plain LoRA (ratio 1), so the optimizer builds the groups it always did."""
+    if ratio == 1:
+        return {}
+    return {id(layer.lora_B): float(ratio) for _, layer in lora_layers(model)}
 
 
 def merge_lora(model: nn.Module) -> None:

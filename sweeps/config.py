@@ -405,6 +405,9 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
     if dpo is not None and dpo.init != "base" and not Path(dpo.init).is_dir():
         found.append(("dpo.init", f"must be 'base' or a local checkpoint directory (sweeps/train.py --out); "
                                   f"{dpo.init!r} is not a directory"))
+    method, lora = built.get("method"), built.get("lora")
+    if method is not None and lora is not None and method.name != "lora" and lora.lr_ratio != 1:
+        found.append(("lora.lr_ratio", f"LoRA+ applies to method.name=lora only (method is {method.name})"))
     model = built.get("model")
     n_positions = known_n_positions(model.name if model is not None else raw_model.get("name", "gpt2"))
     if task is not None and task.max_length is not None and n_positions is not None and task.max_length > n_positions:
@@ -420,10 +423,8 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
             n_layer = PRESETS[key]["n_layer"] if key is not None else None
     if n_layer is None:
         return found
-    method = built.get("method")
     if method is not None:
         found.extend((f"method.{k}", m) for k, m in method.check_against(n_layer))
-    lora = built.get("lora")
     if lora is not None and (method is None or method.name == "lora"):
         try:
             lora.resolve_layers(n_layer)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from model import GPT2, GPT2Config, get_tokenizer
+from model.lora import lora_plus_lr_scales
 from model.methods import apply_method
 from model.tokenizer import EOT_TOKEN_ID
 from sweeps import memory
@@ -107,7 +108,8 @@ def setup(config: TrialConfig) -> Trial:
     model.to(device)
     if head is not None:
         head.to(device)
-    optimizer = build_optimizer([model] if head is None else [model, head], config.optim)
+    lr_scales = lora_plus_lr_scales(model, config.lora.lr_ratio) if config.method.name == "lora" else {}
+    optimizer = build_optimizer([model] if head is None else [model, head], config.optim, lr_scales)
     batches_per_epoch = math.ceil(len(splits["train"]) / train.batch_size)
     total_steps = train.max_steps or train.epochs * math.ceil(batches_per_epoch / train.grad_accum)
     trial = Trial(config, task, splits, model, head, summary, optimizer,

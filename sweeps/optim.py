@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +95,18 @@ class ScheduleConfig:
         return self.warmup_steps if self.warmup_steps else math.ceil(self.warmup_ratio * total_steps)
 
 
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed matrices and everything else (biases, LayerNorm, embeddings).
+def param_groups(modules: Iterable[nn.Module], weight_decay: float,
+                 lr_scales: Mapping[int, float] | None = None) -> list[dict]:
+    """Trainable parameters split into decayed matrices and everything else (biases, LayerNorm, embeddings), and
+    further by learning-rate multiplier: ``lr_scales`` maps a parameter's id to a factor on the base rate (LoRA+
+    puts B at ``lora.lr_ratio``); a group with a factor other than 1 carries ``lr_scale`` and is built with its own
+    ``lr``, which the schedule then scales like any group's.
 
     Parameters shared between modules (the tied embedding) appear once.
     """
-    decay, no_decay, seen = [], [], set()
+    scales = lr_scales or {}
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()
     for module in modules:
         for sub in module.modules():
             for name, param in sub.named_parameters(recurse=False):
@@ -108,9 +114,16 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
                     continue
                 seen.add(id(param))
                 is_matrix = param.ndim >= 2 and not isinstance(sub, nn.Embedding | nn.LayerNorm)
-                (decay if is_matrix and name != "bias" else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+                key = (is_matrix and name != "bias", float(scales.get(id(param), 1.0)))
+                buckets.setdefault(key, []).append(param)
+    groups = []
+    for scale in sorted({s for _, s in buckets}):
+        for decayed in (True, False):
+            params = buckets.get((decayed, scale))
+            if params:
+                group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+                groups.append(group if scale == 1.0 else {**group, "lr_scale": scale})
+    return groups
 
 
 def fused_supported(params: list[torch.Tensor]) -> bool:
@@ -122,12 +135,17 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
             and len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda"))
 
 
-def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig) -> Optimizer:
-    """The configured ``torch.optim`` optimizer over the trainable parameters of ``modules``."""
+def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig,
+                    lr_scales: Mapping[int, float] | None = None) -> Optimizer:
+    """The configured ``torch.optim`` optimizer over the trainable parameters of ``modules``; ``lr_scales`` as in
+    :func:`param_groups` (LoRA+)."""
     modules = list(modules)
-    groups = param_groups(modules, config.weight_decay)
+    groups = param_groups(modules, config.weight_decay, lr_scales)
     if not groups:
         raise ValueError("no trainable parameters: the method froze everything")
+    for group in groups:
+        if "lr_scale" in group:
+            group["lr"] = config.lr * group["lr_scale"]
     fused = fused_supported([p for g in groups for p in g["params"]]) or None
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,

@@ -435,14 +435,21 @@ def test_a_database_from_before_the_marker_reads_as_it_was_and_a_writer_migrates
 
 
 
-def test_a_version_1_file_opens_read_only_as_it_is_and_a_writer_brings_it_to_version_2(tmp_path: Path) -> None:
-    """Version 2 added trials.model_init_seed: a version-1 file is no damaged file; a reader leaves it untouched, the
-    first writer adds the column (empty for the old rows) and marks the file version 2, keeping every row."""
+@pytest.mark.parametrize(("version", "dropped"), [(1, ("model_init_seed", "lora_lr_ratio")), (2, ("lora_lr_ratio",))])
+def test_an_older_file_opens_read_only_as_it_is_and_a_writer_brings_it_to_this_version(
+        tmp_path: Path, version: int, dropped: tuple[str, ...]) -> None:
+    """Version 2 added trials.model_init_seed, version 3 trials.lora_lr_ratio: an older file is no damaged file; a
+    reader leaves it untouched, the first writer adds the columns (empty for the old rows) and marks the file with
+    this version, keeping every row."""
     import duckdb
+
+    from analysis.db import SCHEMA_VERSION
 
     path = _shared_db(tmp_path / "db.duckdb")
     con = duckdb.connect(str(path))
-    con.execute("ALTER TABLE trials DROP COLUMN model_init_seed; UPDATE study_database SET schema_version = 1")
+    for column in dropped:
+        con.execute(f"ALTER TABLE trials DROP COLUMN {column}")
+    con.execute("UPDATE study_database SET schema_version = ?", [version])
     con.close()
     before = _sha(path)
     reader = connect(path, read_only=True)
@@ -450,9 +457,12 @@ def test_a_version_1_file_opens_read_only_as_it_is_and_a_writer_brings_it_to_ver
     reader.close()
     assert _sha(path) == before
     writer = connect(path)
-    assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [(2, 1)]
-    assert writer.execute("SELECT count(*), count(model_init_seed) FROM trials").fetchone() == (9, 0)
+    assert SCHEMA_VERSION == 3
+    assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [(3, version)]
+    counts = ", ".join(f"count({c})" for c in dropped)
+    assert writer.execute(f"SELECT count(*), {counts} FROM trials").fetchone() == (9, *[0] * len(dropped))
     writer.close()
+
 
 def test_a_final_record_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk half-way through a trial's final rows: none of them stay (the trial is still running), and the

@@ -55,6 +55,16 @@ def test_lora_layers_checked_against_the_model_before_loading() -> None:
     assert TrialConfig.from_flat({"method.name": "lora", "lora.layers": "last:24", "model.name": "gpt2-medium"})
 
 
+def test_lora_plus_ratio_is_checked_and_applies_to_lora_only() -> None:
+    assert TrialConfig.from_flat({"method.name": "lora", "lora.lr_ratio": "16"}).lora.lr_ratio == 16
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"method.name": "lora", "lora.lr_ratio": -4, "optim.lr": 0})
+    assert set(err.value.keys()) == {"lora.lr_ratio", "optim.lr"}
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"method.name": "full", "lora.lr_ratio": 4})
+    assert err.value.keys() == ["lora.lr_ratio"] and "method.name=lora only" in str(err.value)
+
+
 def test_model_section_rules() -> None:
     with pytest.raises(ConfigError) as err:
         TrialConfig.from_flat({"model.n_layer": 2, "model.name": "/ckpt", "model.init": "random"})

@@ -356,3 +356,15 @@ def test_a_fixed_init_seed_keeps_one_random_model_across_trial_seeds() -> None:
     assert not torch.equal(wte(0, None), wte(1, None))
     with pytest.raises(ConfigError, match="init_seed"):
         ModelConfig(init="random", init_seed=-1)
+
+
+def test_a_lora_plus_trial_trains_b_at_its_ratio_of_the_rate(real_data) -> None:
+    """``lora.lr_ratio`` reaches the trial's optimizer: every ``lora_B`` in one group at 16 × ``optim.lr``, the rest
+    (A and the task head) at ``optim.lr``."""
+    from model.lora import lora_layers
+
+    trial = setup(_config(task__name="sms_spam", method__name="lora", lora__lr_ratio=16, optim__lr=1e-3,
+                          **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()}))
+    b_ids = {id(layer.lora_B) for _, layer in lora_layers(trial.model)}
+    groups = {round(g["initial_lr"], 12): {id(p) for p in g["params"]} for g in trial.optimizer.param_groups}
+    assert set(groups) == {1e-3, 1.6e-2} and groups[1.6e-2] == b_ids and b_ids

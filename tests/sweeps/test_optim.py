@@ -181,3 +181,36 @@ def test_kept_embedding_gradient_buffers_give_the_dense_gradient_bit_for_bit() -
         assert not table.weight.grad.is_sparse and torch.equal(table.weight.grad, dense[step])
     grads.release()
     assert not table.sparse
+
+
+def test_lora_plus_puts_b_in_its_own_group_at_ratio_times_the_rate() -> None:
+    """LoRA+: B at ``lora.lr_ratio`` × lr, A and the head at lr; one AdamW step equals torch's own over the same
+    groups written out here, and the schedule scales every group alike."""
+    from model.lora import LoRAConfig, lora_layers, lora_plus_lr_scales
+    from model.methods import MethodConfig, apply_method
+
+    model, head = _tiny()
+    apply_method(model, MethodConfig(name="lora"), LoRAConfig(rank=2, targets="all"), head)
+    assert lora_plus_lr_scales(model, 1.0) == {}  # plain LoRA: the groups it always had
+    opt = build_optimizer([model, head], OptimConfig(lr=1e-2), lora_plus_lr_scales(model, 16.0))
+    b_ids = {id(layer.lora_B) for _, layer in lora_layers(model)}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert set(by_lr) == {1e-2, 0.16} and by_lr[0.16] == b_ids and not by_lr[1e-2] & b_ids
+
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B)  # a non-zero B, so A's gradient is not zero
+    reference = torch.optim.AdamW(
+        [{"params": [p.detach().clone().requires_grad_() for p in g["params"]], "lr": g["lr"],
+          "weight_decay": g["weight_decay"]} for g in opt.param_groups], foreach=True)
+    head(model.hidden_states(torch.randint(0, 20, (2, 6)))[:, -1]).pow(2).sum().backward()
+    for group, ref_group in zip(opt.param_groups, reference.param_groups, strict=True):
+        for p, q in zip(group["params"], ref_group["params"], strict=True):
+            q.grad = p.grad.clone()
+    scheduler = build_scheduler(opt, ScheduleConfig(name="linear", warmup_steps=0), total_steps=4)
+    opt.step(), reference.step()
+    for group, ref_group in zip(opt.param_groups, reference.param_groups, strict=True):
+        for p, q in zip(group["params"], ref_group["params"], strict=True):
+            torch.testing.assert_close(p, q)
+    scheduler.step()
+    assert sorted(g["lr"] for g in opt.param_groups)[-1] == pytest.approx(0.16 * 3 / 4)
+    assert sorted(g["lr"] for g in opt.param_groups)[0] == pytest.approx(1e-2 * 3 / 4)
