@@ -9,7 +9,8 @@ modelling tasks have none, their head is the LM head, which *is* the token embed
 | ``last_k``  | the last k blocks, ``ln_f``, the task head                                                     |
 | ``head_only``| the task head; with no task head, the LM head, i.e. ``wte``, which is also the input embedding |
 | ``bitfit``  | every bias (linear and LayerNorm), the task head                                               |
-| ``lora``    | the LoRA adapters, the task head                                                               |
+| ``lora``    | the LoRA adapters (DoRA's magnitudes too), the task head                                       |
+| ``ia3``     | IA3's scaling vectors, the task head                                                           |
 
 ``train_embeddings`` overrides whether ``wte`` and ``wpe`` train (default: only ``full`` trains them, and
 ``head_only`` without a task head trains ``wte``). Because the LM head and ``wte`` are one tensor, there is never a
@@ -22,11 +23,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from model.adapters import adapter_parameters
 from model.config import ConfigError, Problems, is_int
 from model.gpt2 import GPT2
-from model.lora import LoRAConfig, apply_lora, lora_parameters
+from model.ia3 import IA3Config, apply_ia3
+from model.lora import LoRAConfig, apply_lora
 
-METHODS = ("full", "last_k", "head_only", "bitfit", "lora")
+METHODS = ("full", "last_k", "head_only", "bitfit", "lora", "ia3")
+ADAPTER_METHODS = ("lora", "ia3")  # methods that swap adapters in and train only those (and the task head)
 
 
 @dataclass
@@ -34,7 +38,7 @@ class MethodConfig:
     """Which method, and its own settings (LoRA's live in ``LoRAConfig``)."""
 
     name: str = "full"
-    """One of ``full last_k head_only bitfit lora``."""
+    """One of ``full last_k head_only bitfit lora ia3``."""
     k: int = 2
     """``last_k`` only: how many of the last transformer blocks train (1 ... n_layer)."""
     train_embeddings: bool | None = None
@@ -85,6 +89,8 @@ def apply_method(
         raise ConfigError([(f"method.{k}", m) for k, m in problems], "method does not fit the model")
     if method.name == "lora" and getattr(model, "lora_config", None) is None:
         apply_lora(model, lora if lora is not None else LoRAConfig())
+    if method.name == "ia3" and getattr(model, "ia3_config", None) is None:
+        apply_ia3(model, IA3Config())
 
     modules: list[nn.Module] = [model] if head is None else [model, head]
     for module in modules:
@@ -100,8 +106,8 @@ def apply_method(
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.requires_grad_(True)
-    elif method.name == "lora":
-        for _, param in lora_parameters(model):
+    elif method.name in ADAPTER_METHODS:
+        for _, param in adapter_parameters(model):
             param.requires_grad_(True)
 
     train_embeddings = method.train_embeddings if method.train_embeddings is not None else method.name == "full"

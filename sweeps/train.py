@@ -26,8 +26,10 @@ from safetensors.torch import save_file
 
 from analysis.db import DEFAULT_DB, DatabaseError
 from model import CheckpointError, ConfigError, TokenizerError
+from model.adapters import save_merged
 from model.checkpoint import NonFiniteWeightsError, non_finite_entries
-from model.lora import save_merged, save_peft_adapter
+from model.methods import ADAPTER_METHODS
+from model.peft_format import save_peft_adapter
 from sweeps.config import TrialConfig, flatten, read_yaml
 from sweeps.loop import TrialResult, run_trial
 from sweeps.records import CheckpointRecord, EvalRecord, Record, StepRecord, metric_key
@@ -97,9 +99,10 @@ def export(result: TrialResult, config: TrialConfig, out: Path) -> None:
 
 
 def _export_weights(result: TrialResult, config: TrialConfig, staging: Path) -> None:
-    """The model (LoRA: the adapter and the merged model) and the task head; non-finite weights are refused."""
+    """The model (an adapter method: the adapter and the merged model) and the task head; non-finite weights are
+    refused."""
     model, head = result.model, result.head
-    if config.method.name == "lora":
+    if config.method.name in ADAPTER_METHODS:
         save_peft_adapter(model, staging / "adapter", base_model=config.model.name)
         save_merged(model, staging / "model")
     else:

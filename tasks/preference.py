@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.adapters import adapter_layers, disable_adapters
 from model.gpt2 import GPT2, eval_mode
-from model.lora import disable_lora, lora_layers
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.alpaca import format_prompt
 from tasks.base import Batch, EncodedSplit, Example, ExampleResults, Task, pad_right, scored_logits
@@ -200,13 +200,13 @@ class Preference(Task):
         """Reference log-probs ``(B, 2)`` (chosen, rejected) of a batch."""
         if batch.ref_logps is not None:
             return batch.ref_logps.float()
-        with eval_mode(model), torch.no_grad(), disable_lora(model):
+        with eval_mode(model), torch.no_grad(), disable_adapters(model):
             logps = self.sequence_logps(model, batch)
         return logps.view(2, -1).T
 
     def prepare(self, model: GPT2, splits: dict[str, EncodedSplit], device: torch.device, autocast: Any,
                 batch_size: int) -> dict[str, Any]:
-        if any(True for _ in lora_layers(model)):
+        if any(True for _ in adapter_layers(model)):
             return {"dpo_reference": "adapters_disabled"}
         with eval_mode(model), torch.no_grad():
             for split in splits.values():

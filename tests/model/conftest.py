@@ -3,7 +3,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import peft
 import pytest
+import torch
 import transformers
 
 
@@ -33,3 +35,36 @@ def make_checkpoint(tmp_path: Path) -> Callable[..., tuple[transformers.GPT2LMHe
         return hf, tmp_path / name
 
     return make
+
+
+SMALL = {"n_layer": 3, "n_head": 2, "n_embd": 16, "vocab_size": 60, "n_positions": 32}  # the adapter tests' base
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> tuple[transformers.GPT2LMHeadModel, Path]:
+    """A small random GPT-2 saved with ``transformers``, for adapter tests against PEFT. Its biases are non-zero
+    (``transformers`` starts them at zero), so an adapter that mishandles a bias cannot pass."""
+    hf = hf_gpt2(**SMALL)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    hf.save_pretrained(tmp_path / "base")
+    return hf, tmp_path / "base"
+
+
+def peft_lora(path: Path, kwargs: dict) -> peft.PeftModel:
+    """PEFT's LoRA (``LoraConfig(**kwargs)``) on the ``transformers`` GPT-2 at ``path``, in eval mode."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(path)
+    return peft.get_peft_model(model, peft.LoraConfig(fan_in_fan_out=True, **kwargs)).eval()
+
+
+def nonzero_adapters(model: torch.nn.Module, names: tuple[str, ...] = ("lora_B",), seed: int = 1) -> None:
+    """Move the named adapter tensors off their start (B is zero, a magnitude is the weight's norm, IA3's scales are
+    ones): at the start every output comparison would be unable to fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in names):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)

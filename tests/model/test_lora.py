@@ -11,22 +11,18 @@ import torch
 import transformers
 
 from model import GPT2, CheckpointError, ConfigError, NonFiniteWeightsError
-from model.lora import (
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    disable_lora,
-    load_peft_adapter,
-    lora_parameters,
-    merge_lora,
+from model.adapters import (
+    adapter_parameters,
+    disable_adapters,
+    merge_adapters,
     save_merged,
-    save_peft_adapter,
-    unmerge_lora,
+    unmerge_adapters,
 )
+from model.lora import LoRAConfig, LoRALinear, apply_lora
 from model.methods import MethodConfig, apply_method
-from tests.model.conftest import hf_gpt2
+from model.peft_format import load_peft_adapter, save_peft_adapter
+from tests.model.conftest import nonzero_adapters, peft_lora
 
-SHAPE = {"n_layer": 3, "n_head": 2, "n_embd": 16, "vocab_size": 60, "n_positions": 32}
 IN_OUT = {"attn.c_attn": (16, 48), "attn.c_proj": (16, 16), "mlp.c_fc": (16, 64), "mlp.c_proj": (64, 16)}
 
 # (our config, the same thing written independently as PEFT's LoraConfig kwargs, wrapped blocks)
@@ -45,33 +41,12 @@ CASES = {
 }
 
 
-@pytest.fixture
-def base(tmp_path: Path) -> tuple[transformers.GPT2LMHeadModel, Path]:
-    hf = hf_gpt2(**SHAPE)
-    hf.save_pretrained(tmp_path / "base")
-    return hf, tmp_path / "base"
-
-
-def _peft_model(path: Path, kwargs: dict) -> peft.PeftModel:
-    model = transformers.GPT2LMHeadModel.from_pretrained(path)
-    return peft.get_peft_model(model, peft.LoraConfig(fan_in_fan_out=True, **kwargs)).eval()
-
-
-def _nonzero_b(model: torch.nn.Module) -> None:
-    """B starts at zero; a zero B would make every output comparison unable to fail."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_trainable_count_and_outputs_match_peft(case: str, base) -> None:
     ours_cfg, peft_kwargs, blocks = CASES[case]
     _, path = base
-    reference = _peft_model(path, peft_kwargs)
-    _nonzero_b(reference)
+    reference = peft_lora(path, peft_kwargs)
+    nonzero_adapters(reference)
     ours = GPT2.from_pretrained(path).eval()
     summary = apply_method(ours, MethodConfig(name="lora"), ours_cfg)
 
@@ -80,7 +55,7 @@ def test_trainable_count_and_outputs_match_peft(case: str, base) -> None:
 
     peft_state = reference.state_dict()
     with torch.no_grad():
-        for name, param in lora_parameters(ours):
+        for name, param in adapter_parameters(ours):
             param.copy_(peft_state[f"base_model.model.transformer.{name}.default.weight"])
     ids = torch.randint(0, 60, (2, 11))
     with torch.no_grad():
@@ -91,20 +66,20 @@ def test_trainable_count_and_outputs_match_peft(case: str, base) -> None:
     assert moved > 1e-3, "adapters had no effect: the comparison could not fail"
 
 
-def test_merge_unmerge_with_nonzero_b(base) -> None:
+def test_merge_unmerge_withnonzero_adapters(base) -> None:
     _, path = base
     model = GPT2.from_pretrained(path).eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all"))
-    _nonzero_b(model)
+    nonzero_adapters(model)
     ids = torch.randint(0, 60, (2, 9))
     with torch.no_grad():
         unmerged = model(ids)
-        merge_lora(model)
+        merge_adapters(model)
         merged = model(ids)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
     assert (model.h[0].attn.c_attn.weight - original["h.0.attn.c_attn.weight"]).abs().max() > 1e-3
-    unmerge_lora(model)
+    unmerge_adapters(model)
     for key, tensor in original.items():
         torch.testing.assert_close(model.state_dict()[key], tensor, atol=1e-6, rtol=0)
 
@@ -113,12 +88,12 @@ def test_merge_refuses_non_finite_and_changes_nothing(base) -> None:
     _, path = base
     model = GPT2.from_pretrained(path)
     apply_lora(model, LoRAConfig(rank=2, targets="all"))
-    _nonzero_b(model)
+    nonzero_adapters(model)
     with torch.no_grad():
         model.h[2].mlp.c_proj.lora_B.fill_(float("inf"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(FloatingPointError, match=r"h\.2\.mlp\.c_proj"):
-        merge_lora(model)
+        merge_adapters(model)
     assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoRALinear))
     for key, tensor in before.items():
         assert torch.equal(model.state_dict()[key], tensor), key
@@ -130,7 +105,7 @@ def test_both_lora_exports_refuse_non_finite_weights_and_write_nothing(base, tmp
     _, path = base
     model = GPT2.from_pretrained(path)
     apply_lora(model, LoRAConfig(rank=2, targets="all"))
-    _nonzero_b(model)
+    nonzero_adapters(model)
     with torch.no_grad():
         model.h[1].attn.c_attn.lora_B[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeightsError, match=r"adapter_model\.safetensors: non-finite weights in .*h\.1\.attn"):
@@ -149,7 +124,7 @@ def test_peft_export_loads_in_peft_with_equal_logits(base, tmp_path: Path) -> No
     _, path = base
     model = GPT2.from_pretrained(path).eval()
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all", layers="last:2"))
-    _nonzero_b(model)
+    nonzero_adapters(model)
     save_peft_adapter(model, tmp_path / "adapter", base_model=str(path))
     loaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(path), tmp_path / "adapter")
     ids = torch.randint(0, 60, (2, 9))
@@ -159,8 +134,8 @@ def test_peft_export_loads_in_peft_with_equal_logits(base, tmp_path: Path) -> No
 
 def test_peft_trained_adapter_loads_into_ours(base, tmp_path: Path) -> None:
     _, path = base
-    reference = _peft_model(path, CASES["all-last2-r8"][1])
-    _nonzero_b(reference)
+    reference = peft_lora(path, CASES["all-last2-r8"][1])
+    nonzero_adapters(reference)
     reference.save_pretrained(tmp_path / "from-peft")
     ours = load_peft_adapter(GPT2.from_pretrained(path).eval(), tmp_path / "from-peft")
     expected = CASES["all-last2-r8"][0]
@@ -175,7 +150,7 @@ def test_merged_export_loads_in_transformers_with_equal_logits(base, tmp_path: P
     _, path = base
     model = GPT2.from_pretrained(path).eval()
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="all"))
-    _nonzero_b(model)
+    nonzero_adapters(model)
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     save_merged(model, tmp_path / "merged")
     exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
@@ -196,22 +171,22 @@ def test_base_checkpoint_loads_into_lora_model_with_only_adapters_missing(base) 
     apply_lora(model, LoRAConfig(rank=2, targets="all"))
     result = model.load_state_dict(plain_state, strict=False)
     assert result.unexpected_keys == []
-    assert sorted(result.missing_keys) == sorted(name for name, _ in lora_parameters(model))
+    assert sorted(result.missing_keys) == sorted(name for name, _ in adapter_parameters(model))
 
 
-def test_disable_lora_gives_the_base_model(base) -> None:
+def test_disable_adapters_gives_the_base_model(base) -> None:
     _, path = base
     plain = GPT2.from_pretrained(path).eval()
     model = GPT2.from_pretrained(path).eval()
     apply_lora(model, LoRAConfig(rank=4, targets="all"))
-    _nonzero_b(model)
+    nonzero_adapters(model)
     ids = torch.randint(0, 60, (1, 7))
     with torch.no_grad():
-        with disable_lora(model):
+        with disable_adapters(model):
             assert torch.equal(model(ids), plain(ids))
         assert not torch.equal(model(ids), plain(ids))
-        merge_lora(model)
-        with pytest.raises(RuntimeError, match="merged"), disable_lora(model):
+        merge_adapters(model)
+        with pytest.raises(RuntimeError, match="merged"), disable_adapters(model):
             pass
 
 
@@ -241,7 +216,8 @@ def test_lora_config_reports_every_problem() -> None:
 
 def test_unsupported_peft_settings_are_refused(base, tmp_path: Path) -> None:
     _, path = base
-    reference = _peft_model(path, dict(r=2, lora_alpha=4, target_modules=["c_attn"], use_dora=True))
-    reference.save_pretrained(tmp_path / "dora")
-    with pytest.raises(CheckpointError, match="use_dora"):
-        load_peft_adapter(GPT2.from_pretrained(path), tmp_path / "dora")
+    reference = peft_lora(path, dict(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights="olora",
+                                       bias="lora_only"))
+    reference.save_pretrained(tmp_path / "olora")
+    with pytest.raises(CheckpointError, match=r"(?s)bias: 'lora_only' is not supported.*init_lora_weights: 'olora'"):
+        load_peft_adapter(GPT2.from_pretrained(path), tmp_path / "olora")
