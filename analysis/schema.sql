@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS trials (
     lora_layers              VARCHAR,           -- all | last:N | first:N | comma-separated indices
     lora_rslora              BOOLEAN,
     lora_lr_ratio            DOUBLE,            -- LoRA+: B's learning rate / A's (1 = plain LoRA)
+    lora_dora                BOOLEAN,           -- DoRA: a trained magnitude per output unit
+    lora_init                VARCHAR,           -- default | gaussian | pissa
     optim_name               VARCHAR,
     optim_lr                 DOUBLE,
     optim_weight_decay       DOUBLE,
@@ -96,6 +98,7 @@ CREATE TABLE IF NOT EXISTS trials (
     train_device             VARCHAR,
     train_precision          VARCHAR,
     train_compile            BOOLEAN,
+    train_activation_checkpointing BOOLEAN,
     train_log_every          INTEGER,
     train_checkpoint_every   INTEGER,
     train_max_new_tokens     INTEGER,
@@ -174,6 +177,9 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_train_metrics BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_majority DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_step0 DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_lr_ratio DOUBLE;  -- version 3
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_dora BOOLEAN;  -- version 4
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_init VARCHAR;  -- version 4
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_activation_checkpointing BOOLEAN;  -- version 4
 
 -- Which (dimension, group) each trial serves. One configuration often serves several groups (method/lora is also
 -- lora_targets/all when the study's base adapts every projection): it trains once, has one trials row (whose

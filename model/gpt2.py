@@ -11,8 +11,9 @@ one decision, never two that can disagree.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.checkpoint import hf_to_state_dict, read_pretrained, write_pretrained
 from model.config import GPT2Config
@@ -255,9 +257,19 @@ class GPT2(nn.Module):
         ``forward`` only, and the task heads call ``hidden_states``."""
         self._compiled = [torch.compile(block, **options) for block in self.h]
 
-    def _blocks(self, kv_cache: KVCache | None) -> list[nn.Module]:
+    def checkpoint_activations(self, enabled: bool = True) -> None:
+        """Activation (gradient) checkpointing per block: while gradients are recorded, each block keeps only its
+        input for the backward pass and runs its forward again there, trading about one more forward of compute for
+        the activations of all but one block. Dropout draws the same masks the second time (the RNG state is kept).
+        Inference and cached generation are unaffected."""
+        self.__dict__["_checkpointing"] = enabled  # a plain attribute: not a setting of the weights
+
+    def _blocks(self, kv_cache: KVCache | None) -> list[Callable[..., torch.Tensor]]:
         compiled = self.__dict__.get("_compiled")  # a plain list, so the compiled wrappers add no state_dict keys
-        return compiled if compiled is not None and kv_cache is None else list(self.h)
+        blocks = compiled if compiled is not None and kv_cache is None else list(self.h)
+        if self.__dict__.get("_checkpointing") and kv_cache is None and torch.is_grad_enabled():
+            return [functools.partial(checkpoint, block, use_reentrant=False) for block in blocks]
+        return blocks
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from hidden states through the tied token embedding."""

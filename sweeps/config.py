@@ -144,6 +144,9 @@ class TrainConfig:
     compile: bool = False
     """Compile each transformer block with ``torch.compile`` (``GPT2.compile_blocks``) for training and evaluation
     passes; generation stays eager. Pays compile time up front (seconds per shape on a GPU); for long CUDA runs."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input for the backward pass and recompute the block there
+    (``GPT2.checkpoint_activations``): the activations of all blocks but one, for about a third more step time."""
     log_every: int = 10
     """Report a ``step`` record every N optimizer steps (and the first)."""
     checkpoint_every: int | None = None
@@ -179,7 +182,8 @@ class TrainConfig:
             problems.add("early_stopping_patience", "needs train.eval_every (evaluations to compare)")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.add("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        for key in ("compile", "group_by_length", "eval_at_start", "train_metrics", "baseline_eval", "export"):
+        for key in ("compile", "activation_checkpointing", "group_by_length", "eval_at_start", "train_metrics",
+                    "baseline_eval", "export"):
             if not isinstance(getattr(self, key), bool):
                 problems.add(key, f"must be true or false, got {getattr(self, key)!r}")
         problems.raise_if_any("invalid training configuration")
@@ -395,6 +399,20 @@ def parse_value(text: str, hint: Any) -> Any:
     raise ValueError(f"cannot read {text!r} as {names}")
 
 
+LORA_VARIANT_KEYS = {"lr_ratio": "LoRA+", "dora": "DoRA", "init": "the adapters' initialisation"}
+
+
+def _lora_settings_elsewhere(method: str, lora: LoRAConfig) -> list[tuple[str, str]]:
+    """``lora.*`` settings a method other than LoRA cannot honour. LoRA's variants (LoRA+, DoRA, PiSSA or gaussian
+    starts) are refused with every other method; with IA3, which has no rank, scale or dropout, so is every ``lora.*``
+    key off its default (a study's base ``lora.*`` settings are not passed to IA3 trials: ``sweeps.study``)."""
+    default = LoRAConfig()
+    keys = [f.name for f in fields(LoRAConfig)] if method == "ia3" else list(LORA_VARIANT_KEYS)
+    return [(f"lora.{key}", f"{LORA_VARIANT_KEYS.get(key, 'a LoRA setting')} applies to method.name=lora only "
+                            f"(method is {method})")
+            for key in keys if getattr(lora, key) != getattr(default, key)]
+
+
 def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Problems between sections that show before any model is loaded. When the model section itself is invalid,
     its raw values still tell the block count, so a bad ``model.init`` does not hide a bad ``method.k``."""
@@ -406,8 +424,8 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
         found.append(("dpo.init", f"must be 'base' or a local checkpoint directory (sweeps/train.py --out); "
                                   f"{dpo.init!r} is not a directory"))
     method, lora = built.get("method"), built.get("lora")
-    if method is not None and lora is not None and method.name != "lora" and lora.lr_ratio != 1:
-        found.append(("lora.lr_ratio", f"LoRA+ applies to method.name=lora only (method is {method.name})"))
+    if method is not None and lora is not None and method.name != "lora":
+        found.extend(_lora_settings_elsewhere(method.name, lora))
     model = built.get("model")
     n_positions = known_n_positions(model.name if model is not None else raw_model.get("name", "gpt2"))
     if task is not None and task.max_length is not None and n_positions is not None and task.max_length > n_positions:

@@ -120,6 +120,7 @@ def setup(config: TrialConfig) -> Trial:
     trial.prepare_seconds = time.perf_counter() - started
     if train.compile:  # each block, so every forward path is compiled (torch.compile(model) covers forward only)
         model.compile_blocks()
+    model.checkpoint_activations(train.activation_checkpointing)
     return trial
 
 

@@ -9,6 +9,8 @@ Ray worker than about the method. The account here is the trial's own, in bytes,
   0-dim step counters are bookkeeping and left out);
 - activations: what autograd saves for the backward pass of one training micro-batch, measured with
   ``torch.autograd.graph.saved_tensors_hooks`` (parameters saved for backward are weights, counted once above).
+  With activation checkpointing that is each block's input (the checkpoint saves it through the same hooks) and what
+  is saved outside the blocks; the one block recomputed at a time during backward is transient and not counted.
 
 On CUDA the measured peaks (allocated and reserved, reset at the trial's start) are recorded as well.
 """

@@ -248,6 +248,19 @@ def _lr_grid(study: Study, dim: str, group: str, variant: Mapping[str, Any]) -> 
     return study.lr_grid(str({**study.base, **variant}.get("method.name", "full")))
 
 
+NO_LORA_BASE = ("ia3",)  # methods whose trials do not inherit the study's lora.* settings
+
+
+def _inherited(study: Study, task: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What a group's trials take from the study's base and the task's overrides. The base's ``lora.*`` settings
+    shape LoRA's adapters; an IA3 trial has none, so it does not inherit them (set in its own group, or with
+    ``--set``, they are refused: ``sweeps.config``)."""
+    inherited = {**study.base, **study.tasks[task]}
+    if {**inherited, **settings}.get("method.name") in NO_LORA_BASE:
+        inherited = {k: v for k, v in inherited.items() if not k.startswith("lora.")}
+    return inherited
+
+
 def _memberships(study: Study, tasks: Sequence[str], dimensions: Sequence[str], seeds: Sequence[int],
                  overrides: Mapping[str, Any], problems: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
     """Every (dimension, group, validated flat config) the study asks for, in study order, duplicates included."""
@@ -263,9 +276,10 @@ def _memberships(study: Study, tasks: Sequence[str], dimensions: Sequence[str], 
                     problems.append((f"dimensions.{dim}.{group}", f"no learning rate grid for method {method!r} "
                                                                   "(add learning_rates.<method> or .default)"))
                 settings = {k: v for k, v in variant.items() if k != "optim.lr"}
+                inherited = _inherited(study, task, settings)
                 for lr in grid:
                     for seed in seeds:
-                        flat = {**study.base, **study.tasks[task], "optim.lr": lr, **settings, **overrides,
+                        flat = {**inherited, "optim.lr": lr, **settings, **overrides,
                                 "task.name": task, "train.seed": seed}
                         try:
                             planned.append((dim, group, TrialConfig.from_flat(flat).to_flat()))

@@ -96,3 +96,17 @@ def test_max_length_is_checked_against_the_models_positions(tmp_path) -> None:
         TrialConfig.from_flat({"model.name": str(checkpoint), "task.max_length": 256})
     # a hub id's positions are unknown before loading: not refused here
     assert TrialConfig.from_flat({"model.name": "someone/gpt2-like", "task.max_length": 4096})
+
+
+def test_lora_variants_apply_to_lora_only_and_ia3_takes_no_lora_setting() -> None:
+    """DoRA and the adapters' start are LoRA's: refused with every other method; IA3 has no rank, scale, dropout or
+    targets of LoRA's, so any lora.* key off its default is refused with it, each key named."""
+    assert TrialConfig.from_flat({"method.name": "lora", "lora.dora": "true", "lora.init": "pissa"}).lora.dora is True
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"method.name": "bitfit", "lora.dora": True, "lora.init": "gaussian"})
+    assert err.value.keys() == ["lora.dora", "lora.init"] and "method.name=lora only" in str(err.value)
+    assert TrialConfig.from_flat({"method.name": "full", "lora.rank": 4}).lora.rank == 4  # ignored, as ever
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"method.name": "ia3", "lora.rank": 4, "lora.targets": "all", "optim.lr": -1})
+    assert set(err.value.keys()) == {"lora.rank", "lora.targets", "optim.lr"}
+    assert TrialConfig.from_flat({"method.name": "ia3"}).method.name == "ia3"

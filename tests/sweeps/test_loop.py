@@ -368,3 +368,42 @@ def test_a_lora_plus_trial_trains_b_at_its_ratio_of_the_rate(real_data) -> None:
     b_ids = {id(layer.lora_B) for _, layer in lora_layers(trial.model)}
     groups = {round(g["initial_lr"], 12): {id(p) for p in g["params"]} for g in trial.optimizer.param_groups}
     assert set(groups) == {1e-3, 1.6e-2} and groups[1.6e-2] == b_ids and b_ids
+
+
+@pytest.mark.parametrize("variant", [{"method.name": "lora", "lora.dora": True},
+                                     {"method.name": "lora", "lora.init": "pissa", "lora.targets": "all"},
+                                     {"method.name": "ia3"},
+                                     {"method.name": "lora", "train.activation_checkpointing": True}],
+                         ids=["dora", "pissa", "ia3", "lora-checkpointed"])
+def test_each_lora_variant_and_ia3_train_through_one_loop(variant: dict, real_data) -> None:
+    """A few steps of each through ``run_trial``: only the method's tensors (and the task head) train, and they move
+    off their start (B is zero at the start of default LoRA and DoRA, IA3's scales are ones); the memory account has
+    the trial's saved activations."""
+    from model.adapters import adapter_parameters
+
+    result = run_trial(_config(task__name="sms_spam", optim__lr=1e-2, train__max_steps=3, train__batch_size=8,
+                               **{k.replace(".", "__"): v for k, v in {**SMALL_DATA, **variant}.items()}))
+    record, model = result.record, result.model
+    assert record.status == "completed" and record.activation_bytes > 0
+    trained = dict(adapter_parameters(model))
+    head = sum(p.numel() for p in result.head.parameters())
+    assert record.trainable_params == sum(p.numel() for p in trained.values()) + head
+    kinds = {name.rsplit(".", 1)[1] for name in trained}
+    expected = {"ia3": {"ia3_l"}}.get(variant["method.name"], {"lora_A", "lora_B"})
+    assert kinds == expected | ({"lora_magnitude"} if variant.get("lora.dora") else set())
+    if variant["method.name"] == "ia3":
+        assert any((p - 1).abs().max() > 0 for p in trained.values())
+    elif variant.get("lora.init") != "pissa":
+        assert any(p.abs().max() > 0 for n, p in trained.items() if n.endswith("lora_B"))
+
+
+def test_activation_checkpointing_shrinks_the_trials_saved_activations(real_data) -> None:
+    """The memory account's activations are measured (saved-tensor hooks over one micro-batch), so checkpointing
+    shows in them: each block keeps its input, not its activations."""
+    measured = {}
+    for checkpointed in (False, True):
+        record = run_trial(_config(task__name="sms_spam", method__name="lora", train__max_steps=1, train__batch_size=8,
+                                   model__n_layer=4, train__activation_checkpointing=checkpointed,
+                                   **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()})).record
+        measured[checkpointed] = record.activation_bytes
+    assert 0 < measured[True] < 0.5 * measured[False], measured

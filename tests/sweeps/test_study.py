@@ -260,3 +260,20 @@ def test_a_key_given_twice_in_a_study_is_refused_with_its_line(tmp_path: Path) -
 def test_every_shipped_study_has_safe_names() -> None:
     for name in ("smoke", "demo", "guide", "guide-lite"):
         load_study(name)
+
+
+def test_ia3_trials_do_not_inherit_the_base_lora_settings_but_refuse_their_own(tmp_path: Path) -> None:
+    """The base's lora.* settings shape LoRA's adapters: LoRA trials take them, IA3 trials do not; an IA3 group that
+    sets one itself is refused, naming the group and the key."""
+    text = SHARED.replace("train.max_steps: 2}", "train.max_steps: 2, lora.rank: 4, lora.targets: all}")
+    text = text.replace("    head_only: {method.name: head_only}",
+                        "    head_only: {method.name: head_only}\n    lora: {method.name: lora}\n    ia3: {method.name: ia3}")
+    trials = plan(_shared_study(tmp_path, text), "s1")
+    by_method = {t.config["method.name"]: t.config for t in trials}
+    assert (by_method["lora"]["lora.rank"], by_method["lora"]["lora.targets"]) == (4, ["attn.c_attn", "attn.c_proj",
+                                                                                      "mlp.c_fc", "mlp.c_proj"])
+    assert (by_method["ia3"]["lora.rank"], by_method["ia3"]["lora.targets"]) == (8, ["attn.c_attn"])  # the defaults
+    bad = _shared_study(tmp_path, text.replace("ia3: {method.name: ia3}", "ia3: {method.name: ia3, lora.rank: 2}"))
+    with pytest.raises(ConfigError) as err:
+        plan(bad, "s1")
+    assert {key for key, _ in err.value.problems if "lora" in key} == {"sms_spam / method.ia3: lora.rank"}
