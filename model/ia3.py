@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.adapters import Adapter, Tensors, adapter_layers
+from model.adapters import Adapter, Tensors, adapter_layers, dense
 from model.config import Problems
 from model.gpt2 import GPT2
 from model.lora import parse_targets
@@ -64,9 +64,9 @@ class IA3Linear(Adapter):
 
     def merged_tensors(self) -> Tensors:
         if self.feedforward:  # (x ⊙ l) Wᵀ = x (W diag l)ᵀ: scale W's columns
-            return self.weight * self.ia3_l[None, :], None
+            return dense(self.weight) * self.ia3_l[None, :], None
         bias = None if self.bias is None else self.bias * self.ia3_l
-        return self.weight * self.ia3_l[:, None], bias
+        return dense(self.weight) * self.ia3_l[:, None], bias
 
     def unmerged_tensors(self) -> Tensors:
         if self.feedforward:

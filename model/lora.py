@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.adapters import Adapter, Tensors, adapter_layers
+from model.adapters import Adapter, Tensors, adapter_layers, dense
 from model.config import ConfigError, Problems, is_int, is_number
 from model.gpt2 import GPT2
 
@@ -186,7 +186,7 @@ class LoRALinear(Adapter):
 
     def _weight_norm(self) -> torch.Tensor:
         """DoRA's ``||W + ΔW||`` per output unit (the norm of each row of the ``(out, in)`` weight), shape ``(out,)``."""
-        return torch.linalg.norm(self.weight + self.delta_weight(), dim=1)
+        return torch.linalg.norm(dense(self.weight) + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -203,14 +203,16 @@ class LoRALinear(Adapter):
             return F.linear(x, self.weight, self.bias) + update
         # DoRA: y = m / ||W + ΔW|| · (W + ΔW) h + b, the norm treated as a constant (the paper's section 4.3, and PEFT).
         # With adapter dropout the frozen path sees x, the rescaled part sees dropout(x), as in PEFT.
-        scale = self.lora_magnitude / self._weight_norm().detach()  # (out,)
+        with torch.no_grad():  # a constant: no graph, nothing saved for backward
+            norm = self._weight_norm()
+        scale = self.lora_magnitude / norm  # (out,)
         wx = F.linear(x, self.weight)
         wh = wx if isinstance(self.lora_dropout, nn.Identity) or not self.training else F.linear(h, self.weight)
         out = wx + (scale - 1) * wh + scale * update
         return out if self.bias is None else out + self.bias
 
     def merged_tensors(self) -> Tensors:
-        weight = self.weight + self.delta_weight()
+        weight = dense(self.weight) + self.delta_weight()
         if self.lora_magnitude is not None:
             weight = (self.lora_magnitude / torch.linalg.norm(weight, dim=1))[:, None] * weight
         return weight, None

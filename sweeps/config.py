@@ -27,6 +27,7 @@ from tasks import TaskConfig
 from tasks.dpo import DPOConfig
 
 INITS = ("pretrained", "random")
+QUANTIZE = ("none", "nf4")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class ModelConfig:
     """Random init only: the seed of the random weights; None draws them from ``train.seed``. A fixed value keeps one
     random model across a study's seeds, as a pretrained checkpoint is one model, so the seeds vary what they vary
     with pretrained weights (head, data order), not the model itself. Ignored when the checkpoint is loaded."""
+    quantize: str = "none"
+    """``nf4``: QLoRA, the frozen base weight of every LoRA-adapted projection stored in 4-bit NormalFloat (torchao),
+    dequantized per matmul (``model.adapters.quantize_base_weights``); method.name=lora only. ``none``: as loaded."""
 
     def __post_init__(self) -> None:
         problems = Problems()
@@ -61,6 +65,8 @@ class ModelConfig:
             problems.add("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             problems.add("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.quantize not in QUANTIZE:
+            problems.add("quantize", f"must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         for key in ("n_layer", "n_head", "n_embd"):
             value = getattr(self, key)
             if value is None:
@@ -427,6 +433,13 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
     if method is not None and lora is not None and method.name != "lora":
         found.extend(_lora_settings_elsewhere(method.name, lora))
     model = built.get("model")
+    if model is not None and model.quantize == "nf4":
+        if method is not None and method.name != "lora":
+            found.append(("model.quantize", f"NF4 stores the frozen base weights of LoRA's adapted projections: "
+                                            f"needs method.name=lora (method is {method.name})"))
+        if model.n_embd is not None and model.n_embd % 8:
+            found.append(("model.quantize", f"NF4 quantizes blocks of 64 values: model.n_embd must be a multiple of "
+                                            f"8, got {model.n_embd}"))
     n_positions = known_n_positions(model.name if model is not None else raw_model.get("name", "gpt2"))
     if task is not None and task.max_length is not None and n_positions is not None and task.max_length > n_positions:
         found.append(("task.max_length", f"{task.max_length} exceeds the model's {n_positions} positions "

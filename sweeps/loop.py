@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from model import GPT2, GPT2Config, get_tokenizer
+from model.adapters import quantize_base_weights
 from model.lora import lora_plus_lr_scales
 from model.methods import apply_method
 from model.tokenizer import EOT_TOKEN_ID
@@ -105,6 +106,8 @@ def setup(config: TrialConfig) -> Trial:
     torch.manual_seed(train.seed)
     head = task.make_head(model.config.n_embd)
     summary = apply_method(model, config.method, config.lora, head)
+    if config.model.quantize == "nf4":  # after the adapters (PiSSA's residual is what gets quantized), before moving
+        quantize_base_weights(model)
     model.to(device)
     if head is not None:
         head.to(device)

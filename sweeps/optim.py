@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from model.config import Problems, is_int, is_number
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "adamw8bit")
 SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "inverse_sqrt")
 
 
@@ -27,18 +27,21 @@ class OptimConfig:
     """Optimizer and its hyperparameters (the schedule is ``ScheduleConfig``)."""
 
     name: str = "adamw"
-    """``adamw`` (torch's fused kernel on CPU and CUDA), ``adam`` (fused likewise), ``sgd`` or ``adafactor``."""
+    """``adamw`` (torch's fused kernel on CPU and CUDA), ``adam`` (fused likewise), ``sgd``, ``adafactor``, or
+    ``adamw8bit``: AdamW with both moments stored in 8 bits (torchao's ``AdamW8bit``, Dettmers et al.'s block-wise
+    quantization, blocks of 256; tensors under 4,096 values keep fp32 moments), on CPU and CUDA. Its step is compiled
+    with ``torch.compile`` on first use (seconds, once per process)."""
     lr: float = 5e-5
     """Peak learning rate (after warmup); > 0."""
     weight_decay: float = 0.0
-    """Decoupled for adamw/adafactor, L2 for adam/sgd. Applies to matrices only: never to biases, LayerNorm or
+    """Decoupled for adamw/adamw8bit/adafactor, L2 for adam/sgd. Applies to matrices only: never to biases, LayerNorm or
     embeddings."""
     beta1: float = 0.9
-    """First-moment decay (adam, adamw)."""
+    """First-moment decay (adam, adamw, adamw8bit)."""
     beta2: float = 0.999
-    """Second-moment decay (adam, adamw)."""
+    """Second-moment decay (adam, adamw, adamw8bit)."""
     eps: float = 1e-8
-    """Denominator epsilon (adam, adamw)."""
+    """Denominator epsilon (adam, adamw, adamw8bit)."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
@@ -155,6 +158,10 @@ def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig,
                                 fused=fused)
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if config.name == "adamw8bit":
+        from torchao.optim import AdamW8bit  # only here: importing torchao costs seconds
+
+        return AdamW8bit(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     return torch.optim.Adafactor(groups, lr=config.lr)
 
 

@@ -435,15 +435,15 @@ def test_a_database_from_before_the_marker_reads_as_it_was_and_a_writer_migrates
 
 
 
-V4 = ("lora_dora", "lora_init", "train_activation_checkpointing")
+V4 = ("model_quantize", "lora_dora", "lora_init", "train_activation_checkpointing")
 
 
 @pytest.mark.parametrize(("version", "dropped"), [(1, ("model_init_seed", "lora_lr_ratio", *V4)),
                                                   (2, ("lora_lr_ratio", *V4)), (3, V4)])
 def test_an_older_file_opens_read_only_as_it_is_and_a_writer_brings_it_to_this_version(
         tmp_path: Path, version: int, dropped: tuple[str, ...]) -> None:
-    """Version 2 added trials.model_init_seed, version 3 trials.lora_lr_ratio, version 4 DoRA's, the LoRA start's and
-    activation checkpointing's columns: an older file is no damaged file; a
+    """Version 2 added trials.model_init_seed, version 3 trials.lora_lr_ratio, version 4 NF4's, DoRA's, the LoRA
+    start's and activation checkpointing's columns: an older file is no damaged file; a
     reader leaves it untouched, the first writer adds the columns (empty for the old rows) and marks the file with
     this version, keeping every row."""
     import duckdb

@@ -110,3 +110,14 @@ def test_lora_variants_apply_to_lora_only_and_ia3_takes_no_lora_setting() -> Non
         TrialConfig.from_flat({"method.name": "ia3", "lora.rank": 4, "lora.targets": "all", "optim.lr": -1})
     assert set(err.value.keys()) == {"lora.rank", "lora.targets", "optim.lr"}
     assert TrialConfig.from_flat({"method.name": "ia3"}).method.name == "ia3"
+
+
+def test_nf4_needs_lora_and_a_width_it_can_block() -> None:
+    assert TrialConfig.from_flat({"method.name": "lora", "model.quantize": "nf4"}).model.quantize == "nf4"
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"method.name": "full", "model.quantize": "nf4", "model.init": "random",
+                               "model.n_embd": 20, "model.n_head": 2})
+    assert err.value.keys() == ["model.quantize", "model.quantize"]
+    assert "needs method.name=lora" in str(err.value) and "multiple of 8, got 20" in str(err.value)
+    with pytest.raises(ConfigError, match=r"model\.quantize: must be one of none, nf4"):
+        TrialConfig.from_flat({"model.quantize": "int4"})

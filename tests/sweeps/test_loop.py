@@ -373,8 +373,10 @@ def test_a_lora_plus_trial_trains_b_at_its_ratio_of_the_rate(real_data) -> None:
 @pytest.mark.parametrize("variant", [{"method.name": "lora", "lora.dora": True},
                                      {"method.name": "lora", "lora.init": "pissa", "lora.targets": "all"},
                                      {"method.name": "ia3"},
-                                     {"method.name": "lora", "train.activation_checkpointing": True}],
-                         ids=["dora", "pissa", "ia3", "lora-checkpointed"])
+                                     {"method.name": "lora", "train.activation_checkpointing": True},
+                                     {"method.name": "lora", "lora.dora": True, "model.quantize": "nf4"},
+                                     {"method.name": "lora", "optim.name": "adamw8bit", "lora.targets": "all"}],
+                         ids=["dora", "pissa", "ia3", "lora-checkpointed", "qdora", "lora-adamw8bit"])
 def test_each_lora_variant_and_ia3_train_through_one_loop(variant: dict, real_data) -> None:
     """A few steps of each through ``run_trial``: only the method's tensors (and the task head) train, and they move
     off their start (B is zero at the start of default LoRA and DoRA, IA3's scales are ones); the memory account has
@@ -407,3 +409,20 @@ def test_activation_checkpointing_shrinks_the_trials_saved_activations(real_data
                                    **{k.replace(".", "__"): v for k, v in SMALL_DATA.items()})).record
         measured[checkpointed] = record.activation_bytes
     assert 0 < measured[True] < 0.5 * measured[False], measured
+
+
+def test_the_memory_account_counts_nf4_weights_at_their_stored_size(real_data) -> None:
+    """QLoRA's account: the adapted projections' weights at their packed size (measured from the inner tensors'
+    storages), so the trial's weight bytes drop by what NF4 saves on them, and nothing else changes."""
+    from model.adapters import adapter_layers
+
+    base = {"task.name": "sms_spam", "method.name": "lora", "lora.targets": "all", "train.max_steps": 1,
+            "train.batch_size": 8, "model.n_embd": 128, "model.n_head": 4, **SMALL_DATA}
+    plain = run_trial(TrialConfig.from_flat({**TINY, **base}))
+    nf4 = run_trial(TrialConfig.from_flat({**TINY, **base, "model.quantize": "nf4"}))
+    layers = [layer.weight for _, layer in adapter_layers(nf4.model)]
+    stored = sum(getattr(w, n).untyped_storage().nbytes() for w in layers for n in w.__tensor_flatten__()[0])
+    full = sum(w.numel() * 4 for w in layers)
+    assert stored <= 0.135 * full
+    assert plain.record.weight_bytes - nf4.record.weight_bytes == full - stored
+    assert nf4.record.optimizer_state_bytes == plain.record.optimizer_state_bytes

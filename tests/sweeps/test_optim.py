@@ -55,6 +55,11 @@ def test_every_combination_builds_and_steps(optimizer: str, schedule: str) -> No
         opt.step()
         sched.step()
     assert not torch.equal(model.h[0].mlp.c_fc.weight, before)
+    if optimizer == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        assert type(opt) is AdamW8bit
+        return
     expected_type = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
                      "adafactor": torch.optim.Adafactor}[optimizer]
     assert type(opt) is expected_type
@@ -214,3 +219,34 @@ def test_lora_plus_puts_b_in_its_own_group_at_ratio_times_the_rate() -> None:
     scheduler.step()
     assert sorted(g["lr"] for g in opt.param_groups)[-1] == pytest.approx(0.16 * 3 / 4)
     assert sorted(g["lr"] for g in opt.param_groups)[0] == pytest.approx(1e-2 * 3 / 4)
+
+
+def test_adamw8bit_steps_like_adamw_with_a_quarter_of_the_state(monkeypatch) -> None:
+    """torchao's 8-bit AdamW on CPU: a few steps land close to torch's AdamW (the moments lose precision, not
+    direction), and its state, measured from the tensors' own storages, is about a quarter of AdamW's; tensors under
+    4,096 values keep fp32 moments. The account reads the same bytes."""
+    from sweeps.memory import optimizer_state_bytes
+
+    torch.manual_seed(0)
+    start = torch.randn(256, 64) * 0.02
+    runs = {}
+    for name in ("adamw", "adamw8bit"):
+        param = torch.nn.Parameter(start.clone())
+        small = torch.nn.Parameter(torch.zeros(64))
+        optimizer = build_optimizer([torch.nn.ParameterList([param, small])], OptimConfig(name=name, lr=1e-3))
+        for step in range(3):
+            param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step))
+            small.grad = torch.ones(64)
+            optimizer.step()
+        runs[name] = param.detach().clone(), optimizer
+    (exact, adamw), (approx, adamw8) = runs["adamw"], runs["adamw8bit"]
+    moved = (exact - start).abs().mean()
+    assert (approx - exact).abs().mean() < 0.05 * moved
+    storages = sum(part.untyped_storage().nbytes() for state in adamw8.state.values()
+                   for value in state.values() if value.dim() > 0
+                   for part in ([getattr(value, n) for n in value.__tensor_flatten__()[0]]
+                                if hasattr(value, "__tensor_flatten__") else [value]))
+    assert optimizer_state_bytes(adamw8) == storages
+    big_8bit = optimizer_state_bytes(adamw8) - 2 * 64 * 4  # the small tensor keeps two fp32 moments
+    assert big_8bit <= 0.3 * (2 * 256 * 64 * 4), big_8bit
+    assert optimizer_state_bytes(adamw) == 2 * (256 * 64 + 64) * 4
