@@ -185,7 +185,7 @@ def optimizer_step(trial: Trial, group: list[list[int]], grads: EmbeddingGrads |
     state.tokens_seen += step_tokens
     state.padded_tokens += padded
     state.train_seconds += elapsed
-    return StepRecord(state.step, state.epoch, loss_value, trial.scheduler.get_last_lr()[0],
+    return StepRecord(state.step, state.epoch, loss_value, float(trial.scheduler.get_last_lr()[0]),
                       step_tokens / max(elapsed, 1e-9), state.tokens_seen)
 
 

@@ -13,7 +13,7 @@ from model.tokenizer import EOT_TOKEN_ID
 from sweeps import loop
 from sweeps.config import TrialConfig
 from sweeps.loop import TrialResult, generate_samples, run_trial, setup
-from sweeps.records import CheckpointRecord, FinalRecord
+from sweeps.records import CheckpointRecord, FinalRecord, StepRecord
 from tasks.base import ClassificationTask
 
 TINY = {"model.init": "random", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64}
@@ -380,13 +380,16 @@ def test_a_lora_plus_trial_trains_b_at_its_ratio_of_the_rate(real_data) -> None:
 def test_each_lora_variant_and_ia3_train_through_one_loop(variant: dict, real_data) -> None:
     """A few steps of each through ``run_trial``: only the method's tensors (and the task head) train, and they move
     off their start (B is zero at the start of default LoRA and DoRA, IA3's scales are ones); the memory account has
-    the trial's saved activations."""
+    the trial's saved activations; what it reports are plain numbers (torchao's 8-bit AdamW keeps lr as a tensor)."""
     from model.adapters import adapter_parameters
 
+    steps: list[StepRecord] = []
     result = run_trial(_config(task__name="sms_spam", optim__lr=1e-2, train__max_steps=3, train__batch_size=8,
-                               **{k.replace(".", "__"): v for k, v in {**SMALL_DATA, **variant}.items()}))
+                               **{k.replace(".", "__"): v for k, v in {**SMALL_DATA, **variant}.items()}),
+                       callback=lambda r: steps.append(r) if isinstance(r, StepRecord) else None)
     record, model = result.record, result.model
     assert record.status == "completed" and record.activation_bytes > 0
+    assert steps and all(type(s.lr) is float for s in steps)  # plain numbers: Ray refuses tensors in metrics
     trained = dict(adapter_parameters(model))
     head = sum(p.numel() for p in result.head.parameters())
     assert record.trainable_params == sum(p.numel() for p in trained.values()) + head
