@@ -32,6 +32,7 @@ SCRIPTS = [
     ("sweeps/bench/step.py", "sweeps.bench.step"),
     ("sweeps/bench/trial.py", "sweeps.bench.trial"),
     ("sweeps/bench/dpo.py", "sweeps.bench.dpo"),
+    ("sweeps/bench/variants.py", "sweeps.bench.variants"),
 ]
 LAUNCH = ("sweeps/launch.py", "sweeps.launch")
 FORWARDED = {"preflight": "sweeps/preflight.py"}  # launch.py subcommands that hand their arguments to another script

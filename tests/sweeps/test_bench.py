@@ -32,3 +32,17 @@ def test_trial_level_runs_the_trial_benchmark(real_data, capsys) -> None:
     assert main(["--level", "trial", "--smoke", "--methods", "lora"]) == 0
     out = capsys.readouterr().out
     assert "Trainer" in out and re.search(r"^lora .*\dx", out, re.M)
+
+
+def test_variants_bench_smoke_prints_every_side_with_its_ratios_to_lora(capsys) -> None:
+    from sweeps.bench.variants import main as bench_variants
+
+    assert bench_variants(["--smoke", "--sides", "lora,dora,qlora,lora_ckpt,ia3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if re.match(r"(lora|dora|qlora|lora_ckpt|ia3) ", line)]
+    assert [r[0] for r in rows] == ["lora", "dora", "qlora", "lora_ckpt", "ia3"]
+    assert all(r[2] == "1.00x" for r in rows[:1]) and all(len(r) == 12 and r[2].endswith("x") for r in rows)
+    adapted = {r[0]: float(r[6].rstrip("x")) for r in rows}  # the adapted projections' base weights, x lora
+    assert adapted["qlora"] < 0.2 and adapted["dora"] == adapted["lora_ckpt"] == 1.0
+    with pytest.raises(SystemExit):
+        bench_variants(["--smoke", "--sides", "dora"])  # no plain LoRA to compare with

@@ -1,0 +1,137 @@
+"""LoRA's variants and the memory savers side by side in one run: step time and the memory account of each.
+
+    python sweeps/bench/variants.py                   # gpt2 shape (12 blocks, random weights), batch 8 x 128, CPU fp32
+    python sweeps/bench/variants.py --sides lora,qlora --steps 3
+    python sweeps/bench/variants.py --smoke           # tiny, seconds: checks the script runs
+
+Every side is one training step of the instruction workload (as Alpaca: loss on the second half of each row) on the
+same weights and batch, LoRA r8 alpha 16 on every projection unless the side changes it. The sides alternate within
+each round, so machine load hits them alike; the median step after warm-up is reported, with each side's ratio to
+plain LoRA. The memory account is ``sweeps/memory.py``'s, as a trial records it: the weights at their stored size (the
+adapted projections' base weights on their own too, where NF4 acts), gradients, optimizer state after a step, and the
+activations autograd saves for one step (saved-tensor hooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import GPT2, GPT2Config
+from model.adapters import adapter_layers, quantize_base_weights
+from model.lora import LoRAConfig
+from model.methods import MethodConfig, apply_method
+from sweeps import memory
+from sweeps.bench.step import make_batch
+from sweeps.bench.timing import measure
+from sweeps.optim import OptimConfig, build_optimizer
+from tasks import Batch, TaskConfig, get_task
+
+# side -> (method, LoRA settings beyond r8/alpha 16/all, NF4, activation checkpointing, optimizer)
+SIDES: dict[str, tuple[str, dict, bool, bool, str]] = {
+    "lora": ("lora", {}, False, False, "adamw"),
+    "dora": ("lora", {"dora": True}, False, False, "adamw"),
+    "pissa": ("lora", {"init": "pissa"}, False, False, "adamw"),
+    "ia3": ("ia3", {}, False, False, "adamw"),
+    "qlora": ("lora", {}, True, False, "adamw"),
+    "lora_ckpt": ("lora", {}, False, True, "adamw"),
+    "qlora_ckpt": ("lora", {}, True, True, "adamw"),
+    "lora_adamw8bit": ("lora", {}, False, False, "adamw8bit"),
+}
+DEFAULT_SIDES = "lora,dora,qlora,lora_ckpt,ia3,lora_adamw8bit"
+
+
+@dataclass
+class Account:
+    """One side's memory account, in bytes."""
+
+    weights: int
+    adapted_base: int  # the base weights of the adapted projections (what NF4 stores)
+    gradients: int
+    optimizer: int
+    activations: int
+
+
+def _side(path: Path, name: str, batch: Batch) -> tuple[Callable[[], None], Account]:
+    """The side's training step, and its memory account measured over one first step."""
+    method, settings, nf4, checkpointing, optimizer_name = SIDES[name]
+    model = GPT2.from_pretrained(path).train()
+    task = get_task(TaskConfig(name="alpaca"))
+    apply_method(model, MethodConfig(name=method), LoRAConfig(rank=8, alpha=16, targets="all", **settings))
+    if nf4:
+        quantize_base_weights(model)
+    model.checkpoint_activations(checkpointing)
+    optimizer = build_optimizer([model], OptimConfig(name=optimizer_name, lr=1e-5))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(model, None, batch)[0].backward()
+        optimizer.step()
+
+    optimizer.zero_grad(set_to_none=True)
+    with memory.measure_saved([model]) as saved:
+        loss = task.loss(model, None, batch)[0]
+    loss.backward()
+    optimizer.step()
+    account = Account(memory.weight_bytes([model]),
+                      sum(memory.stored_bytes(layer.weight) for _, layer in adapter_layers(model)),
+                      memory.weight_bytes([model], trainable_only=True), memory.optimizer_state_bytes(optimizer),
+                      saved.nbytes)
+    return step, account
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gpt2", help="preset whose shape to use (random weights)")
+    parser.add_argument("--n-layer", type=int, help="fewer blocks than the preset, for a quicker run")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (8-bit AdamW compiles its step)")
+    parser.add_argument("--sides", default=DEFAULT_SIDES, help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, one round: checks the script runs")
+    args = parser.parse_args(argv)
+    sides = args.sides.split(",")
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or "lora" not in sides:
+        parser.error(f"--sides: unknown {', '.join(unknown)}" if unknown else "--sides must include lora (the ratios' base)")
+    overrides = {"n_layer": args.n_layer} if args.n_layer else {}
+    if args.smoke:
+        args.batch, args.seq, args.steps, args.warmup = 2, 16, 1, 1
+        overrides.update(n_layer=2, n_embd=64, n_head=2)
+    torch.manual_seed(0)
+    config = GPT2Config.from_preset(args.model, **overrides)
+    device = torch.device("cpu")
+    batch = make_batch("instruction", args.batch, args.seq, config.vocab_size, device)
+    print(f"CPU fp32, torch {torch.__version__}, threads {torch.get_num_threads()}; model {args.model} "
+          f"n_layer={config.n_layer} n_embd={config.n_embd}; batch {args.batch} x {args.seq}; LoRA r8 alpha 16 on "
+          f"every projection; median of {args.steps} rounds after {args.warmup} warm-up", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2(config).save_pretrained(tmp)  # every side loads the very same weights
+        built = {name: _side(Path(tmp), name, batch) for name in sides}
+        seconds = measure({name: step for name, (step, _) in built.items()}, args.steps, args.warmup, device,
+                          torch.autocast("cpu", enabled=False))
+    base_s, base = seconds["lora"], built["lora"][1]
+    print(f"{'side':<15} {'step s':>7} {'x lora':>7} {'weights MB':>11} {'x lora':>7} {'adapted MB':>11} {'x lora':>7} "
+          f"{'grads MB':>9} {'optim MB':>9} {'x lora':>7} {'activ MB':>9} {'x lora':>7}")
+    for name in sides:
+        a = built[name][1]
+        print(f"{name:<15} {seconds[name]:>7.3f} {seconds[name] / base_s:>6.2f}x {_mb(a.weights):>11} "
+              f"{a.weights / base.weights:>6.2f}x {_mb(a.adapted_base):>11} {a.adapted_base / base.adapted_base:>6.2f}x "
+              f"{_mb(a.gradients):>9} {_mb(a.optimizer):>9} {a.optimizer / base.optimizer:>6.2f}x "
+              f"{_mb(a.activations):>9} {a.activations / base.activations:>6.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
