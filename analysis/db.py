@@ -50,7 +50,7 @@ APPLICATION = "gpt2-finetune-guide study database"
 SCHEMA_VERSION = 4
 # Trials columns a version added (schema.sql's ALTERs bring older files up to date): not required of older files.
 ADDED_IN_VERSION = {2: frozenset({"model_init_seed"}), 3: frozenset({"lora_lr_ratio"}),
-                    4: frozenset({"model_quantize", "lora_dora", "lora_init", "train_activation_checkpointing"})}
+                    4: frozenset({"model_frozen_dtype", "model_quantize", "lora_dora", "lora_init", "train_activation_checkpointing"})}
 # DuckDB would otherwise install (download) and load extensions on its own, e.g. sqlite_scanner for a SQLite file.
 CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 LOCK_PATIENCE_S = 3.0  # a writer retries a lock this long: two starts at once both look before either takes it
@@ -271,8 +271,8 @@ def _required(table: str, column: str, version: int, found: dict[str, set[str]])
 
 def _migrate(con: duckdb.DuckDBPyConnection, version: int | None) -> None:
     """Create the schema (a new file) or bring an older one to this version, and mark the file, all or nothing.
-    Version 0 (before the marker) to 1, 1 to 2 (``model_init_seed``), 2 to 3 (``lora_lr_ratio``), 3 to 4 (NF4, DoRA,
-    the LoRA start, activation checkpointing): schema.sql's
+    Version 0 (before the marker) to 1, 1 to 2 (``model_init_seed``), 2 to 3 (``lora_lr_ratio``), 3 to 4 (bf16 frozen
+    weights, NF4, DoRA, the LoRA start, activation checkpointing): schema.sql's
     ALTERs and copies, then the marker."""
     con.execute("BEGIN TRANSACTION")
     try:

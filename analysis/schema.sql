@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS trials (
     model_n_head             INTEGER,
     model_n_embd             INTEGER,
     model_init_seed          INTEGER,
+    model_frozen_dtype       VARCHAR,           -- float32 | bfloat16 (what the method does not train)
     model_quantize           VARCHAR,           -- none | nf4 (QLoRA: the adapted projections' base weights in NF4)
     method_name              VARCHAR,
     method_k                 INTEGER,
@@ -178,6 +179,7 @@ ALTER TABLE trials ADD COLUMN IF NOT EXISTS train_train_metrics BOOLEAN;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_majority DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS baseline_step0 DOUBLE;
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_lr_ratio DOUBLE;  -- version 3
+ALTER TABLE trials ADD COLUMN IF NOT EXISTS model_frozen_dtype VARCHAR;  -- version 4
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS model_quantize VARCHAR;  -- version 4
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_dora BOOLEAN;  -- version 4
 ALTER TABLE trials ADD COLUMN IF NOT EXISTS lora_init VARCHAR;  -- version 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from model.adapters import adapter_parameters
@@ -134,3 +135,15 @@ def apply_method(
                 trainable += param.numel()
                 names.append(prefix + name)
     return MethodSummary(method.name, trainable, total, names, notes)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen parameter of ``model`` in ``dtype`` (bf16 halves the frozen weights' memory); the trained
+    ones keep theirs, so the optimizer still updates float32 values. Returns the number of values cast. Frozen
+    weights in bf16 need bf16 autocast to meet float32 activations and adapters."""
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast

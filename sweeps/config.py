@@ -28,6 +28,7 @@ from tasks.dpo import DPOConfig
 
 INITS = ("pretrained", "random")
 QUANTIZE = ("none", "nf4")
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ModelConfig:
     """Random init only: the seed of the random weights; None draws them from ``train.seed``. A fixed value keeps one
     random model across a study's seeds, as a pretrained checkpoint is one model, so the seeds vary what they vary
     with pretrained weights (head, data order), not the model itself. Ignored when the checkpoint is loaded."""
+    frozen_dtype: str = "float32"
+    """``bfloat16``: every frozen parameter (what the method does not train) stored in bf16, half the bytes, the
+    trained ones kept in float32; needs bf16 autocast (``train.precision`` bf16, or auto on CUDA). ``float32``: all."""
     quantize: str = "none"
     """``nf4``: QLoRA, the frozen base weight of every LoRA-adapted projection stored in 4-bit NormalFloat (torchao),
     dequantized per matmul (``model.adapters.quantize_base_weights``); method.name=lora only. ``none``: as loaded."""
@@ -65,6 +69,8 @@ class ModelConfig:
             problems.add("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             problems.add("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            problems.add("frozen_dtype", f"must be one of {', '.join(FROZEN_DTYPES)}, got {self.frozen_dtype!r}")
         if self.quantize not in QUANTIZE:
             problems.add("quantize", f"must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         for key in ("n_layer", "n_head", "n_embd"):
@@ -433,6 +439,10 @@ def _cross_checks(built: Mapping[str, Any], raw_model: Mapping[str, Any]) -> lis
     if method is not None and lora is not None and method.name != "lora":
         found.extend(_lora_settings_elsewhere(method.name, lora))
     model = built.get("model")
+    train = built.get("train")
+    if model is not None and model.frozen_dtype == "bfloat16" and train is not None and train.precision == "fp32":
+        found.append(("model.frozen_dtype", "bf16 frozen weights compute under bf16 autocast: set train.precision to "
+                                            "bf16 (or auto, on CUDA)"))
     if model is not None and model.quantize == "nf4":
         if method is not None and method.name != "lora":
             found.append(("model.quantize", f"NF4 stores the frozen base weights of LoRA's adapted projections: "

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import GPT2, GPT2Config, get_tokenizer
+from model import GPT2, ConfigError, GPT2Config, get_tokenizer
 from model.adapters import quantize_base_weights
 from model.lora import lora_plus_lr_scales
-from model.methods import apply_method
+from model.methods import apply_method, cast_frozen
 from model.tokenizer import EOT_TOKEN_ID
 from sweeps import memory
 from sweeps.checkpoints import (
@@ -106,6 +106,11 @@ def setup(config: TrialConfig) -> Trial:
     torch.manual_seed(train.seed)
     head = task.make_head(model.config.n_embd)
     summary = apply_method(model, config.method, config.lora, head)
+    if config.model.frozen_dtype == "bfloat16":
+        if not use_bf16:
+            raise ConfigError([("model.frozen_dtype", f"bf16 frozen weights compute under bf16 autocast, which "
+                                                      f"train.precision={train.precision} on {device.type} is not")])
+        cast_frozen(model, torch.bfloat16)
     if config.model.quantize == "nf4":  # after the adapters (PiSSA's residual is what gets quantized), before moving
         quantize_base_weights(model)
     model.to(device)

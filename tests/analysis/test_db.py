@@ -435,7 +435,7 @@ def test_a_database_from_before_the_marker_reads_as_it_was_and_a_writer_migrates
 
 
 
-V4 = ("model_quantize", "lora_dora", "lora_init", "train_activation_checkpointing")
+V4 = ("model_frozen_dtype", "model_quantize", "lora_dora", "lora_init", "train_activation_checkpointing")
 
 
 @pytest.mark.parametrize(("version", "dropped"), [(1, ("model_init_seed", "lora_lr_ratio", *V4)),

@@ -121,3 +121,13 @@ def test_nf4_needs_lora_and_a_width_it_can_block() -> None:
     assert "needs method.name=lora" in str(err.value) and "multiple of 8, got 20" in str(err.value)
     with pytest.raises(ConfigError, match=r"model\.quantize: must be one of none, nf4"):
         TrialConfig.from_flat({"model.quantize": "int4"})
+
+
+def test_bf16_frozen_weights_need_bf16_autocast() -> None:
+    assert TrialConfig.from_flat({"model.frozen_dtype": "bfloat16", "train.precision": "bf16"}).model.frozen_dtype == (
+        "bfloat16")
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"model.frozen_dtype": "bfloat16", "train.precision": "fp32"})
+    assert err.value.keys() == ["model.frozen_dtype"]
+    with pytest.raises(ConfigError, match=r"model\.frozen_dtype: must be one of float32, bfloat16"):
+        TrialConfig.from_flat({"model.frozen_dtype": "float16"})

@@ -53,7 +53,7 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     study = load_study("smoke")
     trials = plan(study, "x")
     n = len(trials)
-    assert (n, planned_memberships(trials), len(study.dimensions)) == (96, 126, 14)  # sweeps/studies/smoke.yaml
+    assert (n, planned_memberships(trials), len(study.dimensions)) == (97, 127, 14)  # sweeps/studies/smoke.yaml
     assert planned[0] == n and planned[1] == "completed" and planned[2] and planned[3]
     assert con.execute("SELECT count(*), count(DISTINCT id) FROM trials").fetchone() == (n, n)
     assert con.execute("SELECT status, count(*) FROM trials GROUP BY status").fetchall() == [("completed", n)]

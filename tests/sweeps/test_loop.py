@@ -3,6 +3,7 @@ method on every task."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -429,3 +430,24 @@ def test_the_memory_account_counts_nf4_weights_at_their_stored_size(real_data) -
     assert stored <= 0.135 * full
     assert plain.record.weight_bytes - nf4.record.weight_bytes == full - stored
     assert nf4.record.optimizer_state_bytes == plain.record.optimizer_state_bytes
+
+
+def test_bf16_frozen_weights_halve_what_the_method_does_not_train(real_data) -> None:
+    """A LoRA trial with ``model.frozen_dtype=bfloat16`` under bf16 autocast on the CPU: every frozen parameter is bf16,
+    every trained one float32, the account's weights drop by half the frozen bytes; without autocast the trial is
+    refused before training, naming the key."""
+    from model import ConfigError
+
+    flat = {"task.name": "sms_spam", "method.name": "lora", "train.max_steps": 2, "train.batch_size": 8,
+            "train.precision": "bf16", **SMALL_DATA}
+    plain = run_trial(TrialConfig.from_flat({**TINY, **flat}))
+    half = run_trial(TrialConfig.from_flat({**TINY, **flat, "model.frozen_dtype": "bfloat16"}))
+    assert half.record.status == "completed" and all(math.isfinite(v) for v in half.record.test.values())
+    params = dict(half.model.named_parameters())
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.bfloat16}
+    frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
+    assert plain.record.weight_bytes - half.record.weight_bytes == 2 * frozen
+    with pytest.raises(ConfigError, match=r"model\.frozen_dtype"):
+        setup(TrialConfig.from_flat({**TINY, **flat, "train.precision": "auto", "train.device": "cpu",
+                                     "model.frozen_dtype": "bfloat16"}))
