@@ -46,12 +46,17 @@ def fmt_settings(g: Group, st: Mapping[str, Any] | None) -> str:
     """A group's method settings, learning rate, batch and budget, and where validation peaked."""
     st = st or {}
     if g.method == "lora":
-        parts = [f"LoRA r{st.get('lora_rank')}, α {st.get('lora_alpha'):g}" if st.get("lora_alpha") is not None
-                 else "LoRA", f"layers {st.get('lora_layers') or 'all'}", f"targets {st.get('lora_targets') or '–'}"]
+        kind = "DoRA" if st.get("lora_dora") == "true" else "LoRA"
+        parts = [f"{kind} r{st.get('lora_rank')}, α {st.get('lora_alpha'):g}" if st.get("lora_alpha") is not None
+                 else kind, f"layers {st.get('lora_layers') or 'all'}", f"targets {st.get('lora_targets') or '–'}"]
+        parts += _lora_variant(st)
+    elif g.method == "ia3":
+        parts = ["IA3"]
     elif g.method == "last_k":
         parts = [f"last {st.get('method_k')} blocks"]
     else:
         parts = [g.method]
+    parts += _memory_savers(st)
     parts.append(f"LR {fmt_lr(g.lr)}")
     if st.get("batch_size"):
         parts.append(f"batch {st['batch_size']}")
@@ -62,6 +67,29 @@ def fmt_settings(g: Group, st: Mapping[str, Any] | None) -> str:
     if st.get("best_epoch") is not None:
         parts.append(f"validation peaked at epoch {st['best_epoch']:.1f}")
     return "; ".join(parts)
+
+
+def _lora_variant(st: Mapping[str, Any]) -> list[str]:
+    """What sets a LoRA group apart from plain LoRA (LoRA+'s ratio, the start), from the settings' config values."""
+    parts = []
+    if st.get("lora_lr_ratio") not in (None, "1.0", "1"):
+        parts.append(f"LoRA+ (B at {float(st['lora_lr_ratio']):g}x the LR)")
+    if st.get("lora_init") not in (None, "default"):
+        parts.append(f"{st['lora_init']} start")
+    return parts
+
+
+def _memory_savers(st: Mapping[str, Any]) -> list[str]:
+    parts = []
+    if st.get("model_quantize") == "nf4":
+        parts.append("NF4 base weights (QLoRA)")
+    if st.get("model_frozen_dtype") == "bfloat16":
+        parts.append("bf16 frozen weights")
+    if st.get("activation_checkpointing") == "true":
+        parts.append("activation checkpointing")
+    if st.get("optim_name") == "adamw8bit":
+        parts.append("8-bit AdamW")
+    return parts
 
 
 def _loser(v: Verdict) -> str:

@@ -61,6 +61,13 @@ SECTIONS: tuple[dict[str, Any], ...] = (
      "about": "LoRA adapters on the last few transformer blocks only, or on all of them."},
     {"key": "lora_targets", "dimension": "lora_targets", "title": "Which projections get LoRA",
      "about": "Adapters on the attention projections, the MLP, or both."},
+    {"key": "lora_variant", "dimension": "lora_variant", "title": "LoRA variants",
+     "about": "Plain LoRA against DoRA, LoRA+ (B at 4x and 16x A's learning rate), PiSSA's start, QLoRA (4-bit NF4 "
+              "base weights) and IA3, each at its own best learning rate: what each buys over plain LoRA, and at what "
+              "time and memory."},
+    {"key": "memory_savers", "dimension": "memory_savers", "title": "Memory savers",
+     "about": "LoRA at one learning rate with activation checkpointing, 8-bit AdamW, QLoRA with checkpointing or bf16 "
+              "frozen weights: the memory each saves against the time it costs, and whether quality moves."},
     {"key": "data_size", "dimension": "data_size", "title": "How much labelled data",
      "about": "Each method trained on subsets of the training split (log axis): how quality grows with data, and where "
               "the cheaper methods catch up."},
@@ -84,10 +91,10 @@ SECTIONS: tuple[dict[str, Any], ...] = (
               "method and β; each has its own learning-rate grid."},
 )
 
-METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora")
+METHOD_ORDER = ("full", "last_k", "head_only", "bitfit", "lora", "ia3")
 # One colour per method in every figure (colour-blind-safe Okabe-Ito palette).
 METHOD_COLOURS = {"full": "#0072B2", "last_k": "#E69F00", "head_only": "#009E73", "bitfit": "#CC79A7",
-                  "lora": "#D55E00"}
+                  "lora": "#D55E00", "ia3": "#56B4E9"}
 OTHER_COLOUR = "#555555"
 CHEAPER_FACTOR = 2.0  # an equivalence names the cheaper group when it trains at least this factor fewer parameters
 SIDE_BY_SIDE_PROMPTS = 3  # prompts shown side by side per task (a trial keeps up to 100)

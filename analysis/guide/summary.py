@@ -80,12 +80,16 @@ def summary_table(groups: Sequence[Group], verdicts: Sequence[Verdict] = (),
 
 
 def dimension_table(groups: Sequence[Group]) -> Table:
+    """A dimension's groups at their best learning rates, with what each costs (time and memory: the variants and
+    memory savers differ in little else)."""
     metric = metric_title(groups[0].metric)
     rows = [[g.group, g.method, fmt_lr(g.lr), fmt_metric(g.val_mean, g.metric), g.shown,
-             f"{g.n_completed}/{g.n_trials}", fmt_count(g.trainable_params), fmt_seconds(g.train_seconds)]
+             f"{g.n_completed}/{g.n_trials}", fmt_count(g.trainable_params), fmt_seconds(g.train_seconds),
+             fmt_memory(g)]
             for g in groups]
     return Table(["group", "method", "best LR", f"validation {metric}", f"test {metric} (mean ± 95% CI)",
-                  "completed", "trainable", "train time"], rows, align=["l", "l", "r", "r", "r", "r", "r", "r"])
+                  "completed", "trainable", "train time", "memory"], rows,
+                 align=["l", "l", "r", "r", "r", "r", "r", "r", "r"])
 
 FINDING_ORDER = {"beats": 0, "equivalent": 1, "inconclusive": 2, "single_seed": 3, "diverged": 4}
 

@@ -327,3 +327,25 @@ def test_lora_to_full_learning_rate_ratio_is_measured_per_seed() -> None:
     # seed 0: 3e-4 / 3e-5 = 10; seed 1: 1e-4 / 1e-5 = 10
     assert sentence.startswith("On sms_spam, lora's best learning rate is 10× full's (geometric mean over 2 seeds; "
                                "per seed 10×, 10×)")
+
+
+def test_the_decision_tables_settings_name_each_variant_and_memory_saver() -> None:
+    """The settings cell reads the variant keys from the trials' flat configuration (as JSON text): DoRA, LoRA+'s ratio,
+    PiSSA's start, NF4, bf16 frozen weights, checkpointing and 8-bit AdamW each say themselves; plain LoRA says none."""
+    from analysis.guide.decisions import fmt_settings
+    from analysis.guide.records import Group
+
+    def group(method: str) -> Group:
+        return Group("sms_spam", "lora_variant", "g", method, 5e-4, "accuracy", True, 1, 1, 0, 0, 0.9, 0.9, None,
+                     [0.9], [0], 1.0, 10.0, 1.0, 1.0, 1.0, None, None)
+
+    lora = {"lora_rank": 8, "lora_alpha": 16.0, "lora_layers": "all", "lora_targets": "all", "lora_dora": "false",
+            "lora_init": "default", "lora_lr_ratio": "1.0", "model_quantize": "none", "model_frozen_dtype": "float32",
+            "activation_checkpointing": "false", "optim_name": "adamw"}
+    assert fmt_settings(group("lora"), lora) == "LoRA r8, α 16; layers all; targets all; LR 5e-4"
+    everything = {**lora, "lora_dora": "true", "lora_init": "pissa", "lora_lr_ratio": "16", "model_quantize": "nf4",
+                  "model_frozen_dtype": "bfloat16", "activation_checkpointing": "true", "optim_name": "adamw8bit"}
+    assert fmt_settings(group("lora"), everything) == (
+        "DoRA r8, α 16; layers all; targets all; LoRA+ (B at 16x the LR); pissa start; NF4 base weights (QLoRA); "
+        "bf16 frozen weights; activation checkpointing; 8-bit AdamW; LR 5e-4")
+    assert fmt_settings(group("ia3"), {"optim_name": "adamw"}) == "IA3; LR 5e-4"
