@@ -33,6 +33,7 @@ SCRIPTS = [
     ("sweeps/bench/trial.py", "sweeps.bench.trial"),
     ("sweeps/bench/dpo.py", "sweeps.bench.dpo"),
     ("sweeps/bench/variants.py", "sweeps.bench.variants"),
+    ("sweeps/bench/adapters.py", "sweeps.bench.adapters"),
 ]
 LAUNCH = ("sweeps/launch.py", "sweeps.launch")
 FORWARDED = {"preflight": "sweeps/preflight.py"}  # launch.py subcommands that hand their arguments to another script

@@ -46,3 +46,15 @@ def test_variants_bench_smoke_prints_every_side_with_its_ratios_to_lora(capsys) 
     assert adapted["qlora"] < 0.2 and adapted["dora"] == adapted["lora_ckpt"] == 1.0
     with pytest.raises(SystemExit):
         bench_variants(["--smoke", "--sides", "dora"])  # no plain LoRA to compare with
+
+
+def test_adapters_bench_prints_every_kind_matching_peft(capsys) -> None:
+    from sweeps.bench.adapters import main as bench_adapters
+
+    assert bench_adapters([]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if re.match(r"(lora|dora|pissa|gaussian|rslora|ia3) ", line)]
+    assert [r[0] for r in rows] == ["lora", "dora", "pissa", "gaussian", "rslora", "ia3"]
+    for kind, ours, theirs, *deltas, moved in rows:
+        assert ours == theirs, kind
+        assert all(float(d) < 1e-4 for d in deltas) and float(moved) > 1e-2, (kind, deltas, moved)
