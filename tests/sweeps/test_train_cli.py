@@ -55,8 +55,12 @@ def test_yaml_config_with_nested_sections(real_data, tmp_path: Path, capsys) -> 
          ["method.k: last_k with k=13 but the model has only 12 blocks"]),
         (["--set", "novalue"], ["--set: expected key=value"]),
         (["--config", "/no/such.yaml"], ["/no/such.yaml: no such file"]),
+        (["--set", "method.name=ia3", "--set", "lora.rank=4", "--set", "model.quantize=nf4",
+          "--set", "lora.dora=true"],
+         ["lora.rank: a LoRA setting applies to method.name=lora only (method is ia3)",
+          "lora.dora: DoRA applies to method.name=lora only", "model.quantize: NF4 stores the frozen base weights"]),
     ],
-    ids=["bad-values", "k-too-large", "bad-set", "missing-config"],
+    ids=["bad-values", "k-too-large", "bad-set", "missing-config", "variant-that-cannot-apply"],
 )
 def test_bad_input_exits_2_with_every_problem(args: list[str], expected: list[str], capsys) -> None:
     assert main(["--smoke", *args]) == 2
