@@ -14,7 +14,8 @@ where the project has one, and how it was measured:
 
 - correct: our logits (bf16 autocast) against ``transformers`` in fp32 and bf16 on the same weights; which SDPA
   backend our attention runs for unpadded, right-padded and (for contrast) left-padded batches, and why flash was
-  refused where it was; a training step's loss under ``torch.compile`` against eager; fused AdamW in use.
+  refused where it was; a training step's loss under ``torch.compile`` against eager; fused AdamW in use; one
+  training step of each LoRA variant and memory saver (DoRA, PiSSA, IA3, QLoRA, checkpointing, 8-bit AdamW).
 - fast: training-step tokens/s of ours against ``transformers`` (+ ``peft`` for LoRA) as users run them and against
   ``transformers`` compiled, full and LoRA, at three lengths (``sweeps/bench/step.py``'s code, so the same ratios);
   model FLOPs utilisation of full fine-tuning (PaLM's FLOPs per token over the peak a large matmul reaches here); peak
@@ -58,6 +59,7 @@ from sweeps.bench.parity import check_compile, check_fused_adamw, check_logits, 
 from sweeps.bench.peak_memory import check_memory
 from sweeps.bench.rates import rates
 from sweeps.bench.speed import check_mfu, check_speed, check_trial
+from sweeps.bench.variants import check_variants
 from sweeps.costs import PREFLIGHT_REPORT
 
 DEFAULT_OUT = PREFLIGHT_REPORT.parent
@@ -66,7 +68,8 @@ DEFAULT_OUT = PREFLIGHT_REPORT.parent
 # check name -> (section, function), in the order they run
 CHECKS: dict[str, tuple[str, Callable[[Context], list[Check]]]] = {
     "logits": ("correct", check_logits), "sdpa": ("correct", check_sdpa), "compile": ("correct", check_compile),
-    "fused_adamw": ("correct", check_fused_adamw), "speed": ("fast", check_speed), "trial": ("fast", check_trial),
+    "fused_adamw": ("correct", check_fused_adamw), "variants": ("correct", check_variants),
+    "speed": ("fast", check_speed), "trial": ("fast", check_trial),
     "mfu": ("fast", check_mfu),
     "memory": ("fast", check_memory), "overhead": ("cost", check_overhead), "packing": ("cost", check_packing),
 }

@@ -15,9 +15,11 @@ activations autograd saves for one step (saved-tensor hooks).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from model.adapters import adapter_layers, quantize_base_weights
 from model.lora import LoRAConfig
 from model.methods import MethodConfig, apply_method
 from sweeps import memory
+from sweeps.bench.context import Check, Context
 from sweeps.bench.step import make_batch
 from sweeps.bench.timing import measure
 from sweeps.optim import OptimConfig, build_optimizer
@@ -45,12 +48,14 @@ SIDES: dict[str, tuple[str, dict, bool, bool, str]] = {
     "lora_adamw8bit": ("lora", {}, False, False, "adamw8bit"),
 }
 DEFAULT_SIDES = "lora,dora,qlora,lora_ckpt,ia3,lora_adamw8bit"
+CPU = torch.device("cpu")
 
 
 @dataclass
 class Account:
-    """One side's memory account, in bytes."""
+    """One side's first loss and its memory account, in bytes."""
 
+    loss: float
     weights: int
     adapted_base: int  # the base weights of the adapted projections (what NF4 stores)
     gradients: int
@@ -58,28 +63,34 @@ class Account:
     activations: int
 
 
-def _side(path: Path, name: str, batch: Batch) -> tuple[Callable[[], None], Account]:
-    """The side's training step, and its memory account measured over one first step."""
+def _side(path: Path, name: str, batch: Batch, device: torch.device = CPU,
+          autocast: Callable[[], AbstractContextManager] = nullcontext,
+          lr: float = 1e-5) -> tuple[Callable[[], float], Account]:
+    """The side's training step (it returns the loss), and its memory account measured over one first step."""
     method, settings, nf4, checkpointing, optimizer_name = SIDES[name]
-    model = GPT2.from_pretrained(path).train()
+    torch.manual_seed(0)
+    model = GPT2.from_pretrained(path).to(device).train()
     task = get_task(TaskConfig(name="alpaca"))
     apply_method(model, MethodConfig(name=method), LoRAConfig(rank=8, alpha=16, targets="all", **settings))
     if nf4:
         quantize_base_weights(model)
     model.checkpoint_activations(checkpointing)
-    optimizer = build_optimizer([model], OptimConfig(name=optimizer_name, lr=1e-5))
+    optimizer = build_optimizer([model], OptimConfig(name=optimizer_name, lr=lr))
 
-    def step() -> None:
+    def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        task.loss(model, None, batch)[0].backward()
+        with autocast():
+            loss = task.loss(model, None, batch)[0]
+        loss.backward()
         optimizer.step()
+        return loss.item()
 
     optimizer.zero_grad(set_to_none=True)
-    with memory.measure_saved([model]) as saved:
+    with memory.measure_saved([model]) as saved, autocast():
         loss = task.loss(model, None, batch)[0]
     loss.backward()
     optimizer.step()
-    account = Account(memory.weight_bytes([model]),
+    account = Account(loss.item(), memory.weight_bytes([model]),
                       sum(memory.stored_bytes(layer.weight) for _, layer in adapter_layers(model)),
                       memory.weight_bytes([model], trainable_only=True), memory.optimizer_state_bytes(optimizer),
                       saved.nbytes)
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.update(n_layer=2, n_embd=64, n_head=2)
     torch.manual_seed(0)
     config = GPT2Config.from_preset(args.model, **overrides)
-    device = torch.device("cpu")
+    device = CPU
     batch = make_batch("instruction", args.batch, args.seq, config.vocab_size, device)
     print(f"CPU fp32, torch {torch.__version__}, threads {torch.get_num_threads()}; model {args.model} "
           f"n_layer={config.n_layer} n_embd={config.n_embd}; batch {args.batch} x {args.seq}; LoRA r8 alpha 16 on "
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         GPT2(config).save_pretrained(tmp)  # every side loads the very same weights
         built = {name: _side(Path(tmp), name, batch) for name in sides}
         seconds = measure({name: step for name, (step, _) in built.items()}, args.steps, args.warmup, device,
-                          torch.autocast("cpu", enabled=False))
+                          nullcontext())
     base_s, base = seconds["lora"], built["lora"][1]
     print(f"{'side':<15} {'step s':>7} {'x lora':>7} {'weights MB':>11} {'x lora':>7} {'adapted MB':>11} {'x lora':>7} "
           f"{'grads MB':>9} {'optim MB':>9} {'x lora':>7} {'activ MB':>9} {'x lora':>7}")
@@ -135,3 +146,36 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def check_variants(ctx: Context) -> list[Check]:
+    """The preflight's check of LoRA's variants on this device: each side's first two training steps on the same
+    weights and batch (the trials' precision, learning rate 1e-2 so the first update shows). The loss change of that
+    update must be plain LoRA's with checkpointing (its gradients recompute the same thing); every loss is finite. The figures are each side's loss and its memory
+    account against plain LoRA's. Without torchao, QLoRA and 8-bit AdamW are reported skipped."""
+    import importlib.util
+
+    batch = make_batch("instruction", ctx.shapes.memory_batch, ctx.shapes.memory_seq, 50257, ctx.device)
+    names = list(SIDES) if importlib.util.find_spec("torchao") else [
+        n for n, side in SIDES.items() if not side[2] and side[4] != "adamw8bit"]
+    accounts, second = {}, {}
+    for name in names:
+        step, accounts[name] = _side(ctx.checkpoint(), name, batch, ctx.device, ctx.autocast, lr=1e-2)
+        second[name] = step()  # after one update: checkpointing's gradients must have been plain LoRA's
+    base = accounts["lora"]
+    moved = {name: second[name] - a.loss for name, a in accounts.items()}  # what the first update changed
+    tolerance = 5e-2 if ctx.device.type == "cuda" else 1e-3  # bf16 autocast rounds the recomputation too
+    checks = []
+    for name, a in accounts.items():
+        ok = math.isfinite(a.loss) and math.isfinite(second[name]) and (
+            abs(moved[name] - moved["lora"]) <= tolerance * abs(moved["lora"]) if name == "lora_ckpt" else True)
+        checks.append(Check("correct", f"variant step: {name}", "pass" if ok else "fail",
+                            f"loss {a.loss:.4f} then {second[name]:.4f}",
+                            detail=f"plain LoRA {base.loss:.4f} then {second['lora']:.4f}; weights "
+                                   f"{a.weights / base.weights:.2f}x, adapted "
+                                   f"base {a.adapted_base / base.adapted_base:.2f}x, optimizer state "
+                                   f"{a.optimizer / base.optimizer:.2f}x, activations "
+                                   f"{a.activations / base.activations:.2f}x plain LoRA's ({ctx.precision})"))
+    checks += [Check("correct", f"variant step: {name}", "skipped", "not run", detail="torchao is not installed")
+               for name in SIDES if name not in accounts]
+    return checks

@@ -18,7 +18,9 @@ from tests.conftest import REPO_ROOT
 
 SHARED_STUDY = str(REPO_ROOT / "tests" / "sweeps" / "shared_study.yaml")
 CORRECTNESS = ["logits fp32 vs transformers fp32", "logits bf16 vs transformers fp32",
-               "logits bf16 vs transformers bf16", "compile loss vs eager", "fused adamw"]
+               "logits bf16 vs transformers bf16", "compile loss vs eager", "fused adamw",
+               *(f"variant step: {side}" for side in ("lora", "dora", "pissa", "ia3", "qlora", "lora_ckpt", "qlora_ckpt",
+                                                      "lora_adamw8bit"))]
 SDPA = ["sdpa unpadded", "sdpa right-padded", "sdpa left-padded"]
 TARGETS = ["target: full speed vs transformers, seq 32", "target: lora speed vs transformers + peft, seq 32",
            "target: MFU full fine-tuning, seq 64", "target: LoRA peak memory vs full, gpt2-medium",
