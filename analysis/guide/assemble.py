@@ -28,6 +28,7 @@ from analysis.guide.learning_rates import (
 )
 from analysis.guide.pareto import (
     pareto_blocks,
+    with_variants,
 )
 from analysis.guide.records import (
     SIDE_BY_SIDE_PROMPTS,
@@ -111,7 +112,7 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
         scope=scope(con, sweeps, inits, tasks), how_to_read=how_to_read(margins),
         decisions=decisions(all_groups, main, verdicts, q.settings(con)), summary=summary,
         recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures, verdicts),
-        sections=sections, pareto=pareto_blocks(main_groups, figures),
+        sections=sections, pareto=pareto_blocks(with_variants(main_groups, all_groups), figures),
         learning_rate=lr_blocks(q.records(con, q.LR_SWEEP_ALL), figures, main,
                                 lr_ratios(q.records(con, q.LR_BY_SEED), main)),
         judged=judged_section(con, main, main_groups, margins),

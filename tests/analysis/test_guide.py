@@ -349,3 +349,20 @@ def test_the_decision_tables_settings_name_each_variant_and_memory_saver() -> No
         "DoRA r8, α 16; layers all; targets all; LoRA+ (B at 16x the LR); pissa start; NF4 base weights (QLoRA); "
         "bf16 frozen weights; activation checkpointing; 8-bit AdamW; LR 5e-4")
     assert fmt_settings(group("ia3"), {"optim_name": "adamw"}) == "IA3; LR 5e-4"
+
+
+def test_the_pareto_fronts_put_loras_variants_beside_every_method() -> None:
+    """The variants' costs compare with every method's, so they join the main groups on the fronts; the variants'
+    plain-LoRA reference is the method dimension's own LoRA and is not drawn twice; other dimensions stay out."""
+    from analysis.guide.pareto import with_variants
+    from analysis.guide.records import Group
+
+    def group(dimension: str, name: str, method: str = "lora") -> Group:
+        return Group("nli", dimension, name, method, 5e-4, "accuracy", True, 1, 1, 0, 0, 0.9, 0.9, None, [0.9], [0],
+                     1.0, 10.0, 1.0, 1.0, 1.0, None, None)
+
+    main = [group("method", "full", "full"), group("method", "lora")]
+    others = [*main, group("lora_variant", "lora"), group("lora_variant", "dora"), group("lora_variant", "ia3", "ia3"),
+              group("lora_rank", "r4")]
+    assert [(g.dimension, g.group) for g in with_variants(main, others)] == [
+        ("method", "full"), ("method", "lora"), ("lora_variant", "dora"), ("lora_variant", "ia3")]
