@@ -28,7 +28,6 @@ from analysis.guide.learning_rates import (
 )
 from analysis.guide.pareto import (
     pareto_blocks,
-    with_variants,
 )
 from analysis.guide.records import (
     SIDE_BY_SIDE_PROMPTS,
@@ -54,6 +53,8 @@ from analysis.guide.summary import (
     Findings,
     across_tasks,
     baseline_rows,
+    join_main,
+    joined_settings,
     main_dimensions,
     section,
     section_specs,
@@ -94,11 +95,13 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
     # Summary: per task, the groups of its main dimension (`method`; `dpo` for preference pairs; else its first)
     all_groups = _groups(q.records(con, q.BEST_ALL))
     attach_outcomes(con, all_groups)
+    main = main_dimensions(all_groups)
+    joined = join_main(all_groups, main)  # LoRA's variants also stand among the methods
+    all_groups += joined
     families: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for g in all_groups:
         families[(g.task, g.dimension)].append(g)
     verdicts = {key: family_verdicts(gs, margins) for key, gs in families.items()}
-    main = main_dimensions(all_groups)
     main_groups = [g for g in all_groups if g.dimension == main[g.task]]
     floors = {r["task"]: baseline_rows(r) for r in q.baselines(con) if r["dimension"] == main.get(r["task"])}
     summary = [Block(task, task_title(task), None,
@@ -110,9 +113,9 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
     return Guide(
         title="Fine-tuning GPT-2: a measured guide", random_init="random" in inits,
         scope=scope(con, sweeps, inits, tasks), how_to_read=how_to_read(margins),
-        decisions=decisions(all_groups, main, verdicts, q.settings(con)), summary=summary,
+        decisions=decisions(all_groups, main, verdicts, joined_settings(q.settings(con), joined)), summary=summary,
         recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures, verdicts),
-        sections=sections, pareto=pareto_blocks(with_variants(main_groups, all_groups), figures),
+        sections=sections, pareto=pareto_blocks(main_groups, figures),
         learning_rate=lr_blocks(q.records(con, q.LR_SWEEP_ALL), figures, main,
                                 lr_ratios(q.records(con, q.LR_BY_SEED), main)),
         judged=judged_section(con, main, main_groups, margins),

@@ -20,16 +20,6 @@ from analysis.stats import (
     pareto_front,
 )
 
-PARETO_ALSO = ("lora_variant",)  # dimensions whose groups join each task's main groups on the Pareto fronts
-
-
-def with_variants(main_groups: Sequence[Group], all_groups: Sequence[Group]) -> list[Group]:
-    """The main dimension's groups and, beside them, LoRA's variants (a variant named like a main group, such as the
-    plain-LoRA reference, is that group's configuration and is left out): costs are comparable across dimensions,
-    so the fronts show where DoRA, QLoRA or IA3 stand against every method."""
-    names = {(g.task, g.group) for g in main_groups}
-    return [*main_groups, *(g for g in all_groups if g.dimension in PARETO_ALSO and (g.task, g.group) not in names)]
-
 
 def pareto_blocks(groups: Sequence[Group], figures: list[dict[str, Any]]) -> list[Block]:
     """Per task, the groups no other group beats on both metric and a cost, for three costs."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import duckdb
@@ -187,6 +188,31 @@ def section(con: duckdb.DuckDBPyConnection, spec: dict[str, Any], all_groups: Se
         blocks.append(Block(task, task_title(task), Figure(fig["file"], fig["title"], caption),
                             dimension_table(gs), texts))
     return Section(spec["key"], spec["title"], spec["about"], blocks) if blocks else None
+
+JOINS_MAIN = ("lora_variant",)  # dimensions whose groups also stand in their task's `method` family
+
+
+def join_main(groups: Iterable[Group], main: Mapping[str, str]) -> list[Group]:
+    """Copies, under the task's ``method`` dimension, of the groups of ``JOINS_MAIN`` (LoRA's variants): they are
+    methods a user chooses between like the others, so the summary, the decision table, the across-tasks table and the
+    Pareto fronts show them beside full fine-tuning and LoRA, compared within one family (Holm over all of it). A
+    variant named like a method group (the plain-LoRA reference) is that configuration and joins once."""
+    groups = list(groups)
+    names = {(g.task, g.group) for g in groups if g.dimension == main.get(g.task)}
+    return [replace(g, dimension="method") for g in groups
+            if g.dimension in JOINS_MAIN and main.get(g.task) == "method" and (g.task, g.group) not in names]
+
+
+def joined_settings(settings: Mapping[tuple[str, str, str], Any], joined: Iterable[Group]
+                    ) -> dict[tuple[str, str, str], Any]:
+    """The settings (queries.settings) with each joined group's also under its new (task, dimension, group)."""
+    out = dict(settings)
+    for g in joined:
+        for dimension in JOINS_MAIN:
+            if (g.task, dimension, g.group) in settings:
+                out[(g.task, g.dimension, g.group)] = settings[(g.task, dimension, g.group)]
+    return out
+
 
 def main_dimensions(groups: Iterable[Group]) -> dict[str, str]:
     """Each task's main dimension: ``method`` when measured, else ``dpo``, else the first one (e.g. ``search``)."""

@@ -351,18 +351,22 @@ def test_the_decision_tables_settings_name_each_variant_and_memory_saver() -> No
     assert fmt_settings(group("ia3"), {"optim_name": "adamw"}) == "IA3; LR 5e-4"
 
 
-def test_the_pareto_fronts_put_loras_variants_beside_every_method() -> None:
-    """The variants' costs compare with every method's, so they join the main groups on the fronts; the variants'
-    plain-LoRA reference is the method dimension's own LoRA and is not drawn twice; other dimensions stay out."""
-    from analysis.guide.pareto import with_variants
+def test_loras_variants_stand_among_the_methods_once() -> None:
+    """The variants join their task's method family (summary, decision table, across tasks, Pareto fronts); the
+    variants' plain-LoRA reference is the method dimension's own LoRA and joins once; other dimensions stay out, and a
+    task without a method dimension takes none."""
     from analysis.guide.records import Group
+    from analysis.guide.summary import join_main, joined_settings
 
-    def group(dimension: str, name: str, method: str = "lora") -> Group:
-        return Group("nli", dimension, name, method, 5e-4, "accuracy", True, 1, 1, 0, 0, 0.9, 0.9, None, [0.9], [0],
+    def group(dimension: str, name: str, method: str = "lora", task: str = "nli") -> Group:
+        return Group(task, dimension, name, method, 5e-4, "accuracy", True, 1, 1, 0, 0, 0.9, 0.9, None, [0.9], [0],
                      1.0, 10.0, 1.0, 1.0, 1.0, None, None)
 
-    main = [group("method", "full", "full"), group("method", "lora")]
-    others = [*main, group("lora_variant", "lora"), group("lora_variant", "dora"), group("lora_variant", "ia3", "ia3"),
-              group("lora_rank", "r4")]
-    assert [(g.dimension, g.group) for g in with_variants(main, others)] == [
-        ("method", "full"), ("method", "lora"), ("lora_variant", "dora"), ("lora_variant", "ia3")]
+    groups = [group("method", "full", "full"), group("method", "lora"), group("lora_variant", "lora"),
+              group("lora_variant", "dora"), group("lora_variant", "ia3", "ia3"), group("lora_rank", "r4"),
+              group("dpo", "lora_b0.1", task="preference"), group("lora_variant", "dora", task="preference")]
+    joined = join_main(groups, {"nli": "method", "preference": "dpo"})
+    assert [(g.task, g.dimension, g.group) for g in joined] == [("nli", "method", "dora"), ("nli", "method", "ia3")]
+    assert joined[0].iv == groups[3].iv  # the same measurements, only filed under another dimension
+    settings = joined_settings({("nli", "lora_variant", "dora"): {"lora_dora": "true"}}, joined)
+    assert settings[("nli", "method", "dora")] == {"lora_dora": "true"}
