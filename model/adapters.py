@@ -9,9 +9,12 @@ refusing non-finite results, and the merged export are written once, here.
 
 from __future__ import annotations
 
+import importlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,6 +159,21 @@ def save_merged(model: GPT2, path: str | Path) -> Path:
     return model.save_pretrained(path, state_dict=state)
 
 
+def import_torchao(module: str) -> Any:
+    """``importlib.import_module(module)`` for a torchao module, imported only where used (it takes seconds). Its
+    import logs warnings about optional CUDA kernels it could not load and about torch's pytree API; neither concerns
+    NF4 or 8-bit AdamW, so they are kept out of trial logs (errors still show)."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(module)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _scaler_block(n_scalers: int) -> int:
     """torchao quantizes NF4's block scales again in groups that must divide their number: 256 (QLoRA's) when it can,
     else the largest divisor below (gpt2-xl's 1600-wide projections have 40,000 scales: groups of 250)."""
@@ -176,8 +194,7 @@ def quantize_base_weights(model: nn.Module) -> list[str]:
                  for name, layer in layers if layer.weight.numel() % NF4_BLOCK]
     if problems:
         raise ValueError("cannot store the base weights in NF4: " + "; ".join(problems))
-    from torchao.quantization import to_nf4  # only here: importing torchao costs seconds
-
+    to_nf4 = import_torchao("torchao.quantization").to_nf4
     for _, layer in layers:
         weight = layer.weight.detach()
         quantized = to_nf4(weight, NF4_BLOCK, _scaler_block(weight.numel() // NF4_BLOCK))

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from model.adapters import import_torchao
 from model.config import Problems, is_int, is_number
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "adamw8bit")
@@ -159,8 +160,7 @@ def build_optimizer(modules: Iterable[nn.Module], config: OptimConfig,
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.name == "adamw8bit":
-        from torchao.optim import AdamW8bit  # only here: importing torchao costs seconds
-
+        AdamW8bit = import_torchao("torchao.optim").AdamW8bit
         return AdamW8bit(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     return torch.optim.Adafactor(groups, lr=config.lr)
 
