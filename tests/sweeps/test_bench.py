@@ -34,6 +34,7 @@ def test_trial_level_runs_the_trial_benchmark(real_data, capsys) -> None:
     assert "Trainer" in out and re.search(r"^lora .*\dx", out, re.M)
 
 
+@pytest.mark.slow
 def test_variants_bench_smoke_prints_every_side_with_its_ratios_to_lora(capsys) -> None:
     from sweeps.bench.variants import main as bench_variants
 

@@ -377,7 +377,8 @@ def test_a_lora_plus_trial_trains_b_at_its_ratio_of_the_rate(real_data) -> None:
                                      {"method.name": "lora", "train.activation_checkpointing": True},
                                      {"method.name": "lora", "lora.dora": True, "model.quantize": "nf4",
                                       "lora.lr_ratio": 4},
-                                     {"method.name": "lora", "optim.name": "adamw8bit", "lora.targets": "all"}],
+                                     pytest.param({"method.name": "lora", "optim.name": "adamw8bit",
+                                                   "lora.targets": "all"}, marks=pytest.mark.slow)],
                          ids=["dora", "pissa", "ia3", "lora-checkpointed", "qdora-plus", "lora-adamw8bit"])
 def test_each_lora_variant_and_ia3_train_through_one_loop(variant: dict, real_data) -> None:
     """A few steps of each through ``run_trial``: only the method's tensors (and the task head) train, and they move

@@ -41,7 +41,8 @@ def _definition(schedule: str, step: int) -> float:
     }[schedule]
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", [pytest.param(o, marks=pytest.mark.slow) if o == "adamw8bit" else o
+                                       for o in OPTIMIZERS])  # the 8-bit step compiles on first use: seconds
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_every_combination_builds_and_steps(optimizer: str, schedule: str) -> None:
     model, head = _tiny()
@@ -221,6 +222,7 @@ def test_lora_plus_puts_b_in_its_own_group_at_ratio_times_the_rate() -> None:
     assert sorted(g["lr"] for g in opt.param_groups)[0] == pytest.approx(1e-2 * 3 / 4)
 
 
+@pytest.mark.slow  # torchao compiles the 8-bit step on first use: seconds
 def test_adamw8bit_steps_like_adamw_with_a_quarter_of_the_state(monkeypatch) -> None:
     """torchao's 8-bit AdamW on CPU: a few steps land close to torch's AdamW (the moments lose precision, not
     direction), and its state, measured from the tensors' own storages, is about a quarter of AdamW's; tensors under
