@@ -35,6 +35,8 @@ def check_finite(tensors: Tensors, action: str, outcome: str) -> Tensors:
 
 
 NF4_BLOCK = 64  # values per NF4 block (QLoRA's), each with an absmax scale
+NF4_MERGE_REFUSED = ("the base weights are NF4: merging in place would quantize the update away; save_merged(model, "
+                     "path) writes the merged model in full precision")
 
 
 def is_nf4(tensor: torch.Tensor) -> bool:
@@ -73,8 +75,7 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if is_nf4(self.weight):
-            raise RuntimeError("the base weights are NF4: merging in place would quantize the update away; "
-                               "save_merged(model, path) writes the merged model in full precision")
+            raise RuntimeError(NF4_MERGE_REFUSED)
         if not self.merged:
             self._write(check_finite(self.merged_tensors(), "merging this adapter", "refused, weights unchanged"))
             self.merged = True
@@ -111,8 +112,7 @@ def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight. All merges are checked first, so a refusal changes nothing."""
     pending = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
     if any(is_nf4(layer.weight) for _, layer in pending):
-        raise RuntimeError("the base weights are NF4: merging in place would quantize the update away; "
-                           "save_merged(model, path) writes the merged model in full precision")
+        raise RuntimeError(NF4_MERGE_REFUSED)
     with torch.no_grad():
         for name, layer in pending:
             check_finite(layer.merged_tensors(), f"merging the adapter of {name}", "nothing merged")

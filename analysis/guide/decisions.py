@@ -72,8 +72,9 @@ def fmt_settings(g: Group, st: Mapping[str, Any] | None) -> str:
 def _lora_variant(st: Mapping[str, Any]) -> list[str]:
     """What sets a LoRA group apart from plain LoRA (LoRA+'s ratio, the start), from the settings' config values."""
     parts = []
-    if st.get("lora_lr_ratio") not in (None, "1.0", "1"):
-        parts.append(f"LoRA+ (B at {float(st['lora_lr_ratio']):g}x the LR)")
+    ratio = float(st["lora_lr_ratio"]) if st.get("lora_lr_ratio") is not None else 1.0
+    if ratio != 1:
+        parts.append(f"LoRA+ (B at {ratio:g}x the LR)")
     if st.get("lora_init") not in (None, "default"):
         parts.append(f"{st['lora_init']} start")
     return parts

@@ -36,16 +36,31 @@ from sweeps.bench.timing import measure
 from sweeps.optim import OptimConfig, build_optimizer
 from tasks import Batch, TaskConfig, get_task
 
-# side -> (method, LoRA settings beyond r8/alpha 16/all, NF4, activation checkpointing, optimizer)
-SIDES: dict[str, tuple[str, dict, bool, bool, str]] = {
-    "lora": ("lora", {}, False, False, "adamw"),
-    "dora": ("lora", {"dora": True}, False, False, "adamw"),
-    "pissa": ("lora", {"init": "pissa"}, False, False, "adamw"),
-    "ia3": ("ia3", {}, False, False, "adamw"),
-    "qlora": ("lora", {}, True, False, "adamw"),
-    "lora_ckpt": ("lora", {}, False, True, "adamw"),
-    "qlora_ckpt": ("lora", {}, True, True, "adamw"),
-    "lora_adamw8bit": ("lora", {}, False, False, "adamw8bit"),
+
+@dataclass(frozen=True)
+class Variant:
+    """What one side changes from plain LoRA (r8, alpha 16, every projection, fp32 weights, AdamW)."""
+
+    method: str = "lora"
+    lora: tuple[tuple[str, object], ...] = ()  # LoRAConfig settings beyond the base ones
+    nf4: bool = False
+    checkpointing: bool = False
+    optimizer: str = "adamw"
+
+    @property
+    def needs_torchao(self) -> bool:
+        return self.nf4 or self.optimizer == "adamw8bit"
+
+
+SIDES: dict[str, Variant] = {
+    "lora": Variant(),
+    "dora": Variant(lora=(("dora", True),)),
+    "pissa": Variant(lora=(("init", "pissa"),)),
+    "ia3": Variant(method="ia3"),
+    "qlora": Variant(nf4=True),
+    "lora_ckpt": Variant(checkpointing=True),
+    "qlora_ckpt": Variant(nf4=True, checkpointing=True),
+    "lora_adamw8bit": Variant(optimizer="adamw8bit"),
 }
 DEFAULT_SIDES = "lora,dora,qlora,lora_ckpt,ia3,lora_adamw8bit"
 CPU = torch.device("cpu")
@@ -67,15 +82,15 @@ def _side(path: Path, name: str, batch: Batch, device: torch.device = CPU,
           autocast: Callable[[], AbstractContextManager] = nullcontext,
           lr: float = 1e-5) -> tuple[Callable[[], float], Account]:
     """The side's training step (it returns the loss), and its memory account measured over one first step."""
-    method, settings, nf4, checkpointing, optimizer_name = SIDES[name]
+    side = SIDES[name]
     torch.manual_seed(0)
     model = GPT2.from_pretrained(path).to(device).train()
     task = get_task(TaskConfig(name="alpaca"))
-    apply_method(model, MethodConfig(name=method), LoRAConfig(rank=8, alpha=16, targets="all", **settings))
-    if nf4:
+    apply_method(model, MethodConfig(name=side.method), LoRAConfig(rank=8, alpha=16, targets="all", **dict(side.lora)))
+    if side.nf4:
         quantize_base_weights(model)
-    model.checkpoint_activations(checkpointing)
-    optimizer = build_optimizer([model], OptimConfig(name=optimizer_name, lr=lr))
+    model.checkpoint_activations(side.checkpointing)
+    optimizer = build_optimizer([model], OptimConfig(name=side.optimizer, lr=lr))
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -151,13 +166,14 @@ if __name__ == "__main__":
 def check_variants(ctx: Context) -> list[Check]:
     """The preflight's check of LoRA's variants on this device: each side's first two training steps on the same
     weights and batch (the trials' precision, learning rate 1e-2 so the first update shows). The loss change of that
-    update must be plain LoRA's with checkpointing (its gradients recompute the same thing); every loss is finite. The figures are each side's loss and its memory
-    account against plain LoRA's. Without torchao, QLoRA and 8-bit AdamW are reported skipped."""
+    update must be plain LoRA's with checkpointing (its gradients recompute the same thing); every loss is finite.
+    The figures are each side's loss and its memory account against plain LoRA's. Without torchao, QLoRA and 8-bit
+    AdamW are reported skipped."""
     import importlib.util
 
     batch = make_batch("instruction", ctx.shapes.memory_batch, ctx.shapes.memory_seq, 50257, ctx.device)
-    names = list(SIDES) if importlib.util.find_spec("torchao") else [
-        n for n, side in SIDES.items() if not side[2] and side[4] != "adamw8bit"]
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    names = [n for n, side in SIDES.items() if has_torchao or not side.needs_torchao]
     accounts, second = {}, {}
     for name in names:
         step, accounts[name] = _side(ctx.checkpoint(), name, batch, ctx.device, ctx.autocast, lr=1e-2)
