@@ -4,6 +4,8 @@ Opens the DuckDB file read-only, runs the queries in ``analysis/queries.py``, dr
 Jinja2 templates in ``report_templates/`` into ``DIR/guide.md``, ``DIR/guide.html`` and ``DIR/figures/*.png``.
 Everything is written into a temporary folder first and moved into place at the end, so a failure leaves the previous
 guide as it was. A missing or locked database, an unknown sweep, or no completed trial: a message and exit code 2.
+A reported sweep that did not finish (interrupted, or a killed driver's) is refused the same way, naming how many
+trials it is missing, unless ``--allow-partial``: the guide then opens with a banner that says so.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ DEFAULT_OUT = "reports"
 
 class OutputError(RuntimeError):
     """``--out`` cannot hold the guide (an existing file, or a folder that cannot be written)."""
+
+
+class PartialSweepError(RuntimeError):
+    """A reported sweep did not finish, and ``--allow-partial`` was not given."""
 
 
 # Where Markdown (CommonMark) starts raw HTML or an autolink: ``<`` before a letter, ``/``, ``!`` or ``?``. A ``<`` before
@@ -84,8 +90,9 @@ def check_out(out: Path) -> None:
 
 
 def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None,
-          margins: Mapping[str, float] | None = None) -> Path:
-    """Write the guide into ``out``; returns the path of guide.html."""
+          margins: Mapping[str, float] | None = None, allow_partial: bool = False) -> Path:
+    """Write the guide into ``out``; returns the path of guide.html. An unfinished sweep among those reported is
+    refused (PartialSweepError) unless ``allow_partial``; the guide then carries a banner."""
     out = Path(out)
     check_out(out)
     con = connect(db, read_only=True)
@@ -93,6 +100,9 @@ def build(db: str | Path, out: str | Path, sweeps: Sequence[str] | None = None,
         guide = collect(con, sweeps, margins)
     finally:
         con.close()
+    if guide.unfinished and not allow_partial:
+        raise PartialSweepError(f"{db}: " + "; ".join(guide.unfinished) + ". Resume it, or pass --allow-partial for a "
+                                "guide of what finished (with a banner saying so)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".guide-", dir=out))
@@ -145,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "for proportions (win_rate too), in points for judge_score (0-100), relative for "
                              "perplexity; defaults: "
                              f"{', '.join(f'{k}={v:g}' for k, v in sorted(MARGINS.items()))}")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="render even when a reported sweep did not finish (interrupted or killed): the guide "
+                             "opens with a banner naming how many trials are missing (default: refuse, exit code 2)")
     parser.add_argument("--print-sql", action="store_true", help="print the SQL views the guide reads, and exit")
     args = parser.parse_args(argv)
     try:
@@ -157,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(queries.VIEWS)
         return 0
     try:
-        html = build(args.db, args.out, args.sweep, margins)
-    except (DatabaseError, OutputError) as err:
+        html = build(args.db, args.out, args.sweep, margins, args.allow_partial)
+    except (DatabaseError, OutputError, PartialSweepError) as err:
         print(f"build_guide: {err}", file=sys.stderr)
         return 2
     print(f"markdown: {html.with_name('guide.md').resolve()}")

@@ -32,7 +32,9 @@ SCHEMA = Path(__file__).with_name("schema.sql")
 DEFAULT_DB = Path("results/results.duckdb")  # relative to the working directory; every CLI's --db default
 TERMINAL = ("completed", "failed", "diverged", "stopped")
 FINAL = ("completed", "diverged")
-STATUSES = ("pending", "running", *TERMINAL)
+# Still to run: planned, running, or stopped by a signal while running (``launch.py resume`` runs them).
+OPEN = ("pending", "running", "interrupted")
+STATUSES = (*OPEN, *TERMINAL)
 
 
 class DatabaseError(RuntimeError):
@@ -47,7 +49,7 @@ class DiskFullError(DatabaseError):
 # What marks a file as ours: the one row of the ``study_database`` table (schema.sql). Files written before the
 # marker have our tables without it (version 0); a writer migrates them. A newer version is refused.
 APPLICATION = "gpt2-finetune-guide study database"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Trials columns a version added (schema.sql's ALTERs bring older files up to date): not required of older files.
 ADDED_IN_VERSION = {2: frozenset({"model_init_seed"}), 3: frozenset({"lora_lr_ratio"}),
                     4: frozenset({"model_frozen_dtype", "model_quantize", "lora_dora", "lora_init", "train_activation_checkpointing"})}
@@ -272,11 +274,17 @@ def _required(table: str, column: str, version: int, found: dict[str, set[str]])
 def _migrate(con: duckdb.DuckDBPyConnection, version: int | None) -> None:
     """Create the schema (a new file) or bring an older one to this version, and mark the file, all or nothing.
     Version 0 (before the marker) to 1, 1 to 2 (``model_init_seed``), 2 to 3 (``lora_lr_ratio``), 3 to 4 (bf16 frozen
-    weights, NF4, DoRA, the LoRA start, activation checkpointing): schema.sql's
-    ALTERs and copies, then the marker."""
+    weights, NF4, DoRA, the LoRA start, activation checkpointing), 4 to 5 (the ``interrupted`` trial status, whose
+    CHECK DuckDB cannot alter: the trials table is rebuilt with every row; ``trial_retries``): schema.sql's ALTERs and
+    copies, then the marker."""
     con.execute("BEGIN TRANSACTION")
     try:
+        rebuilt = _trials_without_interrupted(con)
+        if rebuilt:
+            con.execute(f"ALTER TABLE trials RENAME TO {_OLD_TRIALS}")
         con.execute(SCHEMA.read_text())
+        if rebuilt:
+            con.execute(f"INSERT INTO trials BY NAME SELECT * FROM {_OLD_TRIALS}; DROP TABLE {_OLD_TRIALS}")
         con.execute(f"INSERT INTO generations {GENERATIONS_IN_RESULT} ON CONFLICT DO NOTHING")
         if version != SCHEMA_VERSION:
             con.execute(f"DELETE FROM {MARKER}")
@@ -286,6 +294,16 @@ def _migrate(con: duckdb.DuckDBPyConnection, version: int | None) -> None:
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+_OLD_TRIALS = "trials_before_v5"
+
+
+def _trials_without_interrupted(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the file's trials table (an older file's) has a status CHECK without ``interrupted``."""
+    checks = con.execute("SELECT expression FROM duckdb_constraints() WHERE database_name = current_database() AND "
+                         "schema_name = 'main' AND table_name = 'trials' AND constraint_type = 'CHECK'").fetchall()
+    return any("'running'" in text and "'interrupted'" not in text for (text,) in checks)
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -476,8 +494,27 @@ class ResultsWriter:
         self._upsert("sweeps", data)
 
     def end_sweep(self, sweep_id: str, status: str) -> None:
-        self.con.execute("UPDATE sweeps SET ended_at = ?, status = ? WHERE id = ?",
-                         [datetime.now(UTC).replace(tzinfo=None), status, sweep_id])
+        """Record how a sweep ended; an ``interrupted`` one takes its running trials with it (no trial stays marked
+        running for ever), in one transaction."""
+        with self.transaction():
+            self.con.execute("UPDATE sweeps SET ended_at = ?, status = ? WHERE id = ?",
+                             [datetime.now(UTC).replace(tzinfo=None), status, sweep_id])
+            if status == "interrupted":
+                self.con.execute("UPDATE trials SET status = 'interrupted', updated_at = ? WHERE sweep_id = ? AND "
+                                 "status = 'running'", [datetime.now(UTC).replace(tzinfo=None), sweep_id])
+
+    def retry_failed(self, sweep_id: str) -> list[str]:
+        """Set the sweep's ``failed`` trials back to pending to run again (``launch.py resume --retry-failed``), each
+        error kept first as a ``trial_retries`` row; their ids."""
+        now = datetime.now(UTC).replace(tzinfo=None)
+        with self.transaction():
+            ids = [r[0] for r in self.con.execute("SELECT id FROM trials WHERE sweep_id = ? AND status = 'failed' "
+                                                  "ORDER BY id", [sweep_id]).fetchall()]
+            self.con.execute("INSERT INTO trial_retries SELECT id, sweep_id, ?, error FROM trials WHERE sweep_id = ? "
+                             "AND status = 'failed'", [now, sweep_id])
+            self.con.execute("UPDATE trials SET status = 'pending', updated_at = ? WHERE sweep_id = ? AND "
+                             "status = 'failed'", [now, sweep_id])
+        return ids
 
     def write_trial(self, row: Mapping[str, Any]) -> None:
         """Upsert a trial. Replayed events change nothing: a row that ended is never set back to pending or running,

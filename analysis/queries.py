@@ -83,7 +83,7 @@ SELECT s.id, s.study, s.kind, s.started_at, s.ended_at, s.status, s.planned_tria
        count(t.id) FILTER (WHERE t.status = 'diverged')  AS diverged,
        count(t.id) FILTER (WHERE t.status = 'failed')    AS failed,
        count(t.id) FILTER (WHERE t.status = 'stopped')   AS stopped,
-       count(t.id) FILTER (WHERE t.status IN ('pending', 'running')) AS unfinished
+       count(t.id) FILTER (WHERE t.status IN ('pending', 'running', 'interrupted')) AS unfinished
 FROM sweeps s LEFT JOIN trials t ON t.sweep_id = s.id
 WHERE s.id IN (SELECT id FROM guide_sweeps)
 GROUP BY ALL
@@ -288,8 +288,9 @@ LIMIT 1
 """
 
 UNFINISHED_TRIALS = """
--- A sweep's planned trials that did not complete or diverge (resume runs them again when Ray's state is torn).
-SELECT id AS trial_id, sweep_id, study, dimension, "group", config
+-- A sweep's planned trials that did not complete or diverge, with their status (resume runs the open ones again
+-- from their plan when Ray's state is torn or Ray did not run them, and those Ray lost).
+SELECT id AS trial_id, sweep_id, study, dimension, "group", config, status
 FROM trials
 WHERE sweep_id = $sweep AND status NOT IN ('completed', 'diverged')
 ORDER BY id
@@ -304,13 +305,15 @@ ORDER BY id
 """
 
 SWEEP_PROGRESS = """
--- Every sweep with how far its trials got (`launch.py status`).
+-- Every sweep with how far its trials got (`launch.py status`), or the one named.
 SELECT s.id, s.study, s.status, s.model_init, s.planned_trials,
        count(t.id) FILTER (WHERE t.status = 'completed')                       AS completed,
        count(t.id) FILTER (WHERE t.status IN ('failed', 'diverged', 'stopped')) AS ended_badly,
-       count(t.id) FILTER (WHERE t.status IN ('pending', 'running'))           AS open,
-       s.started_at
+       count(t.id) FILTER (WHERE t.status IN ('pending', 'running', 'interrupted')) AS open,
+       s.started_at,
+       count(t.id) FILTER (WHERE t.status = 'failed')                          AS failed
 FROM sweeps s LEFT JOIN trials t ON t.sweep_id = s.id
+WHERE $sweep IS NULL OR s.id = $sweep
 GROUP BY ALL
 ORDER BY s.started_at
 """
@@ -332,8 +335,10 @@ def failed_trials(con: duckdb.DuckDBPyConnection, sweep_id: str) -> list[dict[st
     return records(con, FAILED_TRIALS, {"sweep": sweep_id})
 
 
-def sweep_progress(con: duckdb.DuckDBPyConnection) -> list[tuple]:
-    return con.execute(SWEEP_PROGRESS).fetchall()
+def sweep_progress(con: duckdb.DuckDBPyConnection, sweep_id: str | None = None) -> list[tuple]:
+    """Per sweep (every one, or ``sweep_id``'s): id, study, status, model_init, planned, completed, ended badly, open,
+    started_at, failed."""
+    return con.execute(SWEEP_PROGRESS, {"sweep": sweep_id}).fetchall()
 
 
 def exported_trial(con: duckdb.DuckDBPyConnection, trial_id: str) -> tuple[str, bool, str | None] | None:

@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS sweeps (
     kind             VARCHAR NOT NULL,      -- grid | search
     started_at       TIMESTAMP NOT NULL,
     ended_at         TIMESTAMP,             -- null while running or after a crash
-    status           VARCHAR NOT NULL,      -- running | completed | interrupted
+    status           VARCHAR NOT NULL,      -- running | completed | interrupted (a signal, a full disk, a crash)
     planned_trials   INTEGER NOT NULL,
     model_init       VARCHAR,               -- pretrained | random | mixed: a random-init sweep is no finding about GPT-2
     git_commit       VARCHAR,
@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS trials (
     model                    VARCHAR NOT NULL,
     seed                     INTEGER NOT NULL,
     status                   VARCHAR NOT NULL
-        CHECK (status IN ('pending', 'running', 'completed', 'failed', 'diverged', 'stopped')),
+        -- interrupted: running when a signal (Ctrl-C, SIGTERM) stopped the sweep; `launch.py resume` runs it again
+        CHECK (status IN ('pending', 'running', 'interrupted', 'completed', 'failed', 'diverged', 'stopped')),
     error                    VARCHAR,
     -- every hyperparameter, one typed column each (flat key with '.' as '_')
     task_name                VARCHAR,
@@ -274,4 +275,14 @@ CREATE TABLE IF NOT EXISTS judgments (
     latency_s         DOUBLE,
     judged_at         TIMESTAMP NOT NULL,
     PRIMARY KEY (trial_id, example, judge_model, rubric_version, mode, position)
+);
+
+-- A failed trial's error, kept when `launch.py resume --retry-failed` sets it back to pending to run it again (the
+-- trials row then holds the new outcome): one row per retry.
+CREATE TABLE IF NOT EXISTS trial_retries (
+    trial_id         VARCHAR NOT NULL,
+    sweep_id         VARCHAR NOT NULL,
+    retried_at       TIMESTAMP NOT NULL,
+    error            VARCHAR,               -- trials.error as it was when the trial ended failed
+    PRIMARY KEY (trial_id, retried_at)
 );

@@ -11,6 +11,7 @@ import os
 import re
 
 from model import ConfigError
+from sweeps import interrupts
 
 # Ray's experiment state (every trial's status, last result and checkpoints, in one JSON file) is saved on Ray's own
 # schedule ("auto": every 10 s, or every 19 save-times when a save is slow, so saves take at most 5% of the driver's
@@ -58,6 +59,7 @@ def start_ray(address: str | None, node_ip_address: str | None = None) -> None:
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip_address,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k.startswith(("FINETUNE_", "HF_", "TUNE_"))}})
+    interrupts.reclaim()  # ray.init took SIGTERM
 
 
 def check_local_resources(cpus: float, gpus: float) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from analysis import queries
 from analysis.db import (
+    TERMINAL,
     DiskFullError,
     ResultsWriter,
     disk_full,
@@ -27,6 +29,7 @@ from analysis.db import (
 )
 from model import CheckpointError, ConfigError
 from model.checkpoint import resolve_checkpoint
+from sweeps import interrupts
 from sweeps.cluster import check_trial_resources, start_cluster, trial_gpus
 from sweeps.dry_run import print_plan
 from sweeps.study import PlannedTrial, Study, duplicates_removed, load_study, plan, resolve_init
@@ -168,7 +171,7 @@ def run_tuner(trials: list[PlannedTrial], args: argparse.Namespace, sweep_id: st
     from ray import tune
 
     specs = {t.trial_id: t.as_spec() for t in trials}
-    make_tuner(args, sweep_id, storage, {"trial": tune.grid_search(list(specs.values()))}, specs).fit()
+    interrupts.fit(make_tuner(args, sweep_id, storage, {"trial": tune.grid_search(list(specs.values()))}, specs))
 
 
 def export_root(storage: str) -> str | None:
@@ -241,16 +244,22 @@ def cmd_grid(args: argparse.Namespace) -> int:
                                          inits.pop() if len(inits) == 1 else "mixed", resources, storage))
             writer.plan_trials(trial_row(t.as_spec(), "pending") for t in trials)
             writer.write_memberships(row for t in trials for row in membership_rows(t.as_spec()))
-        print(f"sweep {sweep_id}: {len(trials)} trials ({duplicates_removed(trials)} duplicate configurations "
-              f"shared, not trained twice), database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
-        code = run_and_close(lambda: run_tuner(trials, args, sweep_id, storage), writer, sweep_id)
-    return code
+        try:  # a signal from here on leaves the sweep interrupted, to resume (before: nothing written)
+            print(f"sweep {sweep_id}: {len(trials)} trials ({duplicates_removed(trials)} duplicate configurations "
+                  f"shared, not trained twice), database {args.db}, Ray storage {storage}/{sweep_id}", flush=True)
+            return run_and_close(lambda: run_tuner(trials, args, sweep_id, storage), writer, sweep_id)
+        except interrupts.Interrupted as stop:
+            return report_interrupted(writer, sweep_id, stop, 0.0)
 
 
 def run_and_close(run: Any, writer: ResultsWriter, sweep_id: str) -> int:
-    """Run the Tuner, its callbacks writing through the driver's ``writer``, and record how the sweep ended:
-    interrupted (and re-raise; a full disk as one clear DiskFullError) or completed, with trial counts. The exit code:
-    0, or FAILED_TRIALS_EXIT when trials ended failed (named on stderr)."""
+    """Run the Tuner, its callbacks writing through the driver's ``writer``, and record how the sweep ended.
+
+    - SIGINT or SIGTERM (``sweeps.interrupts``): the sweep and its running trials ``interrupted``, one line with the
+      resume command, and exit code 130 or 143.
+    - Any other error: the sweep ``interrupted``, and the error raised again (a full disk as one clear DiskFullError).
+    - Otherwise ``completed``, with trial counts: exit code 0, or FAILED_TRIALS_EXIT when trials ended failed (named on
+      stderr)."""
     from sweeps.ray_trial import writing_to
 
     db = writer.path
@@ -258,11 +267,15 @@ def run_and_close(run: Any, writer: ResultsWriter, sweep_id: str) -> int:
     try:
         with writing_to(writer):
             run()
+    except interrupts.Interrupted as stop:
+        return report_interrupted(writer, sweep_id, stop, time.perf_counter() - started)
     except BaseException as err:
+        interrupts.ignore()  # the closing writes are not cut short by a signal
         marked = writer.end_sweep_if_possible(sweep_id, "interrupted")
         if disk_full(err):
             raise full_disk_error(db, sweep_id, err, marked) from None
         raise
+    interrupts.ignore()  # Ray is done: a signal now would only cut the closing writes in half
     try:
         writer.end_sweep(sweep_id, "completed")
         counts = writer.trial_counts(sweep_id)
@@ -272,6 +285,27 @@ def run_and_close(run: Any, writer: ResultsWriter, sweep_id: str) -> int:
         raise
     print(f"sweep {sweep_id} ended after {time.perf_counter() - started:.0f} s: {counts}; database {db}", flush=True)
     return report_failed(queries.failed_trials(writer.con, sweep_id), db)
+
+
+def resume_command(db: Path, sweep_id: str) -> str:
+    return f"python sweeps/launch.py resume --db {shlex.quote(str(db))} --sweep {shlex.quote(sweep_id)}"
+
+
+def report_interrupted(writer: ResultsWriter, sweep_id: str, stop: interrupts.Interrupted, seconds: float) -> int:
+    """Mark the sweep and its running trials interrupted; one line on stderr (trials finished, the command that
+    resumes); the exit code, 128 + the signal's number."""
+    interrupts.ignore()  # the closing writes are not cut short by a third signal
+    marked = writer.end_sweep_if_possible(sweep_id, "interrupted")
+    try:
+        counts = writer.trial_counts(sweep_id)
+    except Exception:  # the line is still owed to the user
+        counts = {}
+    finished = sum(n for status, n in counts.items() if status in TERMINAL)
+    state = "" if marked else " (the database could not be written: it still says running)"
+    print(f"sweep {sweep_id} interrupted by {stop.name} after {seconds:.0f} s{state}: {finished} of "
+          f"{sum(counts.values())} trials finished; resume with: {resume_command(writer.path, sweep_id)}",
+          file=sys.stderr, flush=True)
+    return stop.exit_code
 
 
 def report_failed(failed: list[dict[str, Any]], db: Path) -> int:
@@ -294,7 +328,7 @@ def full_disk_error(db: Path, sweep_id: str, err: BaseException, marked: bool) -
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
     state = "marked interrupted" if marked else "still marked running (the database could not be written)"
     return DiskFullError(f"{db}: no space left on the device, sweep {sweep_id} stopped ({first}); it is {state}. "
-                         f"Free some space, then: python sweeps/launch.py resume --db {db} --sweep {sweep_id}")
+                         f"Free some space, then: {resume_command(db, sweep_id)}")
 
 
 

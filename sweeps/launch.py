@@ -5,6 +5,7 @@
     python sweeps/launch.py grid --study guide --address auto --gpus-per-trial 0.5 --storage s3://bucket/sweeps
     python sweeps/launch.py search --task sms_spam --method lora --num-samples 20   # Optuna + ASHA
     python sweeps/launch.py resume                              # continue the last interrupted sweep
+    python sweeps/launch.py resume --retry-failed               # ... and run its failed trials again
     python sweeps/launch.py status                              # progress of every sweep, from the database
     python sweeps/launch.py preflight                           # sweeps/preflight.py: this GPU, checked and timed
 
@@ -13,8 +14,14 @@ anything starts.
 
 Exit codes of grid, search and resume: 0 when every trial ended completed, diverged or stopped; 3 (FAILED_TRIALS_EXIT)
 when the sweep ran to its end but some trials ended ``failed`` (each named with its error's line on stderr; every
-other result is kept in the database); 2 for bad input; anything else (1: an uncaught error, or a signal) means the
-sweep stopped early: ``resume`` continues it.
+other result is kept in the database; ``resume --retry-failed`` runs them again); 2 for bad input; 130 (SIGINT,
+Ctrl-C) or 143 (SIGTERM) when a signal stopped the sweep: it and its running trials are marked ``interrupted`` and
+one line gives the command that resumes it (a second signal stops at once); anything else (1: an uncaught error)
+means the sweep stopped early: ``resume`` continues it.
+
+Exit codes of status: 0 when every sweep shown completed with no failed trial; 4 when one is unfinished
+(interrupted, or marked running with no driver holding the database); else 3 when one ended with failed trials; 2 for
+a missing or locked database.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import sweeps.cluster  # noqa: F401  (Ray's environment defaults, before any imp
 from analysis.db import DEFAULT_DB, DatabaseError
 from model import ConfigError, TokenizerError
 from model.methods import METHODS
+from sweeps import interrupts
 from sweeps.config import name_problem
 from sweeps.costs import PREFLIGHT_REPORT
 from sweeps.driver import DEFAULT_STORAGE, TENSORBOARD_HELP, LaunchError, cmd_grid, split_list
@@ -44,6 +52,8 @@ from sweeps.resume import cmd_resume
 from sweeps.search import cmd_search
 from sweeps.status import cmd_status, cmd_summary
 from tasks import DataError
+
+TRIAL_COMMANDS = ("grid", "search", "resume")  # the commands that run trials (and handle SIGINT and SIGTERM)
 
 
 def _name_problems(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -151,10 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--sweep", help="sweep id (default: the most recent)")
     resume.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
     resume.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial from its checkpoint")
+    resume.add_argument("--retry-failed", action="store_true",
+                        help="also run again, from step 0, the trials that ended failed (not diverged or completed); "
+                             "each earlier error is kept in the trial_retries table")
     _common(resume)
 
-    status = sub.add_parser("status", help="progress of each sweep, from the database")
+    status = sub.add_parser("status", help="progress of each sweep, from the database (exit code 4: one is "
+                                           "unfinished; 3: one ended with failed trials)")
     status.add_argument("--db", type=Path, default=DEFAULT_DB)
+    status.add_argument("--sweep", help="only this sweep (default: every sweep in the database)")
 
     summary = sub.add_parser("summary", help="a short table of a sweep's results")
     summary.add_argument("--db", type=Path, default=DEFAULT_DB)
@@ -176,10 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
         commands = {"grid": cmd_grid, "search": cmd_search, "resume": cmd_resume, "status": cmd_status,
                     "summary": cmd_summary}
-        return commands[args.command](args)
+        if args.command not in TRIAL_COMMANDS:
+            return commands[args.command](args)
+        with interrupts.guard():  # SIGINT and SIGTERM: sweeps/interrupts.py
+            return commands[args.command](args)
     except (ConfigError, DatabaseError, LaunchError, DataError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as stop:  # before the sweep was recorded: nothing was written
+        print(f"{stop.name} received before the sweep started; nothing was written", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

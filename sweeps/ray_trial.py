@@ -22,6 +22,7 @@ import torch
 from ray import tune
 
 from analysis.db import DatabaseError, ResultsWriter, trial_row
+from sweeps import interrupts
 from sweeps.checkpoints import NoGoodCheckpoint
 from sweeps.config import TrialConfig
 from sweeps.costs import trial_cost
@@ -173,11 +174,18 @@ class DuckDBCallback(tune.Callback):
             return self.specs[trial.config["trial"]["trial_id"]]
         return spec_from_param(trial.config)
 
+    # Each event's rows are written inside interrupts.held(): a second Ctrl-C waits for the write to end.
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.writer.write_trial(trial_row(self._spec(trial), "running"))
+        with interrupts.held():
+            self.writer.write_trial(trial_row(self._spec(trial), "running"))
         self._state()["began"][self._spec(trial)["trial_id"]] = time.monotonic()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        with interrupts.held():
+            self._write_result(trial, result)
+
+    def _write_result(self, trial: Any, result: dict) -> None:
         spec = self._spec(trial)
         record = record_from_report(result)
         if record is None:
@@ -206,11 +214,13 @@ class DuckDBCallback(tune.Callback):
             record = FinalRecord.ended(spec["config"]["task.name"], "stopped", step=int(last.get("step") or 0),
                                        last_eval=EvalRecord.from_report(last),
                                        error="stopped early by the scheduler (ASHA) or the user")
-            self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
+            with interrupts.held():
+                self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _trial_error(trial)
-        self.writer.write_trial(trial_row(self._spec(trial), "failed", error=error[-4000:]))
+        with interrupts.held():
+            self.writer.write_trial(trial_row(self._spec(trial), "failed", error=error[-4000:]))
         self._failed_ids().add(self._spec(trial)["trial_id"])
         if self.progress:
             self._say(f"trial {self._spec(trial)['trial_id']} failed: {error_line(error)}")
@@ -284,7 +294,7 @@ class DuckDBCallback(tune.Callback):
         state["drawn"] = state["tty"]
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.progress and trials:
+        if self.progress and trials and not interrupts.stopping():  # a stop ends trials that did not finish
             self._say(self.progress_now(trials))
         if getattr(self, "_own", None) is not None:  # the driver keeps its writer: it records how the sweep ended
             self._own.close()

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analysis import queries
-from analysis.db import ResultsWriter, exception_chain
+from analysis.db import OPEN, ResultsWriter, exception_chain
+from sweeps import interrupts
 from sweeps.cluster import start_ray
-from sweeps.driver import LaunchError, run_and_close, run_tuner, trial_trainable
+from sweeps.driver import LaunchError, report_interrupted, run_and_close, run_tuner, trial_trainable
 from sweeps.study import PlannedTrial
 
 if TYPE_CHECKING:
@@ -29,45 +30,62 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace, writer: ResultsWriter) -> int:
-    from ray import tune
-
     row = queries.sweep_to_resume(writer.con, args.sweep)
     if row is None:
         raise LaunchError(f"no sweep {'named ' + args.sweep if args.sweep else 'at all'} in {args.db}")
-    sweep_id, storage = row["id"], row["storage_path"]
-    path = f"{storage}/{sweep_id}"
-    if row["status"] == "completed":
-        print(f"sweep {sweep_id} already completed; nothing to resume")
+    sweep_id = row["id"]
+    retry = getattr(args, "retry_failed", False)
+    failed = [r["trial_id"] for r in queries.failed_trials(writer.con, sweep_id)] if retry else []
+    if row["status"] == "completed" and not failed:
+        print(f"sweep {sweep_id} already completed; nothing to " + ("retry" if retry else "resume"))
         return 0
-    if not tune.Tuner.can_restore(path):
-        raise LaunchError(f"{path}: no Ray experiment state to restore from")
     start_ray(args.address, args.node_ip_address)
-    writer.reopen_sweep(sweep_id)
-    finished = writer.finished_results(sweep_id)
-    print(f"resuming sweep {sweep_id} from {path}", flush=True)
     per_trial = json.loads(row["hardware"] or "{}").get("per_trial", {"cpu": 1.0, "gpu": 0.0})
     resources = {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
     args.cpus_per_trial, args.gpus_per_trial = resources["cpu"], resources["gpu"]
+    try:  # a signal from here on leaves the sweep interrupted again, to resume
+        with interrupts.held():
+            writer.reopen_sweep(sweep_id)
+            if failed:
+                writer.retry_failed(sweep_id)
+        return _continue(args, writer, row, failed)
+    except interrupts.Interrupted as stop:
+        return report_interrupted(writer, sweep_id, stop, 0.0)
+
+
+def _continue(args: argparse.Namespace, writer: ResultsWriter, row: dict[str, Any], failed: list[str]) -> int:
+    """Resume's run, once the sweep is reopened: restore Ray's experiment where it can, then the open trials."""
+    from ray import tune
+
+    sweep_id, storage = row["id"], row["storage_path"]
+    path = f"{storage}/{sweep_id}"
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    if failed:
+        print(f"retrying {len(failed)} failed trial(s) from step 0 (each earlier error is kept in trial_retries): "
+              f"{', '.join(failed)}", flush=True)
+    finished = writer.finished_results(sweep_id)
     restored = None
-    if ray_state_readable(path):
+    if row["status"] == "completed":  # only the retried trials run: Ray's experiment has nothing else to do
+        return run_and_close(lambda: run_open(args, writer, sweep_id, storage), writer, sweep_id)
+    print(f"resuming sweep {sweep_id} from {path}", flush=True)
+    if tune.Tuner.can_restore(path) and ray_state_readable(path):
         for note in repair_lost_checkpoints(path):
             print(note, flush=True)
         try:
             restored = tune.Tuner.restore(path, trial_trainable(finished, storage, resources),
-                                          resume_unfinished=True, resume_errored=True)
+                                          resume_unfinished=True, resume_errored=False)
         except (EOFError, pickle.UnpicklingError) as err:  # tuner.pkl cut short (a full disk, a kill mid-write)
             print(f"Ray's saved tuner in {path} is unreadable ({type(err).__name__}: {err}).", flush=True)
     if restored is not None:
-        return run_and_close(lambda: fit_then_rerun_lost(restored, args, writer, sweep_id, storage), writer,
+        return run_and_close(lambda: fit_then_run_open(restored, args, writer, sweep_id, storage), writer,
                               sweep_id)
     # Ray writes its experiment state in place; a driver killed mid-write (or a full disk) leaves it torn (and Ray
-    # would then restart the experiment with an empty plan). The database knows which trials finished; the rest run
-    # again from their plan, in-flight ones from step 0.
-    remaining = planned_unfinished(writer.con, sweep_id)
-    print(f"Ray's experiment state in {path} is unreadable (the driver was probably killed while writing it, or the "
-          f"disk was full); running the {len(remaining)} unfinished trials again from their plan.", flush=True)
-    return run_and_close(lambda: run_tuner(remaining, args, f"{sweep_id}-rerun-{int(time.time())}", storage),
-                          writer, sweep_id)
+    # would then restart the experiment with an empty plan), and a driver stopped before Ray started left none. The
+    # database knows which trials finished; the rest run again from their plan, in-flight ones from step 0.
+    print(f"Ray's experiment state in {path} is missing or unreadable (the driver was probably stopped before Ray "
+          "saved it, or killed while writing it, or the disk was full); running the "
+          f"{len(open_trials(writer.con, sweep_id))} unfinished trials again from their plan.", flush=True)
+    return run_and_close(lambda: run_open(args, writer, sweep_id, storage), writer, sweep_id)
 
 
 # Ray keeps KEEP_CHECKPOINTS checkpoints per trial: when a trial reports checkpoint_N+1, the driver registers it,
@@ -100,7 +118,7 @@ def repair_lost_checkpoints(path: str | Path) -> list[str]:
     """Before ``Tuner.restore``: every trial whose checkpoint Ray's state names but storage no longer has restarts
     from the newest checkpoint its folder still holds (moved to the name the state expects, so the trial's later
     checkpoints keep their numbers), else from scratch (the checkpoint dropped from the state). Local storage only
-    (cloud URIs are left to Ray; ``fit_then_rerun_lost`` still catches the failure there). What it did, one line per
+    (cloud URIs are left to Ray; ``fit_then_run_open`` still catches the failure there). What it did, one line per
     trial."""
     if "://" in str(path):
         return []
@@ -155,18 +173,24 @@ def infrastructure_error(error: BaseException | None) -> bool:
     return any(isinstance(e, lost) or _LOST_CHECKPOINT in str(e) for e in exception_chain(error))
 
 
-def fit_then_rerun_lost(tuner: Tuner, args: argparse.Namespace, writer: ResultsWriter, sweep_id: str,
-                        storage: str) -> None:
-    """Run a restored Tuner; then run again, from their plan, the trials Ray ended with an infrastructure error
-    (``infrastructure_error``) rather than leave them recorded as failed."""
+def fit_then_run_open(tuner: Tuner, args: argparse.Namespace, writer: ResultsWriter, sweep_id: str,
+                      storage: str) -> None:
+    """Run a restored Tuner; then run from their plan the trials it left to do: those Ray ended with an
+    infrastructure error (``infrastructure_error``) rather than leave them recorded as failed, and those still open
+    in the database that Ray's experiment does not run (retried failures, trials of an earlier rerun)."""
     from sweeps.ray_trial import spec_from_param
 
-    lost = {spec_from_param(r.config)["trial_id"] for r in tuner.fit() if infrastructure_error(r.error)}
-    if not lost:
-        return
-    rerun = [t for t in planned_unfinished(writer.con, sweep_id) if t.trial_id in lost]
-    print(f"{len(lost)} trial(s) ended with an infrastructure error after the restore (not their own failure); "
-          f"running them again from their plan: {', '.join(sorted(lost))}", flush=True)
+    lost = {spec_from_param(r.config)["trial_id"] for r in interrupts.fit(tuner) if infrastructure_error(r.error)}
+    if lost:
+        print(f"{len(lost)} trial(s) ended with an infrastructure error after the restore (not their own failure); "
+              f"running them again from their plan: {', '.join(sorted(lost))}", flush=True)
+    run_open(args, writer, sweep_id, storage, also=lost)
+
+
+def run_open(args: argparse.Namespace, writer: ResultsWriter, sweep_id: str, storage: str,
+             also: set[str] | frozenset[str] = frozenset()) -> None:
+    """Run from their plan, as a Ray experiment of their own, the sweep's open trials (and ``also``), if any."""
+    rerun = open_trials(writer.con, sweep_id, also)
     if rerun:
         run_tuner(rerun, args, f"{sweep_id}-rerun-{int(time.time())}", storage)
 
@@ -184,11 +208,11 @@ def ray_state_readable(path: str) -> bool:
     return bool(states)
 
 
-def planned_unfinished(con: Any, sweep_id: str) -> list[PlannedTrial]:
-    """The sweep's planned trials that did not complete or diverge, rebuilt from the ``trials`` table of an open
-    connection (the driver's, which holds the file)."""
-    rows = queries.unfinished_trials(con, sweep_id)
+def open_trials(con: Any, sweep_id: str, also: set[str] | frozenset[str] = frozenset()) -> list[PlannedTrial]:
+    """The sweep's planned trials still open (pending, running, interrupted), and those of ``also`` that did not
+    complete or diverge, rebuilt from the ``trials`` table of an open connection (the driver's, which holds the
+    file)."""
+    rows = [r for r in queries.unfinished_trials(con, sweep_id) if r.pop("status") in OPEN or r["trial_id"] in also]
     memberships = queries.sweep_memberships(con, sweep_id)
     return [PlannedTrial(**{**r, "config": json.loads(r["config"])}, memberships=memberships.get(r["trial_id"], []))
             for r in rows]
-

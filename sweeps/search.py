@@ -10,9 +10,10 @@ from typing import Any
 
 from analysis.db import ResultsWriter
 from model import ConfigError
+from sweeps import interrupts
 from sweeps.cluster import check_trial_resources, start_cluster, trial_gpus
 from sweeps.config import TrialConfig
-from sweeps.driver import make_tuner, prepare_data, run_and_close, storage_path, sweep_row
+from sweeps.driver import make_tuner, prepare_data, report_interrupted, run_and_close, storage_path, sweep_row
 from sweeps.records import EVAL_STEP, metric_key
 from sweeps.study import PlannedTrial, Study, load_study
 from sweeps.train import parse_sets
@@ -78,11 +79,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         storage = storage_path(args)
         writer.start_sweep(sweep_row(args, sweep_id, study.name, "search", args.num_samples, config.model.init,
                                      resources, storage))
-        print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising {metric} "
-              f"({mode}), database {args.db}", flush=True)
-        tuner = make_tuner(args, sweep_id, storage, {"search": search, **space}, {}, metric=metric, mode=mode,
-                           search_alg=OptunaSearch(seed=args.seed), scheduler=scheduler,
-                           num_samples=args.num_samples)
-        code = run_and_close(tuner.fit, writer, sweep_id)
-    return code
+        try:  # a signal from here on leaves the search interrupted, to resume
+            print(f"search {sweep_id}: {args.num_samples} samples of {args.method} on {args.task}, optimising "
+                  f"{metric} ({mode}), database {args.db}", flush=True)
+            tuner = make_tuner(args, sweep_id, storage, {"search": search, **space}, {}, metric=metric, mode=mode,
+                               search_alg=OptunaSearch(seed=args.seed), scheduler=scheduler,
+                               num_samples=args.num_samples)
+            return run_and_close(lambda: interrupts.fit(tuner), writer, sweep_id)
+        except interrupts.Interrupted as stop:
+            return report_interrupted(writer, sweep_id, stop, 0.0)
 

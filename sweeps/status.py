@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from analysis import queries
 from analysis.db import connect
-from sweeps.driver import LaunchError
+from sweeps.driver import FAILED_TRIALS_EXIT, LaunchError
+
+# `launch.py status` exits UNFINISHED_EXIT when a sweep it shows is unfinished: interrupted (a signal, a full disk, a
+# crash), or marked running while no driver holds the database (a killed driver: a running one locks the file, and
+# status then exits 2 naming the lock). Else FAILED_TRIALS_EXIT when one ended with failed trials; else 0.
+UNFINISHED_EXIT = 4
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     con = connect(args.db, read_only=True)
     try:
-        sweeps = queries.sweep_progress(con)
+        sweeps = queries.sweep_progress(con, getattr(args, "sweep", None))
     finally:
         con.close()
     if not sweeps:
+        if getattr(args, "sweep", None):
+            raise LaunchError(f"{args.db}: no sweep named {args.sweep}")
         print(f"{args.db}: no sweeps yet")
         return 0
     print(f"{'sweep':<36} {'study':<8} {'status':<12} {'model':<10} {'done':>9} {'bad':>5} {'open':>5}")
-    for sid, study, status, init, planned, done, bad, open_, _ in sweeps:
+    for sid, study, status, init, planned, done, bad, open_, _, _ in sweeps:
         print(f"{sid:<36} {study:<8} {status:<12} {init or '':<10} {f'{done}/{planned}':>9} {bad:>5} {open_:>5}")
+    unfinished = [row[0] for row in sweeps if row[2] != "completed"]
+    failed = [row[0] for row in sweeps if row[2] == "completed" and row[9]]
+    if unfinished:
+        print(f"unfinished (exit code {UNFINISHED_EXIT}): {', '.join(unfinished)}; python sweeps/launch.py resume "
+              f"--db {args.db} --sweep <id> continues one", file=sys.stderr)
+        return UNFINISHED_EXIT
+    if failed:
+        print(f"ended with failed trials (exit code {FAILED_TRIALS_EXIT}): {', '.join(failed)}; python "
+              f"sweeps/launch.py resume --retry-failed --db {args.db} --sweep <id> runs them again", file=sys.stderr)
+        return FAILED_TRIALS_EXIT
     return 0
 
 

@@ -67,6 +67,7 @@ from analysis.guide.summary import (
 class Guide:
     title: str
     random_init: bool
+    unfinished: list[str]  # one sentence per reported sweep that did not finish (interrupted, killed, running)
     scope: list[str]
     how_to_read: list[str]
     decisions: Block | None
@@ -81,6 +82,13 @@ class Guide:
     reproduce: dict[str, Any]
     findings: list[Finding]
     figures: list[dict[str, Any]]  # what figures.render draws
+
+def unfinished(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A sentence per sweep (``q.SWEEPS`` rows) that did not finish: how many planned trials it is missing."""
+    return [f"sweep {s['id']} is {s['status']}: {s['unfinished']} of its {s['planned_trials']} planned trials did not "
+            f"run to their end (python sweeps/launch.py resume --sweep {s['id']} finishes it)"
+            for s in sweeps if s["status"] != "completed" or s["unfinished"]]
+
 
 def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = None,
             margins: Mapping[str, float] | None = None) -> Guide:
@@ -111,7 +119,7 @@ def collect(con: duckdb.DuckDBPyConnection, sweep_ids: Sequence[str] | None = No
                 if (s := section(con, spec, all_groups, found, figures, verdicts)) is not None]
     tasks = list(_by_task(all_groups))
     return Guide(
-        title="Fine-tuning GPT-2: a measured guide", random_init="random" in inits,
+        title="Fine-tuning GPT-2: a measured guide", random_init="random" in inits, unfinished=unfinished(sweeps),
         scope=scope(con, sweeps, inits, tasks), how_to_read=how_to_read(margins),
         decisions=decisions(all_groups, main, verdicts, joined_settings(q.settings(con), joined)), summary=summary,
         recommendations=found.recommendations(tasks), across=across_tasks(main_groups, figures, verdicts),

@@ -462,10 +462,65 @@ def test_an_older_file_opens_read_only_as_it_is_and_a_writer_brings_it_to_this_v
     reader.close()
     assert _sha(path) == before
     writer = connect(path)
-    assert SCHEMA_VERSION == 4
-    assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [(4, version)]
+    assert SCHEMA_VERSION == 5
+    assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [(5, version)]
     counts = ", ".join(f"count({c})" for c in dropped)
     assert writer.execute(f"SELECT count(*), {counts} FROM trials").fetchone() == (9, *[0] * len(dropped))
+    writer.close()
+
+
+def test_a_version_4_file_is_rebuilt_with_the_interrupted_status_keeping_every_row(tmp_path: Path) -> None:
+    """Version 5 added the ``interrupted`` trial status to the trials table's CHECK, which DuckDB cannot alter: the
+    first writer rebuilds the table with every row and column (and its primary key); a reader leaves the file as it
+    is."""
+    import duckdb
+
+    from analysis.db import SCHEMA
+
+    path = _shared_db(tmp_path / "db.duckdb")
+    con = duckdb.connect(str(path))
+    before = con.execute("SELECT * FROM trials ORDER BY id").fetchall()
+    con.execute("ALTER TABLE trials RENAME TO current")
+    schema = SCHEMA.read_text()
+    old = schema.replace("'pending', 'running', 'interrupted', 'completed'", "'pending', 'running', 'completed'")
+    assert old != schema
+    trials_sql = old[old.index("CREATE TABLE IF NOT EXISTS trials"):old.index("-- Columns added after")]
+    con.execute(trials_sql)
+    con.execute("INSERT INTO trials SELECT * FROM current; DROP TABLE current; DROP TABLE trial_retries")
+    con.execute("UPDATE study_database SET schema_version = 4")
+    with pytest.raises(duckdb.ConstraintException):
+        con.execute("UPDATE trials SET status = 'interrupted' WHERE id = (SELECT min(id) FROM trials)")
+    con.close()
+    before_sha = _sha(path)
+    connect(path, read_only=True).close()
+    assert _sha(path) == before_sha
+    writer = connect(path)
+    assert writer.execute("SELECT schema_version, migrated_from FROM study_database").fetchall() == [(5, 4)]
+    assert writer.execute("SELECT * FROM trials ORDER BY id").fetchall() == before
+    writer.execute("UPDATE trials SET status = 'interrupted' WHERE id = (SELECT min(id) FROM trials)")
+    with pytest.raises(duckdb.ConstraintException):  # the primary key came with it
+        writer.execute("INSERT INTO trials SELECT * FROM trials LIMIT 1")
+    assert writer.execute("SELECT count(*) FROM trial_retries").fetchone() == (0,)
+    writer.close()
+
+
+def test_an_interrupted_sweep_takes_its_running_trials_with_it_and_a_retry_keeps_the_error(tmp_path: Path) -> None:
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    writer.start_sweep({"id": "s1", "study": "smoke", "kind": "grid", "started_at": "2026-01-01 00:00:00",
+                        "status": "running", "planned_trials": 3})
+    writer.plan_trials([trial_row(_spec(s), "pending") for s in (0, 1, 2)])
+    writer.write_trial(trial_row(_spec(0), "running"))
+    writer.write_trial(trial_row(_spec(1), "failed", error="Traceback ...\nRuntimeError: boom"))
+    writer.end_sweep("s1", "interrupted")
+    statuses = dict(writer.con.execute("SELECT id, status FROM trials").fetchall())
+    assert statuses == {"t0": "interrupted", "t1": "failed", "t2": "pending"}
+    writer.write_trial(trial_row(_spec(0), "running"))  # resumed: an interrupted trial runs again
+    assert writer.retry_failed("s1") == ["t1"]
+    assert writer.retry_failed("s1") == []  # nothing twice
+    assert writer.con.execute("SELECT trial_id, sweep_id, error FROM trial_retries").fetchall() == [
+        ("t1", "s1", "Traceback ...\nRuntimeError: boom")]
+    statuses = dict(writer.con.execute("SELECT id, status FROM trials").fetchall())
+    assert statuses == {"t0": "running", "t1": "pending", "t2": "pending"}
     writer.close()
 
 

@@ -18,6 +18,10 @@ default 120)
 ``FINETUNE_TEST_ALWAYS_FAIL``
     comma-separated trial-id prefixes: a trial whose id starts with one raises :class:`InjectedFailure` as it starts,
     every time it is tried (Ray retries it, then ends it errored).
+``FINETUNE_TEST_GATE_DIR`` (with ``FINETUNE_TEST_GATE_PASS``, default 1)
+    the first PASS trials to arrive take a ticket file (``pass-<n>``, created exclusively) and run; every later one
+    leaves ``held-<trial id>`` and waits until its worker is killed (the test then signals the driver with trials
+    finished and trials in flight).
 ``FINETUNE_TEST_HOLD_AFTER_CHECKPOINTS``
     N: each trial, right after its Nth checkpoint reached Ray, waits until its worker is killed (the test then kills
     the driver with trials in flight whose checkpoints Ray has rotated N-1 times).
@@ -46,6 +50,8 @@ BARRIER_COUNT = "FINETUNE_TEST_BARRIER_COUNT"
 BARRIER_TIMEOUT_S = "FINETUNE_TEST_BARRIER_TIMEOUT_S"
 ALWAYS_FAIL = "FINETUNE_TEST_ALWAYS_FAIL"
 HOLD_AFTER_CHECKPOINTS = "FINETUNE_TEST_HOLD_AFTER_CHECKPOINTS"
+GATE_DIR = "FINETUNE_TEST_GATE_DIR"
+GATE_PASS = "FINETUNE_TEST_GATE_PASS"
 
 _shipped_trainable = ray_trial.trainable  # taken at import, before install() swaps the attribute
 
@@ -68,6 +74,20 @@ def wait_at_barrier(directory: Path, name: str, count: int, timeout_s: float) ->
             raise TimeoutError(f"test barrier {directory}: trial {name} waited {timeout_s:g} s for {count} trials to "
                                f"run at the same time; only {arrived} arrived (were they all placed on one node?)")
         time.sleep(0.2)
+
+
+def pass_or_hold(directory: Path, name: str, passes: int) -> None:
+    """Run on if one of ``passes`` tickets is still free, else mark ``name`` held and wait for ever."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(passes):
+        try:
+            os.close(os.open(directory / f"pass-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return
+        except FileExistsError:
+            continue
+    (directory / f"held-{name}").touch()
+    while True:
+        time.sleep(1)
 
 
 def _fail_once_after_first_checkpoint(report: Any, marker: Path) -> Any:
@@ -98,6 +118,9 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, exp
     doomed = [p for p in os.environ.get(ALWAYS_FAIL, "").split(",") if p]
     if any(trial.startswith(p) for p in doomed):
         raise InjectedFailure(f"injected failure of trial {trial} (test wrapper {ALWAYS_FAIL})")
+    gate = os.environ.get(GATE_DIR)
+    if gate:
+        pass_or_hold(Path(gate), trial, int(os.environ.get(GATE_PASS, "1")))
     hold = int(os.environ.get(HOLD_AFTER_CHECKPOINTS) or 0)
     if hold:
         shipped_report = tune.report

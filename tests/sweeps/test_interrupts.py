@@ -1,0 +1,161 @@
+"""Ctrl-C and SIGTERM on the sweep driver (issue 25), through the real CLI: the sweep and its running trials end
+``interrupted``, the exit code is 130 or 143 with one line naming the resume command, and ``resume`` then runs every
+planned trial exactly once. Each signal is sent at a forced moment: one trial finished and two held in flight by the
+test wrapper's gate (tests/sweeps/wrapped_launch.py), never after a sleep."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.sweeps.test_launch import PY, SMOKE, _db, _launch, _launch_wrapped
+
+GATE = {"FINETUNE_TEST_GATE_PASS": "1"}  # the first trial runs; every later one is held until its worker dies
+RESUME_LINE = re.compile(r"^sweep (\S+) interrupted by (SIG\w+) after \d+ s: (\d+) of (\d+) trials finished; resume "
+                         r"with: (python sweeps/launch\.py resume --db \S+ --sweep \S+)$", re.M)
+
+
+def _study(tmp_path: Path) -> Path:
+    """Four sms_spam trials of the smoke study's tiny model (two run at a time on the shared two-CPU cluster)."""
+    base = {k: v for k, v in SMOKE.items() if k not in ("dimension_tasks", "task_dimensions")}
+    study = {**base, "name": "signals", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
+             "dimensions": {"sig": {"a": {"method.name": "full"}, "b": {"method.name": "head_only"},
+                                    "c": {"method.name": "lora"}, "d": {"method.name": "bitfit"}}}}
+    path = tmp_path / "signals.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+class Driver:
+    """A launcher whose output a thread collects, so the test can wait for a line while it runs."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines, self.seen = proc, queue.Queue(), []
+        threading.Thread(target=lambda: [self.lines.put(x) for x in proc.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(bool(re.search(pattern, x)) for x in self.seen) < count:
+            try:
+                self.seen.append(self.lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+            except queue.Empty:
+                pytest.fail(f"no {count} lines matching {pattern!r} in time:\n" + "".join(self.seen[-40:]))
+
+    def finish(self, timeout: float = 120) -> str:
+        self.proc.wait(timeout=timeout)
+        while True:
+            try:
+                self.seen.append(self.lines.get(timeout=5))
+            except queue.Empty:
+                return "".join(self.seen)
+
+
+def _wait_held(gate: Path, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(gate.glob("held-*"))) < count:
+        assert time.monotonic() < deadline, f"{count} trials were not held at the gate {gate} in time"
+        time.sleep(0.2)
+
+
+def _interrupted_sweep(sessions, tmp_path: Path, signals: list[signal.Signals]) -> tuple[int, str, float, Path]:
+    """Start the four-trial sweep, send ``signals`` (the next one after the driver's first line about the last)
+    once one trial finished and two are held in flight; (exit code, output, seconds from first signal to exit, db)."""
+    db, gate = tmp_path / "results.duckdb", tmp_path / "gate"
+    driver = Driver(_launch_wrapped(sessions, "grid", "--study", str(_study(tmp_path)), "--db", str(db), "--storage",
+                                    str(tmp_path / "ray"), env={**GATE, "FINETUNE_TEST_GATE_DIR": str(gate)}))
+    driver.wait_for(r"^trial \S+ completed")
+    _wait_held(gate, 2)
+    sent = time.monotonic()
+    for n, signum in enumerate(signals):
+        if n:
+            driver.wait_for(r"received: stopping the sweep")
+        driver.proc.send_signal(signum)
+    out = driver.finish()
+    return driver.proc.returncode, out, time.monotonic() - sent, db
+
+
+def _statuses(db: Path) -> tuple[str, dict[str, int]]:
+    con = _db(db)
+    try:
+        sweep = con.execute("SELECT status FROM sweeps").fetchone()[0]
+        return sweep, dict(con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall())
+    finally:
+        con.close()
+
+
+def _resume_finishes_every_trial_once(sessions, db: Path, line: re.Match) -> str:
+    """Run the printed resume command; every planned trial completed once, its rows written once."""
+    con = _db(db)
+    before = dict(con.execute("SELECT id, updated_at FROM trials WHERE status = 'completed'").fetchall())
+    con.close()
+    command = shlex.split(line[5])
+    assert command[:3] == ["python", "sweeps/launch.py", "resume"]
+    proc = _launch(sessions, *command[2:])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert _statuses(db) == ("completed", {"completed": 4})
+    con = _db(db)
+    after = dict(con.execute("SELECT id, updated_at FROM trials").fetchall())
+    assert all(after[t] == when for t, when in before.items()), "a finished trial was run again"
+    losses = con.execute("""SELECT trial_id, count(*), count(DISTINCT step) FROM metrics
+                            WHERE split = 'train' AND name = 'loss' GROUP BY trial_id""").fetchall()
+    assert len(losses) == 4 and all(n == distinct == 3 for _, n, distinct in losses), losses
+    assert con.execute("SELECT count(*), count(DISTINCT trial_id) FROM predictions WHERE example = 0 AND split = "
+                       "'test'").fetchone() == (4, 4)
+    con.close()
+    return out
+
+
+@pytest.mark.parametrize(("signals", "code"), [([signal.SIGINT], 130), ([signal.SIGTERM], 143),
+                                               ([signal.SIGINT, signal.SIGINT], 130)],
+                         ids=["sigint", "sigterm", "double-sigint"])
+def test_a_signalled_sweep_is_interrupted_exits_128_plus_n_and_resumes_every_trial_once(
+        signals: list[signal.Signals], code: int, real_data, tmp_path: Path, sessions) -> None:
+    returncode, out, seconds, db = _interrupted_sweep(sessions, tmp_path, signals)
+    print(f"\n{'+'.join(s.name for s in signals)}: exit {returncode} {seconds:.1f} s after the first signal")
+    assert returncode == code, out[-3000:]
+    [line] = RESUME_LINE.finditer(out)
+    assert line[2] == signals[0].name and (line[3], line[4]) == ("1", "4"), line[0]
+    assert "Tuner.restore" not in out and "Traceback" not in out, out[-3000:]
+    sweep, trials = _statuses(db)
+    assert sweep == "interrupted"
+    assert trials == {"completed": 1, "interrupted": 2, "pending": 1}, trials
+    resumed = _resume_finishes_every_trial_once(sessions, db, line)
+    print(f"resume: {resumed.count(' completed test ')} trials run, {resumed.count('resuming sweep')} restore")
+
+
+def test_make_demo_stops_at_an_interrupted_sweep_and_builds_no_guide(real_data, tmp_path: Path, sessions) -> None:
+    """The demo's recipe (grid, summary, guide, as make runs them) with its grid interrupted: make stops there."""
+    db, gate, guide = tmp_path / "demo.duckdb", tmp_path / "gate", tmp_path / "guide"
+    makefile = tmp_path / "Makefile"
+    wrapped = f"{PY} -m tests.sweeps.wrapped_launch"
+    makefile.write_text(f"demo:\n\t{wrapped} grid --study {_study(tmp_path)} --db {db} --storage {tmp_path / 'ray'}\n"
+                        f"\t{PY} sweeps/launch.py summary --db {db}\n"
+                        f"\t{PY} analysis/build_guide.py --db {db} --out {guide}\n")
+    driver = Driver(sessions.start(["make", "-f", str(makefile), "demo"], cwd=REPO_ROOT,
+                                   env={**os.environ, **GATE, "FINETUNE_TEST_GATE_DIR": str(gate)}))
+    driver.wait_for(r"^trial \S+ completed")
+    _wait_held(gate, 2)
+    launcher = [p for p in _children(driver.proc.pid) if "wrapped_launch" in p[1]]
+    assert len(launcher) == 1, launcher
+    os.kill(launcher[0][0], signal.SIGINT)  # Ctrl-C reaches the launcher; make sees its exit code
+    out = driver.finish()
+    assert driver.proc.returncode != 0 and RESUME_LINE.search(out), out[-3000:]
+    assert "launch.py summary" not in out and not guide.exists()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()]
+    return [(int(p), args) for p, parent, args in rows if int(parent) == pid]
