@@ -37,6 +37,7 @@ def test_states_exactly_the_planted_conclusions(planted: tuple[Path, Path]) -> N
     guide = collect(con)
     assert {f.key for f in guide.findings} == synthetic.EXPECTED
     md = (out / "guide.md").read_text()
+    assert guide.unfinished == [] and "Unfinished sweep" not in md  # a finished sweep: no partial banner
     for f in guide.findings:
         if f.kind != "single_seed":
             assert f.text in md

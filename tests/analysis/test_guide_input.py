@@ -106,3 +106,25 @@ def test_out_that_fails_to_be_written_exits_2(tmp_path: Path, capsys: pytest.Cap
     out = tmp_path / "out"
     assert main(["--db", str(db), "--out", str(out)]) == 2
     assert f"--out {out}: cannot write there (Read-only file system)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_unfinished_sweep_is_refused_unless_allow_partial_which_renders_a_banner(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 25: a guide built from an interrupted sweep says so, or is not built (exit 2, nothing written)."""
+    db = synthetic.build(tmp_path / "study.duckdb")
+    con = duckdb.connect(str(db))
+    planned = con.execute("SELECT count(*) FROM trials").fetchone()[0]
+    con.execute("UPDATE trials SET status = 'interrupted' WHERE id IN (SELECT id FROM trials ORDER BY id LIMIT 2)")
+    con.execute("UPDATE sweeps SET status = 'interrupted'")
+    con.close()
+    out = tmp_path / "guide"
+    assert main(["--db", str(db), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"sweep {synthetic.SWEEP} is interrupted: 2 of its {planned} planned trials did not run" in err
+    assert "--allow-partial" in err and not out.exists()
+    assert main(["--db", str(db), "--out", str(out), "--allow-partial"]) == 0
+    md, html = ((out / name).read_text() for name in ("guide.md", "guide.html"))
+    assert md.split("\n## ")[0].count("**Unfinished sweep: these results are partial.**") == 1
+    assert f"2 of its {planned} planned trials" in md.split("\n## ")[0]
+    assert "Unfinished sweep" in html.split("<h2")[0]

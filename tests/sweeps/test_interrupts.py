@@ -159,3 +159,78 @@ def _children(pid: int) -> list[tuple[int, str]]:
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
     rows = [line.split(None, 2) for line in out.splitlines()]
     return [(int(p), args) for p, parent, args in rows if int(parent) == pid]
+
+
+# --- launch.py status: exit codes scripts can test ------------------------------------------------------------------
+
+
+def test_status_exits_4_for_an_unfinished_sweep_3_for_failed_trials_and_0_otherwise(tmp_path: Path, capsys) -> None:
+    from analysis.db import ResultsWriter, trial_row
+    from sweeps.launch import main
+    from sweeps.status import UNFINISHED_EXIT
+    from sweeps.study import load_study, plan
+
+    db = tmp_path / "results.duckdb"
+    trials = plan(load_study("smoke"), "x", tasks=["sms_spam"], dimensions=["method"])[:2]
+    writer = ResultsWriter(db)
+    for n, (sweep_id, status) in enumerate((("done", "completed"), ("bad", "completed"), ("cut", "interrupted"))):
+        writer.start_sweep({"id": sweep_id, "study": "smoke", "kind": "grid", "started_at": f"2026-01-0{n + 1}",
+                            "status": "running", "planned_trials": 2})
+        specs = [{**t.as_spec(), "trial_id": f"{sweep_id}-{i}", "sweep_id": sweep_id} for i, t in enumerate(trials)]
+        writer.plan_trials(trial_row(spec, "pending") for spec in specs)
+        writer.write_trial(trial_row(specs[0], "completed"))
+        writer.write_trial(trial_row(specs[1], "failed" if sweep_id == "bad" else "completed" if sweep_id == "done"
+                                     else "running", error="RuntimeError: boom" if sweep_id == "bad" else None))
+        writer.end_sweep(sweep_id, status)
+    writer.close()
+    codes = {sweep: main(["status", "--db", str(db), "--sweep", sweep]) for sweep in ("done", "bad", "cut")}
+    assert codes == {"done": 0, "bad": 3, "cut": UNFINISHED_EXIT} and UNFINISHED_EXIT == 4
+    assert main(["status", "--db", str(db)]) == 4  # every sweep: the worst one decides
+    out = capsys.readouterr()
+    assert re.search(r"^cut\s+smoke\s+interrupted\s+1/2\s+0\s+1$", out.out, re.M), out.out
+    assert "unfinished (exit code 4): cut; python sweeps/launch.py resume" in out.err
+    assert "ended with failed trials (exit code 3): bad; python sweeps/launch.py resume --retry-failed" in out.err
+    assert main(["status", "--db", str(db), "--sweep", "nope"]) == 2
+
+
+# --- resume --retry-failed: only what failed runs again, its earlier error kept -------------------------------------
+
+
+def test_retry_failed_reruns_only_the_failed_trial_keeps_its_error_and_writes_nothing_twice(
+        real_data, tmp_path: Path, sessions) -> None:
+    db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
+    proc = _launch_wrapped(sessions, "grid", "--study", str(_study(tmp_path)), "--db", str(db), "--storage",
+                           str(storage), "--max-failures", "0", env={"FINETUNE_TEST_ALWAYS_FAIL": "sig-b-"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, out[-3000:]
+    assert _statuses(db) == ("completed", {"completed": 3, "failed": 1})
+    con = _db(db)
+    before = dict(con.execute("SELECT id, updated_at FROM trials WHERE status = 'completed'").fetchall())
+    [(failed, error)] = con.execute("SELECT id, error FROM trials WHERE status = 'failed'").fetchall()
+    con.close()
+    assert failed.startswith("sig-b-") and "InjectedFailure" in error
+
+    plain = subprocess.run([PY, "sweeps/launch.py", "resume", "--db", str(db)], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert plain.returncode == 0 and "already completed; nothing to resume" in plain.stdout  # no retry unasked
+    retry = _launch(sessions, "resume", "--retry-failed", "--db", str(db))
+    out, _ = retry.communicate(timeout=600)
+    assert retry.returncode == 0, out[-3000:]
+    assert f"retrying 1 failed trial(s) from step 0 (each earlier error is kept in trial_retries): {failed}" in out
+    assert re.findall(r"^trial (\S+) completed", out, re.M) == [failed]  # the others are not run again
+    assert _statuses(db) == ("completed", {"completed": 4})
+    con = _db(db)
+    assert con.execute("SELECT trial_id, error FROM trial_retries").fetchall() == [(failed, error)]
+    after = dict(con.execute("SELECT id, updated_at FROM trials").fetchall())
+    assert all(after[t] == when for t, when in before.items())
+    assert con.execute("SELECT error FROM trials WHERE id = ?", [failed]).fetchone() == (None,)
+    losses = con.execute("""SELECT trial_id, count(*), count(DISTINCT step) FROM metrics
+                            WHERE split = 'train' AND name = 'loss' GROUP BY trial_id""").fetchall()
+    assert len(losses) == 4 and all(n == distinct == 3 for _, n, distinct in losses), losses
+    con.close()
+    again = subprocess.run([PY, "sweeps/launch.py", "resume", "--retry-failed", "--db", str(db)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already completed; nothing to retry" in again.stdout
+    con = _db(db)
+    assert con.execute("SELECT count(*) FROM trial_retries").fetchone() == (1,)
+    con.close()

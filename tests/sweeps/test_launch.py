@@ -443,7 +443,7 @@ def test_resume_and_status_ask_the_database_through_analysis(tmp_path: Path, cap
     counts, go through analysis/ (queries.py and ResultsWriter); the trials come back as they were planned."""
     from analysis import queries
     from analysis.db import ResultsWriter, connect, trial_row
-    from sweeps.resume import planned_unfinished
+    from sweeps.resume import open_trials
     from sweeps.study import load_study, plan
 
     db = tmp_path / "results.duckdb"
@@ -465,9 +465,9 @@ def test_resume_and_status_ask_the_database_through_analysis(tmp_path: Path, cap
     assert latest["id"] == "s1" and latest["status"] == "running" and named["id"] == "s0" and missing is None
     assert json.loads(latest["hardware"])["per_trial"] == {"cpu": 1.0, "gpu": 0.0}
     con = connect(db, read_only=True)
-    assert planned_unfinished(con, "s1") == sorted(trials[1:], key=lambda t: t.trial_id)
+    assert open_trials(con, "s1") == sorted(trials[1:], key=lambda t: t.trial_id)
     con.close()
-    assert main(["status", "--db", str(db)]) == 0
+    assert main(["status", "--db", str(db)]) == 4  # both sweeps are marked running and no driver holds the file
     assert "s1" in capsys.readouterr().out
 
 
