@@ -425,7 +425,7 @@ def test_status_reads_the_database_and_reports_a_held_file(tmp_path: Path, capsy
     writer.start_sweep({"id": "s1", "study": "smoke", "kind": "grid", "started_at": "2026-01-01 00:00:00",
                         "status": "running", "planned_trials": 0})
     writer.close()
-    assert main(["status", "--db", str(db)]) == 0
+    assert main(["status", "--db", str(db)]) == 4  # marked running, and no driver holds the file: unfinished
     assert "s1" in capsys.readouterr().out
     holder = subprocess.Popen([PY, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('held', "
                                "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
