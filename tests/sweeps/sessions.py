@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from sweeps.launch import TRIAL_COMMANDS  # the launcher's commands that start or join Ray
 from tests.conftest import REPO_ROOT
-
-TRIAL_COMMANDS = ("grid", "resume", "search")  # the launcher's commands that start or join Ray
 
 
 def pids_in_session(sid: int) -> list[int]:
