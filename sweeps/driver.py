@@ -270,6 +270,8 @@ def run_and_close(run: Any, writer: ResultsWriter, sweep_id: str) -> int:
     except interrupts.Interrupted as stop:
         return report_interrupted(writer, sweep_id, stop, time.perf_counter() - started)
     except BaseException as err:
+        if (stop := interrupts.interrupt_in(err)) is not None:  # a signal raised inside compiled code, then wrapped
+            return report_interrupted(writer, sweep_id, stop, time.perf_counter() - started)
         interrupts.ignore()  # the closing writes are not cut short by a signal
         marked = writer.end_sweep_if_possible(sweep_id, "interrupted")
         if disk_full(err):

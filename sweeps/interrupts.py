@@ -124,6 +124,10 @@ class InterruptGuard:
         self._in_fit = True
         try:
             results = tuner.fit()
+        except Exception as err:  # Interrupted itself is a BaseException and passes through
+            if self.signum is not None:  # a second signal raised inside Ray's compiled code: see interrupt_in
+                raise interrupt_in(err) or Interrupted(self.signum) from err
+            raise
         finally:
             self._in_fit = False
             if _RAY_STOP is not None:  # tune.run's handler stays installed after it returns: put back the earlier one
@@ -134,6 +138,22 @@ class InterruptGuard:
 
 
 _active: InterruptGuard | None = None
+
+
+def interrupt_in(err: BaseException) -> Interrupted | None:
+    """The Interrupted that ``err`` is, or was raised while handling or because of, if any.
+
+    A second signal raises Interrupted wherever the main thread is. Inside a Cython function of Ray's core worker
+    (``ray.wait``) the interpreter reports that as ``SystemError: ... returned a result with an exception set``,
+    with the Interrupted as its ``__cause__``; Ray Tune's loop then cleans up and raises the SystemError."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Interrupted):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextlib.contextmanager

@@ -161,6 +161,58 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return [(int(p), args) for p, parent, args in rows if int(parent) == pid]
 
 
+# --- a second signal inside Ray's compiled code -----------------------------------------------------------------
+
+
+class _CompiledWaitTuner:
+    """A Tuner whose fit receives both signals, the second inside "compiled code": the Interrupted it raises comes
+    out as the SystemError CPython reports for a C function that returned with an exception set (as ray.wait does)."""
+
+    def __init__(self, signals: list[signal.Signals]) -> None:
+        self.signals, self.stopped = signals, 0
+
+    def fit(self) -> None:
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "stopped", self.stopped + 1))  # Ray's graceful stop
+        os.kill(os.getpid(), self.signals[0])
+        try:
+            for signum in self.signals[1:]:
+                os.kill(os.getpid(), signum)
+        except BaseException as err:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from err
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]],
+                         ids=["sigint+sigint", "sigterm+sigint"])
+def test_a_second_signal_inside_compiled_code_still_ends_the_fit_as_interrupted(signals, capsys) -> None:
+    from sweeps import interrupts
+
+    tuner = _CompiledWaitTuner(signals)
+    with interrupts.guard(), pytest.raises(interrupts.Interrupted) as stop:
+        interrupts.fit(tuner)
+    assert tuner.stopped == 1  # the first signal asked Ray to stop gracefully
+    assert stop.value.exit_code == 128 + signals[0]  # the first signal names the exit code
+    assert "received: stopping the sweep" in capsys.readouterr().err
+
+
+def test_an_error_with_no_signal_behind_it_is_not_taken_for_an_interrupt() -> None:
+    from sweeps import interrupts
+
+    class Failing:
+        def fit(self) -> None:
+            raise SystemError("a real error")
+
+    with interrupts.guard(), pytest.raises(SystemError, match="a real error"):
+        interrupts.fit(Failing())
+    try:
+        try:
+            raise interrupts.Interrupted(signal.SIGTERM)
+        except interrupts.Interrupted:
+            raise RuntimeError("raised while the stop was handled")  # noqa: B904 -- the implicit __context__
+    except RuntimeError as err:
+        assert interrupts.interrupt_in(err).name == "SIGTERM"
+    assert interrupts.interrupt_in(ValueError("plain")) is None
+
+
 # --- launch.py status: exit codes scripts can test ------------------------------------------------------------------
 
 
