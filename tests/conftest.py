@@ -10,7 +10,7 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the hub; the download path is tested against a fake
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if os.environ.get("PYTEST_XDIST_WORKER"):  # make test-fast: one process per core, so one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test and test-fast: one process per core, so one thread each
     torch.set_num_threads(1)
 
 
