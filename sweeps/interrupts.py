@@ -20,6 +20,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from analysis.db import exception_chain
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Ray Tune's controller stops gracefully on SIGUSR1 too, through the handler tune.run installs for it; we call that
 # handler ourselves for SIGINT and SIGTERM.
@@ -146,14 +148,7 @@ def interrupt_in(err: BaseException) -> Interrupted | None:
     A second signal raises Interrupted wherever the main thread is. Inside a Cython function of Ray's core worker
     (``ray.wait``) the interpreter reports that as ``SystemError: ... returned a result with an exception set``,
     with the Interrupted as its ``__cause__``; Ray Tune's loop then cleans up and raises the SystemError."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, Interrupted):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(err) if isinstance(e, Interrupted)), None)
 
 
 @contextlib.contextmanager
