@@ -2,10 +2,17 @@
 
 Offline (CI, air-gapped clusters) the encoding is built from ``$FINETUNE_DATA_DIR/gpt2-bpe/{encoder.json,vocab.bpe}``
 after checking both files against the sha256 hashes tiktoken itself expects; otherwise tiktoken downloads them.
+
+Parsing those two files takes 0.3-0.5 s of CPU, paid by every process that tokenizes (each Ray trial worker, each
+driver). Their ranks are therefore kept in the cache folder as ``r50k_base.tiktoken``: GPT-2's ranks written in
+tiktoken's own format are byte for byte tiktoken's published r50k_base file, so the cached file is checked against
+that file's sha256 on every read (0.03 s) and rebuilt from the BPE files when it is missing or does not match.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -13,10 +20,16 @@ import os
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
 DATA_DIR_ENV = "FINETUNE_DATA_DIR"
+CACHE_ENV = "FINETUNE_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "tokens"
+RANKS_FILE = "r50k_base.tiktoken"
+# The sha256 tiktoken expects of its r50k_base.tiktoken (tiktoken_ext/openai_public.py): GPT-2's ranks, one
+# "<base64 token> <rank>" line each, in rank order.
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT_TOKEN_ID = 50256
 """``<|endoftext|>``: GPT-2's only special token, used as end of text and as padding."""
 
@@ -28,6 +41,13 @@ BPE_FILES = {
 
 class TokenizerError(RuntimeError):
     """The GPT-2 encoding could be neither built from local files nor downloaded."""
+
+
+def cache_dir() -> Path:
+    """The cache folder of encoded data and the encoding's ranks: ``$FINETUNE_CACHE_DIR``, else
+    ``~/.cache/gpt2-finetune-guide/tokens``."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value) if value else DEFAULT_CACHE_DIR
 
 
 def default_data_dir() -> Path | None:
@@ -51,12 +71,15 @@ def _from_local_files(bpe_dir: Path) -> tiktoken.Encoding:
                 f"{bpe_dir / name}: sha256 {actual} does not match GPT-2's {expected}; the file is corrupt or not "
                 "GPT-2's. Replace it, or remove the gpt2-bpe folder to let tiktoken download the encoding."
             )
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(bpe_dir / "vocab.bpe"),
-        encoder_json_file=str(bpe_dir / "encoder.json"),
-        vocab_bpe_hash=BPE_FILES["vocab.bpe"],
-        encoder_json_hash=BPE_FILES["encoder.json"],
-    )
+    ranks = _cached_ranks(cache_dir() / RANKS_FILE)
+    if ranks is None:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(bpe_dir / "vocab.bpe"),
+            encoder_json_file=str(bpe_dir / "encoder.json"),
+            vocab_bpe_hash=BPE_FILES["vocab.bpe"],
+            encoder_json_hash=BPE_FILES["encoder.json"],
+        )
+        _write_ranks(cache_dir() / RANKS_FILE, ranks)
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,
@@ -64,6 +87,29 @@ def _from_local_files(bpe_dir: Path) -> tiktoken.Encoding:
         special_tokens={"<|endoftext|>": EOT_TOKEN_ID},
         explicit_n_vocab=50257,
     )
+
+
+def _cached_ranks(path: Path) -> dict[bytes, int] | None:
+    """GPT-2's ranks from the cache, None when the file is missing, unreadable or not byte for byte r50k_base's."""
+    try:
+        return load_tiktoken_bpe(str(path), expected_hash=RANKS_SHA256)
+    except (OSError, ValueError):  # tiktoken raises ValueError on a hash mismatch or a malformed line
+        return None
+
+
+def _write_ranks(path: Path, ranks: dict[bytes, int]) -> None:
+    """Keep ``ranks`` for the next process (atomically: a reader sees the whole file or none); an unwritable cache
+    only costs parsing the BPE files again."""
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(),
+                                                                                           key=lambda item: item[1]))
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.gpt2 import GPT2
-from model.tokenizer import EOT_TOKEN_ID
+from model.tokenizer import EOT_TOKEN_ID, cache_dir
 from tasks.data import DataError, Source, data_dir, ensure, sha256_file
 from tasks.metrics import classification_metrics
 
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from tasks.options import TaskOptions
 
 SPLITS = ("train", "validation", "test")
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-finetune-guide" / "tokens"
-CACHE_ENV = "FINETUNE_CACHE_DIR"
 _CACHE_VERSION = 2  # bump when encoding or the cached layout changes, so stale caches are never read
 
 
@@ -132,11 +130,6 @@ def _check_one_column(labels: torch.Tensor | None, prompt_lengths: torch.Tensor 
     """Class ids and prompt lengths never share a split or batch: a reader of one must not get the other."""
     if (labels is None) == (prompt_lengths is None):
         raise ValueError("exactly one of labels (class ids) and prompt_lengths must be set")
-
-
-def cache_dir() -> Path:
-    value = os.environ.get(CACHE_ENV)
-    return Path(value) if value else DEFAULT_CACHE_DIR
 
 
 def deterministic_subset(n: int, k: int | None, seed: int) -> list[int] | None:

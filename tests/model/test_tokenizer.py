@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from model import TokenizerError, get_tokenizer
 from model import tokenizer as tok
@@ -57,3 +58,33 @@ def test_no_files_and_no_network_is_a_clear_error(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(tok.tiktoken, "get_encoding", offline)
     with pytest.raises(TokenizerError, match=r"encoder\.json and vocab\.bpe are not in .*gpt2-bpe.*FINETUNE_DATA_DIR"):
         get_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "other_ranks"])
+def test_the_ranks_cache_is_tiktokens_r50k_file_and_a_bad_one_is_rebuilt(damage: str, data_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first build from the BPE files keeps GPT-2's ranks as tiktoken's r50k_base file (its published sha256);
+    a later build reads them from there, and a cached file that is not exactly that is ignored and written again."""
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    cached = tmp_path / tok.RANKS_FILE
+    tok._cached.cache_clear()
+    reference = get_tokenizer(data_dir).encode("Hello world, and <|endoftext|>", allowed_special="all")
+    assert tok.sha256_file(cached) == tok.RANKS_SHA256
+    if damage == "truncated":
+        cached.write_bytes(cached.read_bytes()[:1000])
+    elif damage == "other_ranks":  # well-formed, one rank swapped: only the checksum tells
+        lines = cached.read_text().splitlines(keepends=True)
+        lines[0], lines[1] = lines[0].replace(" 0\n", " 1\n"), lines[1].replace(" 1\n", " 0\n")
+        cached.write_text("".join(lines))
+    else:
+        cached.unlink()
+    built: list[int] = []
+    monkeypatch.setattr(tok, "data_gym_to_mergeable_bpe_ranks",
+                        lambda **files: built.append(1) or data_gym_to_mergeable_bpe_ranks(**files))
+    tok._cached.cache_clear()
+    assert get_tokenizer(data_dir).encode("Hello world, and <|endoftext|>", allowed_special="all") == reference
+    assert built == [1] and tok.sha256_file(cached) == tok.RANKS_SHA256  # rebuilt from the BPE files, kept again
+    tok._cached.cache_clear()
+    get_tokenizer(data_dir)
+    assert built == [1]  # the next process reads the cache
+    tok._cached.cache_clear()
