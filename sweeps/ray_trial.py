@@ -21,7 +21,7 @@ import ray
 import torch
 from ray import tune
 
-from analysis.db import DatabaseError, ResultsWriter, trial_row
+from analysis.db import WRITE_ERRORS, DatabaseError, ResultsWriter, trial_row
 from sweeps import interrupts
 from sweeps.checkpoints import NoGoodCheckpoint
 from sweeps.config import TrialConfig
@@ -34,7 +34,15 @@ from sweeps.progress import (
     progress_line,
     render_progress,
 )
-from sweeps.records import CheckpointRecord, EvalRecord, FinalRecord, Record, metric_key, record_from_report
+from sweeps.records import (
+    CheckpointRecord,
+    EvalRecord,
+    FinalRecord,
+    MetricRow,
+    Record,
+    metric_key,
+    record_from_report,
+)
 from sweeps.study import trial_id
 from sweeps.train import export
 
@@ -148,7 +156,14 @@ class DuckDBCallback(tune.Callback):
     """Writes every Tune event of a sweep into the study database, idempotently, from the driver.
 
     ``db`` None (the launcher): the driver's writer (``writing_to``), opened and locked before Ray started and held
-    until the sweep ends. A path (tests, scripts): a writer of its own, closed at the experiment's end."""
+    until the sweep ends. A path (tests, scripts): a writer of its own, closed at the experiment's end.
+
+    A trial's learning-curve rows (its step and evaluation reports) are written together when it reports a checkpoint
+    and when it ends (final record, error, stop, the sweep's end), not one statement a report: the driver handles
+    every report of every trial in turn, while the trial waits, and a DuckDB statement costs it ~10 ms. Nothing is
+    lost to a killed driver: the rows up to a checkpoint are written before Ray registers that checkpoint (Tune calls
+    ``on_trial_result`` first), and a resumed trial restarts from its newest registered checkpoint and reports the
+    later steps again."""
 
     def __init__(self, db: str | Path | None, specs: dict[str, dict[str, Any]], progress: bool = True,
                  device: str = "gpu") -> None:
@@ -157,9 +172,10 @@ class DuckDBCallback(tune.Callback):
         self.progress = progress
         self.device = device  # what the trials run on (gpu or cpu): the ETA weighs each trial by its cost there
         self.finished: set[str] = set()  # trials whose final record arrived
+        self.unwritten: dict[str, list[MetricRow]] = {}  # each trial's learning-curve rows since its last checkpoint
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_own": None}  # restored, it writes where the driver says
+        return {**self.__dict__, "_own": None, "unwritten": {}}  # restored, it writes where the driver says
 
     @property
     def writer(self) -> ResultsWriter:
@@ -191,10 +207,14 @@ class DuckDBCallback(tune.Callback):
         if record is None:
             return
         if not isinstance(record, FinalRecord):
-            self.writer.write_metric_rows(spec["trial_id"], record.metric_rows())
+            self._rows_of(spec["trial_id"]).extend(record.metric_rows())
+            if isinstance(record, CheckpointRecord):
+                self._write_rows(spec["trial_id"])
             return
         self.finished.add(spec["trial_id"])
-        self.writer.write_final(spec, record)
+        with self.writer.transaction():
+            self._write_rows(spec["trial_id"])
+            self.writer.write_final(spec, record)
         began = self._state()["began"].get(spec["trial_id"])
         if record.db_status == "completed" and began is not None and not result.get("replayed"):
             self._state()["ran"].append((self._cost(spec), time.monotonic() - began))  # the ETA's pace
@@ -209,6 +229,8 @@ class DuckDBCallback(tune.Callback):
         """A trial that ended without its final record was stopped by the scheduler (ASHA) or the user: recorded
         with its task's primary metric and the last validation it reported."""
         spec = self._spec(trial)
+        with interrupts.held():
+            self._write_rows(spec["trial_id"])
         if spec["trial_id"] not in self.finished:
             last = trial.last_result or {}
             record = FinalRecord.ended(spec["config"]["task.name"], "stopped", step=int(last.get("step") or 0),
@@ -219,7 +241,8 @@ class DuckDBCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _trial_error(trial)
-        with interrupts.held():
+        with interrupts.held(), self.writer.transaction():
+            self._write_rows(self._spec(trial)["trial_id"])
             self.writer.write_trial(trial_row(self._spec(trial), "failed", error=error[-4000:]))
         self._failed_ids().add(self._spec(trial)["trial_id"])
         if self.progress:
@@ -293,7 +316,22 @@ class DuckDBCallback(tune.Callback):
         sys.stdout.flush()
         state["drawn"] = state["tty"]
 
+    def _rows_of(self, trial_id: str) -> list[MetricRow]:
+        unwritten = self.__dict__.setdefault("unwritten", {})  # (a callback pickled before it had one: none)
+        return unwritten.setdefault(trial_id, [])
+
+    def _write_rows(self, trial_id: str) -> None:
+        """Write the trial's learning-curve rows held since its last checkpoint."""
+        rows = self.__dict__.get("unwritten", {}).pop(trial_id, None)
+        if rows:
+            self.writer.write_metric_rows(trial_id, rows)
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Rows still held belong to trials that did not end (a sweep stopped by Ctrl-C or an error): written when the
+        # database allows, for the record; a resumed trial reports them again from its checkpoint if not.
+        with interrupts.held(), contextlib.suppress(*WRITE_ERRORS):
+            for trial_id in list(self.__dict__.get("unwritten", {})):
+                self._write_rows(trial_id)
         if self.progress and trials and not interrupts.stopping():  # a stop ends trials that did not finish
             self._say(self.progress_now(trials))
         if getattr(self, "_own", None) is not None:  # the driver keeps its writer: it records how the sweep ended

@@ -81,3 +81,43 @@ def test_final_record_writes_its_generations_to_their_table(tmp_path: Path) -> N
     rows = con.execute("SELECT * FROM generations ORDER BY stage DESC, example").fetchall()
     assert rows == [(spec["trial_id"], g.stage, g.example, g.prompt, g.reference, g.response) for g in generations]
     assert con.execute("SELECT result->'generations' FROM trials").fetchone()[0] is None
+
+
+def test_learning_curve_rows_are_written_at_each_checkpoint_and_when_the_trial_ends(tmp_path: Path) -> None:
+    """A trial's step and evaluation rows are held until its next checkpoint (written before Ray registers it, so a
+    resumed trial reports again exactly what was not written) or its end: an error, a stop, its final record."""
+    from sweeps.records import CheckpointRecord, FinalRecord
+
+    config = TrialConfig.from_flat({"task.name": "sms_spam"}).to_flat()
+    specs = {f"method-{g}-1": {"trial_id": f"method-{g}-1", "sweep_id": "s", "study": "smoke", "dimension": "method",
+                               "group": g, "config": config} for g in ("full", "lora")}
+    callback = DuckDBCallback(tmp_path / "db.duckdb", specs, progress=False)
+    full, lora = (SimpleNamespace(config={"trial": spec}, last_result=None, error_file=None,
+                                  get_error=lambda: "boom") for spec in specs.values())
+
+    def report(trial: SimpleNamespace, record: object) -> None:
+        callback.on_trial_result(0, [], trial, {**record.to_report(), "trial_id": trial.config["trial"]["trial_id"]})
+
+    def steps(trial_id: str) -> list[tuple[int, str, str]]:
+        return callback.writer.con.execute("SELECT step, split, name FROM metrics WHERE trial_id = ? AND name IN "
+                                           "('loss', 'accuracy') ORDER BY ALL", [trial_id]).fetchall()
+
+    for trial in (full, lora):
+        callback.on_trial_start(0, [], trial)
+        report(trial, StepRecord(1, 0, 0.7, 1e-3, 900.0, 64))
+        report(trial, EvalRecord(1, {"accuracy": 0.5, "loss": 0.69}))
+    assert steps("method-full-1") == steps("method-lora-1") == []  # held: one statement at the checkpoint
+    report(full, CheckpointRecord(1, str(tmp_path / "checkpoint_000000")))
+    assert steps("method-full-1") == [(1, "train", "loss"), (1, "validation", "accuracy"), (1, "validation", "loss")]
+    report(full, StepRecord(2, 0, 0.6, 1e-3, 900.0, 128))
+    callback.on_trial_error(0, [], full)  # a failed trial keeps every step it reported
+    assert steps("method-full-1")[-1] == (2, "train", "loss")
+    assert callback.writer.con.execute("SELECT status FROM trials WHERE id = 'method-full-1'").fetchone() == ("failed",)
+    record = FinalRecord(status="completed", task="sms_spam", task_kind="classification", primary_metric="accuracy",
+                         higher_is_better=True, step=2, test={"accuracy": 0.75})
+    report(lora, StepRecord(2, 0, 0.5, 1e-3, 900.0, 128))
+    report(lora, record)
+    assert steps("method-lora-1") == [(1, "train", "loss"), (1, "validation", "accuracy"), (1, "validation", "loss"),
+                                      (2, "test", "accuracy"), (2, "train", "loss")]
+    assert callback.unwritten == {}
+    callback.on_experiment_end([])
