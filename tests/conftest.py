@@ -80,3 +80,24 @@ def enc(data_dir: Path):
     from model import get_tokenizer
 
     return get_tokenizer(data_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The session's Ray cluster for launcher tests (``tests/sweeps/sessions.py``): started by the first launcher that
+    joins it (``Sessions.launch``), ended with the test session."""
+    from tests.sweeps.sessions import SharedRay
+
+    ray = SharedRay()
+    yield ray
+    assert ray.end() == [], "shared Ray processes left running"
+
+
+@pytest.fixture
+def sessions(shared_ray):
+    """Processes a test starts, each in a session of its own, ended with the test (``tests/sweeps/sessions.py``)."""
+    from tests.sweeps.sessions import Sessions
+
+    s = Sessions(shared_ray)
+    yield s
+    assert s.end_all() == [], "processes left running"

@@ -3,34 +3,23 @@ train identically (they differ only in ``train.log_every``) over 5 seeds, and fu
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import duckdb
-import pytest
 
 from analysis.db import connect
 from analysis.guide import collect
 from tests.analysis.test_guide import _paired
-from tests.conftest import REPO_ROOT
-from tests.sweeps.sessions import Sessions
 
 STUDY = Path(__file__).with_name("sms_calibration.yaml")
 SAME = ("full_log1", "full_log8")
 
 
-@pytest.fixture
-def sessions():
-    s = Sessions()
-    yield s
-    assert s.end_all() == [], "processes left running"
-
-
 def test_identical_groups_claim_nothing_and_full_beats_head_only(real_data, tmp_path: Path, sessions) -> None:
     db = tmp_path / "calibration.duckdb"
-    proc = sessions.start([sys.executable, "sweeps/launch.py", "grid", "--study", str(STUDY), "--db", str(db),
-                           "--storage", str(tmp_path / "ray")], cwd=REPO_ROOT, env=dict(os.environ))
+    proc = sessions.launch([sys.executable, "sweeps/launch.py"], ("grid", "--study", str(STUDY), "--db", str(db),
+                                                                  "--storage", str(tmp_path / "ray")))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     con = duckdb.connect(str(db), read_only=True)

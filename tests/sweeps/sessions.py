@@ -17,8 +17,11 @@ from tests.conftest import REPO_ROOT
 
 
 def pids_in_session(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+    """The live processes of session ``sid``: a zombie (dead, waiting for its parent to read its exit status) runs
+    nothing and cannot be killed, so it is not counted."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, s, stat in (line.split() for line in out.splitlines())
+            if int(s) == sid and not stat.startswith("Z")]
 
 
 class Sessions:
@@ -68,6 +71,9 @@ class Sessions:
 # and Ray takes it as given.
 NODE_IP = "127.0.0.2"
 RAY = str(Path(sys.executable).parent / "ray")
+# Launcher arguments for exactly two trials at a time on the shared cluster, whatever its share of the CPUs (one core
+# gives two half-CPU slots; more cores, still two).
+TWO_AT_ONCE = ("--cpus-per-trial", "0.5", "--max-concurrent", "2")
 
 
 def free_port() -> int:
@@ -106,11 +112,21 @@ def start_cluster(sessions: Sessions, nodes: int = 1, cpus_per_node: int | None 
     return address, token
 
 
+def cpu_share() -> int:
+    """This test process's share of the machine's cores: all of them, or, under pytest-xdist, cores / workers (at
+    least one). Each xdist worker's launcher tests run on a Ray cluster of their own; clusters that each claimed every
+    core would run twice as many trials as there are cores, each in a Ray worker process of its own that imports torch
+    and Ray (seconds of CPU) on a machine that has none to spare."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 class SharedRay:
-    """One Ray cluster (one node, this machine's CPUs) for every launcher test of the session that can share one,
-    started on first use: each launcher that starts its own Ray spends seconds starting and stopping it. A launcher
-    joins it as a cluster user does (``--address``); tests that need Ray of their own (a two-node cluster, a driver
-    whose kill must take its own Ray with it) start their own."""
+    """One Ray cluster (one node, this test process's share of the CPUs: ``cpu_share``) for every launcher test of
+    the session that can share one, started on first use: each launcher that starts its own Ray spends seconds
+    starting and stopping it. A launcher joins it as a cluster user does (``--address``); tests that need Ray of their
+    own (a two-node cluster, a driver whose kill must take its own Ray with it) start their own. A test that needs two
+    trials running at once on it asks for them (``TWO_AT_ONCE``)."""
 
     def __init__(self) -> None:
         self._sessions = Sessions()
@@ -119,7 +135,7 @@ class SharedRay:
     def join(self) -> tuple[list[str], dict]:
         """The launcher arguments and the variables that join the cluster (starting it the first time)."""
         if self._joined is None:
-            address, token = start_cluster(self._sessions)
+            address, token = start_cluster(self._sessions, cpus_per_node=cpu_share())
             self._joined = (["--address", address, "--node-ip-address", NODE_IP], token)
         return self._joined
 

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.sweeps.sessions import TWO_AT_ONCE
 from tests.sweeps.test_launch import PY, SMOKE, _db, _launch, _launch_wrapped
 
 GATE = {"FINETUNE_TEST_GATE_PASS": "1"}  # the first trial runs; every later one is held until its worker dies
@@ -27,7 +28,7 @@ RESUME_LINE = re.compile(r"^sweep (\S+) interrupted by (SIG\w+) after \d+ s: (\d
 
 
 def _study(tmp_path: Path) -> Path:
-    """Four sms_spam trials of the smoke study's tiny model (two run at a time on the shared two-CPU cluster)."""
+    """Four sms_spam trials of the smoke study's tiny model (two at a time where a test asks: ``TWO_AT_ONCE``)."""
     base = {k: v for k, v in SMOKE.items() if k not in ("dimension_tasks", "task_dimensions")}
     study = {**base, "name": "signals", "tasks": {"sms_spam": {}}, "learning_rates": {"default": [1e-3]},
              "dimensions": {"sig": {"a": {"method.name": "full"}, "b": {"method.name": "head_only"},
@@ -73,7 +74,8 @@ def _interrupted_sweep(sessions, tmp_path: Path, signals: list[signal.Signals]) 
     once one trial finished and two are held in flight; (exit code, output, seconds from first signal to exit, db)."""
     db, gate = tmp_path / "results.duckdb", tmp_path / "gate"
     driver = Driver(_launch_wrapped(sessions, "grid", "--study", str(_study(tmp_path)), "--db", str(db), "--storage",
-                                    str(tmp_path / "ray"), env={**GATE, "FINETUNE_TEST_GATE_DIR": str(gate)}))
+                                    str(tmp_path / "ray"), *TWO_AT_ONCE,
+                                    env={**GATE, "FINETUNE_TEST_GATE_DIR": str(gate)}))
     driver.wait_for(r"^trial \S+ completed")
     _wait_held(gate, 2)
     sent = time.monotonic()
