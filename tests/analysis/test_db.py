@@ -54,6 +54,24 @@ def test_replayed_writes_never_duplicate_or_regress(tmp_path: Path) -> None:
     assert con.execute("SELECT result->>'$.val_accuracy' FROM trials WHERE id='t0'").fetchone()[0] == "0.8"
 
 
+def test_a_rewritten_trial_row_is_replaced_whole_and_a_plan_is_inserted_once(tmp_path: Path) -> None:
+    """A trials row written again holds exactly the new row: a column the new one does not name is null again (as
+    INSERT OR REPLACE would leave it; the writer updates in place, which DuckDB does faster). A plan is inserted in
+    statements of many rows, a trial listed twice once, and planning again inserts nothing."""
+    writer = ResultsWriter(tmp_path / "db.duckdb")
+    specs = [_spec(s) for s in range(250)]  # more than one statement's rows
+    writer.plan_trials([trial_row(spec, "pending") for spec in [*specs, specs[0]]])
+    writer.plan_trials([trial_row(spec, "completed") for spec in specs])
+    con = writer.con
+    assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("pending", 250)]
+    assert con.execute("SELECT count(*) FROM trial_groups").fetchone() == (250,)
+    writer.write_trial(trial_row(specs[0], "running", {"steps": 3, "train_seconds": 1.5}, error="transient"))
+    writer.write_trial(trial_row(specs[0], "completed", {"steps": 5}))
+    assert con.execute("SELECT status, steps, train_seconds, error, lora_rank FROM trials WHERE id = 't0'"
+                       ).fetchone() == ("completed", 5, None, None, 8)
+    assert con.execute("SELECT count(*) FROM trials").fetchone() == (250,)
+
+
 def test_metric_rows_are_one_statement_whose_repeats_and_replays_replace(tmp_path: Path) -> None:
     """Rows go in as one statement over lists: a key repeated in one call keeps its last value (one statement may not
     insert a key twice), a replayed call replaces, and what is not finite is left out."""
