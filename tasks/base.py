@@ -400,9 +400,9 @@ class ClassificationTask(Task):
         return classification_metrics(predictions, test.labels, self.label_names)[self.primary_metric]
 
 
-def scored_logits(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token logits and targets of the positions that count, ``(N, vocab)`` and ``(N,)``, and where they are,
-    ``(B, T-1)``: a row's targets from index ``first[row]`` on, padding excluded.
+def scored_hidden(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final hidden states and next-token targets of the positions that count, ``(N, C)`` and ``(N,)``, and where they
+    are, ``(B, T-1)``: a row's targets from index ``first[row]`` on, padding excluded.
 
     Hidden states are gathered *before* the LM head, so the vocabulary projection (the largest matmul of a small
     GPT-2) runs only where a loss is taken: prompt and padding positions skip it.
@@ -411,7 +411,33 @@ def scored_logits(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch
     targets = batch.input_ids[:, 1:]  # (B, T-1)
     position = torch.arange(1, batch.input_ids.size(1), device=targets.device)[None, :]  # index of each target
     scored = (position >= first[:, None]) & batch.attention_mask[:, 1:].bool()  # (B, T-1)
-    return model.lm_head(hidden[scored]), targets[scored], scored
+    return hidden[scored], targets[scored], scored
+
+
+def scored_logits(model: GPT2, batch: Batch, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scored_hidden`` through the LM head: logits ``(N, vocab)``, targets ``(N,)`` and where they are."""
+    hidden, targets, scored = scored_hidden(model, batch, first)
+    return model.lm_head(hidden), targets, scored
+
+
+# Logits of one chunk of scored positions when no gradient is kept (token_logps): on a CPU a chunk that stays in cache
+# (2x faster than the whole (N, vocab) block, measured at 1,500 positions x 50,257 on one core); on a GPU large
+# enough to keep it busy, and never more than this in memory at once.
+LOGIT_CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
+
+
+def token_logps(model: GPT2, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each scored position, ``(N,)`` (float32), from ``scored_hidden``'s states and targets.
+
+    Without autograd (evaluation, a DPO reference) the vocabulary projection and its log-softmax run a chunk of
+    positions at a time (``LOGIT_CHUNK_BYTES``): the (N, vocab) logits never exist whole. With autograd they do, in one
+    piece: the backward of a chunked projection would allocate a whole gradient for every chunk."""
+    if torch.is_grad_enabled() or len(targets) == 0:
+        return -F.cross_entropy(model.lm_head(hidden).float(), targets, reduction="none")
+    budget = LOGIT_CHUNK_BYTES.get(hidden.device.type, LOGIT_CHUNK_BYTES["cuda"])
+    rows = max(1, budget // (4 * model.config.vocab_size))
+    return torch.cat([-F.cross_entropy(model.lm_head(h).float(), t, reduction="none")
+                      for h, t in zip(hidden.split(rows), targets.split(rows), strict=True)])
 
 
 class LanguageModelingTask(Task):
@@ -451,8 +477,8 @@ class LanguageModelingTask(Task):
         """Perplexity of held-out responses (always response tokens only, whatever the training loss used)."""
         total, count = 0.0, 0
         for batch in batches:
-            logits, targets, scored = scored_logits(model, batch, batch.prompt_lengths)  # responses only
-            token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+            hidden, targets, scored = scored_hidden(model, batch, batch.prompt_lengths)  # responses only
+            token_loss = -token_logps(model, hidden, targets)  # (N,)
             total += float(token_loss.sum())
             count += len(targets)
             if examples is not None:

@@ -34,14 +34,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tiktoken
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.adapters import adapter_layers, disable_adapters
 from model.gpt2 import GPT2, eval_mode
 from model.tokenizer import EOT_TOKEN_ID
 from tasks.alpaca import format_prompt
-from tasks.base import Batch, EncodedSplit, Example, ExampleResults, Task, pad_right, scored_logits
+from tasks.base import (
+    Batch,
+    EncodedSplit,
+    Example,
+    ExampleResults,
+    Task,
+    pad_right,
+    scored_hidden,
+    token_logps,
+)
 from tasks.data import DataError, Source, open_text, read_json_list
 from tasks.dpo import DPOConfig, dpo_loss
 
@@ -190,11 +198,10 @@ class Preference(Task):
     @staticmethod
     def sequence_logps(model: GPT2, batch: Batch) -> torch.Tensor:
         """Summed log-probability of each row's response tokens (prompt and padding masked), ``(2B,)``."""
-        logits, targets, scored = scored_logits(model, batch, batch.prompt_lengths)  # (N, V), (N,), (2B, T-1)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        hidden, targets, scored = scored_hidden(model, batch, batch.prompt_lengths)  # (N, C), (N,), (2B, T-1)
+        token_logp = token_logps(model, hidden, targets)  # (N,)
         rows = scored.nonzero()[:, 0]  # the row of each scored token
-        return torch.zeros(len(batch.input_ids), device=logp.device).index_add_(0, rows, token_logp)
+        return torch.zeros(len(batch.input_ids), device=token_logp.device).index_add_(0, rows, token_logp)
 
     def reference_logps(self, model: GPT2, batch: Batch) -> torch.Tensor:
         """Reference log-probs ``(B, 2)`` (chosen, rejected) of a batch."""

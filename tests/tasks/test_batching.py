@@ -61,3 +61,33 @@ def test_classification_metrics_by_hand() -> None:
     assert m["accuracy"] == 3 / 6
     assert abs(m["f1_a"] - 2 / 3) < 1e-12 and abs(m["f1_b"] - 0.4) < 1e-12 and m["f1_c"] == 0.0
     assert abs(m["macro_f1"] - (2 / 3 + 0.4) / 3) < 1e-12
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 4 * 50257], ids=["default-chunk", "three-rows"])
+def test_token_logps_without_autograd_equal_the_whole_projection_in_chunks(
+        chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scored positions' log-probabilities: chunked under no_grad (evaluation, a DPO reference), whole under autograd,
+    the same numbers either way (and as log_softmax then gather), also for a batch with nothing scored."""
+    from model import GPT2, GPT2Config
+    from tasks import base
+
+    if chunk_bytes is not None:
+        monkeypatch.setitem(base.LOGIT_CHUNK_BYTES, "cpu", chunk_bytes)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16)).eval()
+    split = EncodedSplit.from_lists([list(range(5, 25)), list(range(30, 42)), [7, 8, 9]], prompt_lengths=[4, 6, 3])
+    batch = collate(split, [0, 1, 2])
+    hidden, targets, scored = base.scored_hidden(model, batch, batch.prompt_lengths)
+    assert len(targets) == 16 + 6 + 0 == int(scored.sum())
+    whole = base.token_logps(model, hidden, targets)  # autograd on: one projection
+    by_hand = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    projected = []
+    lm_head = model.lm_head
+    monkeypatch.setattr(model, "lm_head", lambda h: projected.append(len(h)) or lm_head(h))
+    with torch.no_grad():
+        chunked = base.token_logps(model, hidden, targets)
+        nothing = base.token_logps(model, hidden[:0], targets[:0])
+    assert projected == ([3] * 7 + [1] if chunk_bytes else [22]) + [0]  # never more rows at once than the budget
+    assert whole.requires_grad and not chunked.requires_grad
+    torch.testing.assert_close(chunked, whole.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, by_hand, rtol=0, atol=1e-5)
+    assert nothing.shape == (0,)
