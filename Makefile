@@ -1,7 +1,7 @@
 # make install: .venv with everything (editable install of the top-level packages).
 # make test:    install when needed, then ruff and the test suite on TEST_WORKERS pytest-xdist workers (each worker's
-#               launcher tests share one Ray cluster of its own; worksteal keeps both busy to the end), its 15 slowest
-#               tests listed at the end. 2 workers on 2 cores: 672 s against 1,093 s one test at a time (2026-12-04).
+#               launcher tests share one Ray cluster of its own, with its share of the cores; worksteal keeps both
+#               busy to the end), its 15 slowest tests listed at the end. 2 workers on 2 cores: 597 s (2026-12-07).
 # make test-fast: the tests that start no Ray and are not marked slow, on every core (the edit-run loop).
 PYTHON ?= python3
 VENV   ?= .venv
