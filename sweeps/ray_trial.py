@@ -177,6 +177,9 @@ class DuckDBCallback(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_own": None, "unwritten": {}}  # restored, it writes where the driver says
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"unwritten": {}, **state})  # (a callback pickled before it held rows: none held)
+
     @property
     def writer(self) -> ResultsWriter:
         writer = getattr(self, "_own", None) or _driver_writer  # (a callback pickled before _own: none)
@@ -207,7 +210,7 @@ class DuckDBCallback(tune.Callback):
         if record is None:
             return
         if not isinstance(record, FinalRecord):
-            self._rows_of(spec["trial_id"]).extend(record.metric_rows())
+            self.unwritten.setdefault(spec["trial_id"], []).extend(record.metric_rows())
             if isinstance(record, CheckpointRecord):
                 self._write_rows(spec["trial_id"])
             return
@@ -229,14 +232,13 @@ class DuckDBCallback(tune.Callback):
         """A trial that ended without its final record was stopped by the scheduler (ASHA) or the user: recorded
         with its task's primary metric and the last validation it reported."""
         spec = self._spec(trial)
-        with interrupts.held():
+        with interrupts.held(), self.writer.transaction():
             self._write_rows(spec["trial_id"])
-        if spec["trial_id"] not in self.finished:
-            last = trial.last_result or {}
-            record = FinalRecord.ended(spec["config"]["task.name"], "stopped", step=int(last.get("step") or 0),
-                                       last_eval=EvalRecord.from_report(last),
-                                       error="stopped early by the scheduler (ASHA) or the user")
-            with interrupts.held():
+            if spec["trial_id"] not in self.finished:
+                last = trial.last_result or {}
+                record = FinalRecord.ended(spec["config"]["task.name"], "stopped", step=int(last.get("step") or 0),
+                                           last_eval=EvalRecord.from_report(last),
+                                           error="stopped early by the scheduler (ASHA) or the user")
                 self.writer.write_trial(trial_row(spec, record.db_status, record.to_row(), error=record.error))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -316,13 +318,9 @@ class DuckDBCallback(tune.Callback):
         sys.stdout.flush()
         state["drawn"] = state["tty"]
 
-    def _rows_of(self, trial_id: str) -> list[MetricRow]:
-        unwritten = self.__dict__.setdefault("unwritten", {})  # (a callback pickled before it had one: none)
-        return unwritten.setdefault(trial_id, [])
-
     def _write_rows(self, trial_id: str) -> None:
         """Write the trial's learning-curve rows held since its last checkpoint."""
-        rows = self.__dict__.get("unwritten", {}).pop(trial_id, None)
+        rows = self.unwritten.pop(trial_id, None)
         if rows:
             self.writer.write_metric_rows(trial_id, rows)
 
@@ -330,7 +328,7 @@ class DuckDBCallback(tune.Callback):
         # Rows still held belong to trials that did not end (a sweep stopped by Ctrl-C or an error): written when the
         # database allows, for the record; a resumed trial reports them again from its checkpoint if not.
         with interrupts.held(), contextlib.suppress(*WRITE_ERRORS):
-            for trial_id in list(self.__dict__.get("unwritten", {})):
+            for trial_id in list(self.unwritten):
                 self._write_rows(trial_id)
         if self.progress and trials and not interrupts.stopping():  # a stop ends trials that did not finish
             self._say(self.progress_now(trials))
