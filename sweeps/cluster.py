@@ -9,8 +9,11 @@ import argparse
 import logging
 import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 from model import ConfigError
+from model.tokenizer import CACHE_ENV, DATA_DIR_ENV
 from sweeps import interrupts
 
 # Ray's experiment state (every trial's status, last result and checkpoints, in one JSON file) is saved on Ray's own
@@ -57,9 +60,18 @@ def start_ray(address: str | None, node_ip_address: str | None = None) -> None:
         return
     # address "local": without --address always start a fresh Ray here, never attach to a cluster left behind
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip_address,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                       if k.startswith(("FINETUNE_", "HF_", "TUNE_"))}})
+             runtime_env={"env_vars": trial_env(os.environ)})
     interrupts.reclaim()  # ray.init took SIGTERM
+
+
+def trial_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The driver's FINETUNE_*, HF_* and TUNE_* variables for its trials, the data and cache folders made absolute: a
+    trial runs in a working directory of Ray's, where ``FINETUNE_DATA_DIR=../shared/data`` names nothing."""
+    env = {k: v for k, v in environ.items() if k.startswith(("FINETUNE_", "HF_", "TUNE_"))}
+    for key in (DATA_DIR_ENV, CACHE_ENV):
+        if env.get(key):
+            env[key] = str(Path(env[key]).resolve())
+    return env
 
 
 def check_local_resources(cpus: float, gpus: float) -> None:

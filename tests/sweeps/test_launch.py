@@ -45,7 +45,11 @@ def test_smoke_study_end_to_end(real_data, tmp_path: Path, sessions) -> None:
     from sweeps.study import load_study, plan, planned_memberships
 
     db = tmp_path / "results.duckdb"
-    out = _finish(_launch(sessions, "grid", "--study", "smoke", "--db", str(db), "--storage", str(tmp_path / "ray")))
+    # the data folder relative to the launcher's working directory, as CI names it (../shared/data): its trials run in
+    # a working directory of Ray's, so the launcher hands them the absolute path
+    relative = {"FINETUNE_DATA_DIR": os.path.relpath(real_data, REPO_ROOT)}
+    out = _finish(_launch(sessions, "grid", "--study", "smoke", "--db", str(db), "--storage", str(tmp_path / "ray"),
+                          env=relative))
     con = _db(db)
     planned = con.execute("SELECT planned_trials, status, git_commit, package_versions->>'$.torch' FROM sweeps"
                           ).fetchone()
