@@ -98,7 +98,9 @@ def start_cluster(sessions: Sessions, nodes: int = 1, cpus_per_node: int | None 
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, **token}
     address = f"{NODE_IP}:{free_port()}"
-    node = [f"--node-ip-address={NODE_IP}", "--disable-usage-stats", "--block",
+    # no log monitor: launchers never stream their workers' logs (log_to_driver=False), and on a session-long
+    # cluster it keeps rescanning every worker's log files
+    node = [f"--node-ip-address={NODE_IP}", "--disable-usage-stats", "--block", "--include-log-monitor=false",
             *([f"--num-cpus={cpus_per_node}"] if cpus_per_node else [])]
     sessions.start([RAY, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false",
                     *node], env=env)
