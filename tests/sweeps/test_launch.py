@@ -184,7 +184,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(real_data, tmp_p
     con.close()
     assert 6 <= len(before) < planned == 44  # (5 methods + 2 new ranks) x 4 tasks + 4 optimizers x 2 lr x 2 tasks
 
-    _finish(_launch(sessions, "resume", "--db", str(db), own_ray=True))
+    _finish(_launch(sessions, "resume", "--db", str(db)))  # on another Ray: the session's shared cluster
     con = _db(db)
     assert con.execute("SELECT status, count(*) FROM trials GROUP BY ALL").fetchall() == [("completed", 44)]
     assert con.execute("SELECT status FROM sweeps").fetchone()[0] == "completed"
