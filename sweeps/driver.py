@@ -30,7 +30,7 @@ from analysis.db import (
 from model import CheckpointError, ConfigError
 from model.checkpoint import resolve_checkpoint
 from sweeps import interrupts
-from sweeps.cluster import check_trial_resources, start_cluster, trial_gpus
+from sweeps.cluster import check_trial_resources, start_cluster, trial_env, trial_gpus
 from sweeps.dry_run import print_plan
 from sweeps.study import PlannedTrial, Study, duplicates_removed, load_study, plan, resolve_init
 from sweeps.train import parse_sets
@@ -120,13 +120,14 @@ def prepare_data(trials: list[PlannedTrial]) -> None:
 
 
 def trial_trainable(finished: dict[str, str], storage: str, resources: dict[str, float]) -> Any:
-    """The shipped trainable with its resources; imported when called, so a test wrapper installed there is used."""
+    """The shipped trainable with its resources and this driver's variables for its trials (``trial_env``);
+    imported when called, so a test wrapper installed there is used."""
     from ray import tune
 
     from sweeps.ray_trial import trainable
 
-    return tune.with_resources(tune.with_parameters(trainable, finished=finished, export_root=export_root(storage)),
-                               resources)
+    return tune.with_resources(tune.with_parameters(trainable, finished=finished, export_root=export_root(storage),
+                                                    env=trial_env(os.environ)), resources)
 
 
 def make_tuner(args: argparse.Namespace, sweep_id: str, storage: str, param_space: dict[str, Any],

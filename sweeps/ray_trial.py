@@ -59,7 +59,8 @@ def spec_from_param(param: dict[str, Any]) -> dict[str, Any]:
             "group": search["group"], "config": config}
 
 
-def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None) -> None:
+def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None,
+              env: dict[str, str] | None = None) -> None:
     """Run one planned trial. Resumes from Tune's checkpoint after a failure; reports every record to Tune.
 
     A damaged checkpoint falls back to the newest good one Tune kept beside it in the trial folder (local storage;
@@ -69,7 +70,11 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, exp
     ``finished`` (given on ``launch.py resume``) holds the final records (JSON) of trials the database already has
     as completed: Ray may schedule such a trial again when the driver died between its last report and its end; it
     then reports its recorded result instead of training again.
+
+    ``env``: the driver's variables for its trials (``sweeps.cluster.trial_env``: the data folder, the token cache),
+    set here before anything reads them, in a worker that may run on another machine.
     """
+    os.environ.update(env or {})
     spec = spec_from_param(param)
     node_id = ray.get_runtime_context().get_node_id()
     ids = {"node_id": node_id, "trial_id": spec["trial_id"]}

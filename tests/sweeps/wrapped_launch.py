@@ -5,7 +5,8 @@ here, in the tests, instead of in ``sweeps.ray_trial``.
 
 It replaces ``sweeps.ray_trial.trainable`` with :func:`trainable` below and runs ``sweeps.launch.main``, whose commands
 import ``trainable`` from ``sweeps.ray_trial`` when they run, so they pick up the wrapper. The wrapper does nothing
-unless one of these (tests only) is set; Ray passes ``FINETUNE_*`` variables on to the trials (``sweeps.cluster.start_ray``):
+unless one of these (tests only) is set; the launcher hands its ``FINETUNE_*`` variables to the trials
+(``sweeps.cluster.trial_env``, a parameter of the trainable):
 
 ``FINETUNE_TEST_FAIL_ONCE_DIR``
     each trial raises once, right after its first checkpoint reached Ray (a marker file named by the trial id in this
@@ -112,8 +113,10 @@ def _hold_after_checkpoints(report: Any, count: int) -> Any:
     return report_then_hold
 
 
-def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None) -> None:
+def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, export_root: str | None = None,
+              env: dict[str, str] | None = None) -> None:
     """``sweeps.ray_trial.trainable`` with the test behaviours above (same name, so Tune names trials the same)."""
+    os.environ.update(env or {})  # the launcher's variables, the FINETUNE_TEST_* ones among them
     trial = ray_trial.spec_from_param(param)["trial_id"]
     doomed = [p for p in os.environ.get(ALWAYS_FAIL, "").split(",") if p]
     if any(trial.startswith(p) for p in doomed):
@@ -126,7 +129,7 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, exp
         shipped_report = tune.report
         tune.report = _hold_after_checkpoints(shipped_report, hold)
         try:
-            return _shipped_trainable(param, finished=finished, export_root=export_root)
+            return _shipped_trainable(param, finished=finished, export_root=export_root, env=env)
         finally:
             tune.report = shipped_report
     barrier = os.environ.get(BARRIER_DIR)
@@ -135,12 +138,12 @@ def trainable(param: dict[str, Any], finished: dict[str, str] | None = None, exp
                         float(os.environ.get(BARRIER_TIMEOUT_S, "120")))
     fail_dir = os.environ.get(FAIL_ONCE_DIR)
     if not fail_dir:
-        return _shipped_trainable(param, finished=finished, export_root=export_root)
+        return _shipped_trainable(param, finished=finished, export_root=export_root, env=env)
     # ray_trial calls ``tune.report`` through the module at call time; one trial runs in this worker at a time
     shipped_report = tune.report
     tune.report = _fail_once_after_first_checkpoint(shipped_report, Path(fail_dir) / trial)
     try:
-        return _shipped_trainable(param, finished=finished, export_root=export_root)
+        return _shipped_trainable(param, finished=finished, export_root=export_root, env=env)
     finally:
         tune.report = shipped_report
 
