@@ -251,7 +251,9 @@ def test_status_exits_4_for_an_unfinished_sweep_3_for_failed_trials_and_0_otherw
 
 
 def test_retry_failed_reruns_only_the_failed_trial_keeps_its_error_and_writes_nothing_twice(
-        real_data, tmp_path: Path, sessions) -> None:
+        real_data, tmp_path: Path, sessions, capsys) -> None:
+    from sweeps.launch import main
+
     db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
     proc = _launch_wrapped(sessions, "grid", "--study", str(_study(tmp_path)), "--db", str(db), "--storage",
                            str(storage), "--max-failures", "0", env={"FINETUNE_TEST_ALWAYS_FAIL": "sig-b-"})
@@ -264,9 +266,8 @@ def test_retry_failed_reruns_only_the_failed_trial_keeps_its_error_and_writes_no
     con.close()
     assert failed.startswith("sig-b-") and "InjectedFailure" in error
 
-    plain = subprocess.run([PY, "sweeps/launch.py", "resume", "--db", str(db)], cwd=REPO_ROOT, capture_output=True,
-                           text=True, timeout=120)
-    assert plain.returncode == 0 and "already completed; nothing to resume" in plain.stdout  # no retry unasked
+    assert main(["resume", "--db", str(db)]) == 0  # no retry unasked (in this process: it starts nothing)
+    assert "already completed; nothing to resume" in capsys.readouterr().out
     retry = _launch(sessions, "resume", "--retry-failed", "--db", str(db))
     out, _ = retry.communicate(timeout=600)
     assert retry.returncode == 0, out[-3000:]
@@ -282,9 +283,8 @@ def test_retry_failed_reruns_only_the_failed_trial_keeps_its_error_and_writes_no
                             WHERE split = 'train' AND name = 'loss' GROUP BY trial_id""").fetchall()
     assert len(losses) == 4 and all(n == distinct == 3 for _, n, distinct in losses), losses
     con.close()
-    again = subprocess.run([PY, "sweeps/launch.py", "resume", "--retry-failed", "--db", str(db)], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "already completed; nothing to retry" in again.stdout
+    assert main(["resume", "--retry-failed", "--db", str(db)]) == 0
+    assert "already completed; nothing to retry" in capsys.readouterr().out
     con = _db(db)
     assert con.execute("SELECT count(*) FROM trial_retries").fetchone() == (1,)
     con.close()

@@ -200,8 +200,9 @@ def test_resume_when_rays_experiment_state_is_torn(torn: str, real_data, tmp_pat
     """Ray writes its state file in place; a driver killed mid-write leaves it empty (or a full disk cuts its saved
     tuner short). The database still knows which trials finished, and resume runs the rest."""
     db, storage = tmp_path / "results.duckdb", tmp_path / "ray"
+    # killed with the Ray it started, after its first trial; one trial at a time (one Ray worker to start, not two)
     driver = _launch(sessions, "grid", "--study", "smoke", "--tasks", "sms_spam", "--dimensions", "method,lora_rank",
-                     "--db", str(db), "--storage", str(storage), own_ray=True)  # killed with the Ray it started
+                     "--db", str(db), "--storage", str(storage), "--max-concurrent", "1", own_ray=True)
     for line in driver.stdout:
         if line.startswith("trial "):
             break
