@@ -101,11 +101,15 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(problems, "invalid arguments")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    """What every command that runs trials takes: the database, where Ray runs, and each trial's resources."""
+def _where(p: argparse.ArgumentParser) -> None:
+    """What every command that runs trials takes: the database and where Ray runs."""
     p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"DuckDB file (default {DEFAULT_DB})")
     p.add_argument("--address", help="a running Ray cluster (e.g. auto); default: start Ray on this machine")
     p.add_argument("--node-ip-address", help="this machine's address as the cluster knows it (multi-homed hosts)")
+
+
+def _resources(p: argparse.ArgumentParser) -> None:
+    """Each trial's resources, for a new sweep (a resumed one keeps those it recorded: ``sweeps.resume``)."""
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: 1 if "
                                                         "this machine has a GPU, else 0)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -133,7 +137,8 @@ def _add_grid(sub: Any) -> None:
     grid.add_argument("--format", choices=("text", "csv", "json"), default="text",
                       help="dry run: the plan as a table (text), or one row per trial as CSV or JSON on stdout (the "
                            "summary then goes to stderr)")
-    _common(grid)
+    _where(grid)
+    _resources(grid)
 
 
 def _add_search(sub: Any) -> None:
@@ -149,7 +154,8 @@ def _add_search(sub: Any) -> None:
     search.add_argument("--storage")
     search.add_argument("--name")
     search.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
-    _common(search)
+    _where(search)
+    _resources(search)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,14 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_grid(sub)
     _add_search(sub)
-    resume = sub.add_parser("resume", help="continue an interrupted sweep (Tuner.restore)")
+    resume = sub.add_parser("resume", help="continue an interrupted sweep (Tuner.restore)",
+                            description="Continue an interrupted sweep. Its trials keep the per-trial CPUs and GPUs "
+                                        "it recorded; Ray's restored experiment keeps the sweep's own limits on "
+                                        "trials at once and retries.")
     resume.add_argument("--sweep", help="sweep id (default: the most recent)")
-    resume.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
-    resume.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial from its checkpoint")
+    resume.add_argument("--max-concurrent", type=int, help="trials at once, where trials run again from their plan "
+                                                           "(Ray's state lost or torn, --retry-failed; default: as "
+                                                           "resources allow)")
+    resume.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial from its checkpoint, "
+                                                                    "where trials run again from their plan")
     resume.add_argument("--retry-failed", action="store_true",
                         help="also run again, from step 0, the trials that ended failed (not diverged or completed); "
                              "each earlier error is kept in the trial_retries table")
-    _common(resume)
+    _where(resume)
 
     status = sub.add_parser("status", help="progress of each sweep, from the database (exit code 4: one is "
                                            "unfinished; 3: one ended with failed trials)")

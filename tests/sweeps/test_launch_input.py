@@ -84,6 +84,17 @@ def test_resume_refuses_an_unsafe_sweep_id(tmp_path: Path, capsys: pytest.Captur
     _refused(["resume", "--sweep", "../../etc"], "--sweep: '../../etc' is not a safe name", tmp_path, capsys)
 
 
+@pytest.mark.parametrize("flag", ["--cpus-per-trial", "--gpus-per-trial"])
+def test_resume_offers_no_per_trial_resources(flag: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A resumed sweep's trials keep the resources it recorded; resume once took these flags and ignored them."""
+    db = tmp_path / "results.duckdb"
+    with pytest.raises(SystemExit) as exited:
+        main(["resume", flag, "2", "--db", str(db)])
+    assert exited.value.code == 2
+    assert f"unrecognized arguments: {flag} 2" in capsys.readouterr().err
+    assert not db.exists()
+
+
 def _study(tmp_path: Path, text: str) -> str:
     path = tmp_path / "study.yaml"
     path.write_text(text)
